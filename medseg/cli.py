@@ -1,0 +1,243 @@
+"""The ``medseg`` command line: thin wrappers around one library function per verb.
+
+Exit codes: 0 success; 1 the job ran but some cases failed (they are listed); 2 bad usage,
+configuration or input (one readable line naming the file or key); 3 an unexpected internal
+error (a bug: rerun with ``--debug`` for the traceback and report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+logger = logging.getLogger("medseg")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument(
+        "--config", "-c", default=default, help=f"YAML config file (default: {default or 'none'})"
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="Medical image segmentation and classification on TensorFlow/Keras.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the whole chain on generated data (no download)",
+        description="Generate synthetic phantoms, train a small U-Net, evaluate it on held-out "
+        "patients, export a SavedModel and predict on held-out slices and pydicom's MR/CT scans.",
+    )
+    _add_config_args(p, "configs/demo.yaml")
+    p.add_argument("--synth-dir", default="data/synthetic", help="synthetic data folder")
+
+    p = sub.add_parser(
+        "train",
+        help="train a model into runs/<name>/",
+        description="Train the configured model, write checkpoints, logs and plots into "
+        "runs/<name>/, and evaluate it on the validation split. Rerunning the same command "
+        "resumes an unfinished run.",
+    )
+    _add_config_args(p)
+    p.add_argument("--name", help="run name (default: <config name>-<timestamp>)")
+    _add_overwrite(p)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a run on a split of its manifest",
+        description="Compute Dice/IoU (segmentation) or accuracy/F1 (classification) of a run's "
+        "model on one split of its split manifest and record them in metrics.json.",
+    )
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+
+    p = sub.add_parser(
+        "export",
+        help="export a run as a SavedModel with in-graph preprocessing",
+        description="Write <out>/saved_model (serving signature 'serve': raw pixels in, "
+        "probabilities and masks out) and <out>/medseg.json, after checking that the reloaded "
+        "SavedModel matches the Keras model.",
+    )
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--out", help="export folder (default: <export.dir>/<run name>)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    _add_overwrite(p)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict on images, DICOM files or folders",
+        description="Predict every input file (PNG/JPEG/TIFF/DICOM; folders are searched) and "
+        "write masks, overlays, predictions.csv and predictions.json into --out.",
+    )
+    p.add_argument("--model", "-m", required=True, help="export folder or run folder")
+    p.add_argument("inputs", nargs="+", help="files or folders")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images/slices per model call")
+    p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
+    _add_overwrite(p)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(
+        dest="data_verb", metavar="DATA_VERB", required=True
+    )
+    p = data.add_parser(
+        "synth",
+        help="generate the synthetic phantom dataset",
+        description="Write deterministic brain-MRI-like phantoms: LGG-layout segmentation "
+        "patients and brain-tumour-layout class folders.",
+    )
+    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="image size in pixels")
+    p.add_argument("--patients", type=int, default=12, help="segmentation patients")
+    p.add_argument("--slices", type=int, default=16, help="slices per patient")
+    p.add_argument("--per-class", type=int, default=40, help="training images per class")
+    _add_overwrite(p)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="medseg: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _cmd_demo(args) -> int:
+    from medseg.demo import run_demo
+
+    r = run_demo(args.config, args.overrides, synth_dir=args.synth_dir)
+    m = r.test_metrics
+    print(f"\nmedseg demo finished in {r.seconds / 60:.1f} min")
+    print(f"  run folder:   {r.run_dir}   (config, splits, checkpoints, logs, plots, metrics)")
+    print(f"  SavedModel:   {r.export_dir}")
+    print(f"  predictions:  {r.predictions.out_dir}/predictions.csv "
+          f"({len(r.predictions.rows)} cases, {r.predictions.n_failed} failed)")
+    print(f"  test patients: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}, per-patient Dice "
+          f"{m['dice_per_group_mean']:.3f} (mean) / {m['dice_per_group_median']:.3f} (median)")
+    return EXIT_PARTIAL if r.predictions.n_failed else EXIT_OK
+
+
+def _cmd_train(args) -> int:
+    from medseg.config import load_config
+    from medseg.training.train import train
+
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"run.name={args.name}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    result = train(load_config(args.config, overrides))
+    print(f"run: {result.run.path}")
+    print("val: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()
+                              if isinstance(v, float)))
+    return EXIT_OK
+
+
+def _cmd_evaluate(args) -> int:
+    from medseg.training.evaluate import evaluate
+
+    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint)
+    print(f"{args.split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                        if isinstance(v, float)))
+    return EXIT_OK
+
+
+def _cmd_export(args) -> int:
+    from medseg.inference.export import export_run
+
+    out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported: {out}")
+    return EXIT_OK
+
+
+def _cmd_predict(args) -> int:
+    from medseg.inference.predict import predict
+
+    r = predict(args.model, args.inputs, args.out, batch_size=args.batch_size,
+                overlays=not args.no_overlays, overwrite=args.overwrite)
+    print(f"{len(r.rows)} cases, {r.n_failed} failed -> {r.out_dir}/predictions.csv")
+    for row in r.rows:
+        if row["status"] != "ok":
+            print(f"  failed: {row['case_id']}: {row['error']}", file=sys.stderr)
+    return EXIT_PARTIAL if r.n_failed else EXIT_OK
+
+
+def _cmd_data(args) -> int:
+    from medseg.data.synthetic import SynthSpec, generate
+
+    spec = SynthSpec(seed=args.seed, size=args.size, patients=args.patients,
+                     slices_per_patient=args.slices, images_per_class=args.per_class)
+    s = generate(Path(args.out), spec, overwrite=args.overwrite)
+    state = "generated" if s.created else "already present (identical spec), reused"
+    print(f"{s.root}: {state}")
+    print(f"  segmentation:   {s.segmentation_dir} ({s.n_seg_slices} slices, "
+          f"{s.n_seg_tumour_slices} with tumour)")
+    print(f"  classification: {s.classification_dir} ({s.n_cls_images} images)")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "export": _cmd_export,
+    "predict": _cmd_predict,
+    "data": _cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medseg`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    from medseg.errors import MedsegError
+
+    try:
+        return COMMANDS[args.verb](args)
+    except MedsegError as e:
+        if args.debug:
+            raise
+        print(f"medseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"medseg: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""One typed configuration tree for every medseg command.
+
+A config is a YAML file whose top-level sections map onto the dataclasses below (``data``,
+``augment``, ``model``, ``train``, ``cv``, ``export``, ``predict``, ``run``). Every key is optional:
+missing keys keep their defaults. Command lines override single values with
+``--set section.key=value``; the value is parsed as YAML and then checked against the field's type.
+
+Unknown sections or keys, values of the wrong type and impossible values (negative epochs,
+``k < 2``, ...) raise :class:`medseg.errors.ConfigError` naming the key and, for unknown keys,
+listing the valid ones.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", overrides=["train.epochs=3"])
+    >>> cfg.train.epochs
+    3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medseg.errors import ConfigError
+
+TASKS = ("segmentation", "classification")
+LAYOUTS = ("lgg", "pairs", "class_folders")
+NORMALIZATIONS = ("minmax", "percentile", "zscore", "none")
+OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta", "nadam")
+LR_SCHEDULES = ("cosine", "constant")
+MONITOR_MODES = ("min", "max")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how images reach the model.
+
+    Attributes:
+        task: ``segmentation`` or ``classification``.
+        layout: dataset layout: ``lgg`` (``<patient>/<name>.tif`` + ``<name>_mask.tif``),
+            ``pairs`` (``images/`` + ``masks/`` with matching stems) or ``class_folders``
+            (``<class>/*.png``, optionally under ``Training/`` and ``Testing/``).
+        root: dataset folder (relative paths are relative to the working directory).
+        image_size: ``[height, width]`` the model sees; images are resized to it.
+        channels: channels the model sees; grey images are repeated, RGB is converted.
+        normalization: per-image intensity normalisation: ``minmax`` (to [0, 1]), ``percentile``
+            (clip to the 0.5th-99.5th percentile, then [0, 1]), ``zscore`` or ``none``.
+        val_fraction: fraction of groups (patients) held out for validation.
+        test_fraction: fraction of groups held out as a test split (0 for none).
+        strict: fail on the first unusable file instead of reporting it and continuing.
+    """
+
+    task: str = "segmentation"
+    layout: str = "lgg"
+    root: str = "data/synthetic/segmentation"
+    image_size: list[int] = field(default_factory=lambda: [128, 128])
+    channels: int = 3
+    normalization: str = "minmax"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    strict: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (albumentations); probabilities are per image."""
+
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate90: float = 0.0
+    affine: float = 0.3
+    rotate_limit: float = 15.0
+    scale_limit: float = 0.1
+    brightness_contrast: float = 0.3
+    noise: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (see ``medseg.models.registry``) and its shape.
+
+    Attributes:
+        name: registered model name.
+        num_classes: 1 for a binary mask (sigmoid head); >= 2 for label maps or classes (softmax).
+        base_filters: filters of the first U-Net level, doubled at each level down.
+        depth: number of down-sampling levels.
+        dropout: dropout rate after each block (0 disables it).
+        batch_norm: conv -> batch norm -> activation when true.
+        upsampling: ``transpose`` (transposed conv) or ``resize`` (resize + conv).
+        l2: L2 weight decay on conv kernels (0 disables it).
+        bn_momentum: batch-norm momentum of the MobileNetV2 backbone (keras.applications uses
+            0.999, too slow to settle in short runs from scratch).
+    """
+
+    name: str = "unet"
+    num_classes: int = 1
+    base_filters: int = 16
+    depth: int = 4
+    dropout: float = 0.1
+    batch_norm: bool = True
+    upsampling: str = "transpose"
+    l2: float = 0.0
+    bn_momentum: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    """How to fit the model.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per step.
+        optimizer: one of ``OPTIMIZERS``.
+        learning_rate: peak learning rate.
+        lr_schedule: ``cosine`` (cosine decay to ``min_lr_fraction`` of the peak after a linear
+            warm-up) or ``constant``.
+        warmup_epochs: epochs of linear warm-up (cosine only).
+        min_lr_fraction: final learning rate as a fraction of the peak.
+        loss: registered loss name (``bce_dice``, ``dice``, ``bce``, ``focal``, ``tversky``,
+            ``categorical_crossentropy``).
+        label_smoothing: for classification losses.
+        monitor: metric that picks ``best.keras`` (``val_loss``, ``val_dice``, ...).
+        monitor_mode: ``min`` or ``max``.
+        seed: seed for splits, shuffling, augmentation and weight initialisation.
+        mixed_precision: use ``mixed_float16`` (GPUs only; slower on CPU).
+        jit_compile: XLA-compile the train step (GPUs; slower on this CPU).
+        steps_per_execution: train steps per call into the graph.
+    """
+
+    epochs: int = 10
+    batch_size: int = 16
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr_fraction: float = 0.01
+    loss: str = "bce_dice"
+    label_smoothing: float = 0.0
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
+    seed: int = 0
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    steps_per_execution: int = 1
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation (``medseg cv``): folds are grouped by patient."""
+
+    folds: int = 5
+    only: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExportConfig:
+    """Where ``medseg export`` writes SavedModels, and how it checks them."""
+
+    dir: str = "models"
+    tolerance: float = 1e-4
+
+
+@dataclass
+class PredictConfig:
+    """Batch inference options.
+
+    Attributes:
+        threshold: probability above which a pixel is foreground (binary models).
+        batch_size: slices or images per model call.
+        overlays: write overlay PNGs beside the masks.
+    """
+
+    threshold: float = 0.5
+    batch_size: int = 8
+    overlays: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Where results go.
+
+    Attributes:
+        name: run folder name under ``root``; empty means ``<config name>-<timestamp>``.
+        root: folder that holds run folders.
+        overwrite: replace an existing run folder of the same name.
+    """
+
+    name: str = ""
+    root: str = "runs"
+    overwrite: bool = False
+
+
+@dataclass
+class Config:
+    """The whole configuration tree."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = ""  # the YAML file this config came from (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every section (what ``config.yaml`` in a run folder holds)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short SHA-256 of the resolved config, ignoring the run section."""
+        d = self.to_dict()
+        d.pop("run")
+        blob = yaml.safe_dump(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type] = {
+    name: tp for name, tp in typing.get_type_hints(Config).items() if name != "source"
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert the safe cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key '{name}.{key}'; valid keys in '{name}': {', '.join(valid)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible values; returns ``cfg`` unchanged when it is valid."""
+    d, a, m, t = cfg.data, cfg.augment, cfg.model, cfg.train
+    _check_choice("data.task", d.task, TASKS)
+    _check_choice("data.layout", d.layout, LAYOUTS)
+    _check_choice("data.normalization", d.normalization, NORMALIZATIONS)
+    _check(
+        len(d.image_size) == 2 and all(s >= 8 for s in d.image_size),
+        "data.image_size",
+        f"expected [height, width], each >= 8, got {d.image_size}",
+    )
+    _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    _check(
+        0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}"
+    )
+    _check(
+        0.0 <= d.test_fraction < 1.0 and d.val_fraction + d.test_fraction < 1.0,
+        "data.test_fraction",
+        f"must be >= 0 and leave data for training, got {d.test_fraction}",
+    )
+    if d.task == "classification":
+        _check(d.layout == "class_folders", "data.layout", "classification needs 'class_folders'")
+    else:
+        _check(d.layout != "class_folders", "data.layout", "segmentation needs 'lgg' or 'pairs'")
+    for name in ("hflip", "vflip", "rotate90", "affine", "brightness_contrast", "noise"):
+        p = getattr(a, name)
+        _check(0.0 <= p <= 1.0, f"augment.{name}", f"probability must be in [0, 1], got {p}")
+    _check(
+        0 <= a.rotate_limit <= 180,
+        "augment.rotate_limit",
+        f"must be in [0, 180], got {a.rotate_limit}",
+    )
+    _check(0 <= a.scale_limit < 1, "augment.scale_limit", f"must be in [0, 1), got {a.scale_limit}")
+    _check(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
+    _check(m.base_filters >= 1, "model.base_filters", f"must be >= 1, got {m.base_filters}")
+    _check(1 <= m.depth <= 7, "model.depth", f"must be in [1, 7], got {m.depth}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(m.l2 >= 0.0, "model.l2", f"must be >= 0, got {m.l2}")
+    _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", "must be in (0, 1)")
+    _check_choice("model.upsampling", m.upsampling, ("transpose", "resize"))
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _check(
+        0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be >= 0 and < train.epochs"
+    )
+    _check(0 <= t.min_lr_fraction <= 1, "train.min_lr_fraction", "must be in [0, 1]")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _check_choice("train.monitor_mode", t.monitor_mode, MONITOR_MODES)
+    _check(t.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1")
+    _check(cfg.cv.folds >= 2, "cv.folds", f"must be >= 2, got {cfg.cv.folds}")
+    _check(
+        all(1 <= k <= cfg.cv.folds for k in cfg.cv.only),
+        "cv.only",
+        f"fold numbers must be in 1..{cfg.cv.folds}, got {cfg.cv.only}",
+    )
+    _check(cfg.export.tolerance > 0, "export.tolerance", "must be > 0")
+    _check(0 < cfg.predict.threshold < 1, "predict.threshold", "must be in (0, 1)")
+    _check(cfg.predict.batch_size >= 1, "predict.batch_size", "must be >= 1")
+    _check(
+        "/" not in cfg.run.name and "\\" not in cfg.run.name and cfg.run.name not in (".", ".."),
+        "run.name",
+        f"must be a plain folder name, got {cfg.run.name!r}",
+    )
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any] | None, source: str = "") -> Config:
+    """Build and validate a :class:`Config` from a nested dict (e.g. parsed YAML)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source or 'config'}: expected a mapping of sections, got {raw!r}")
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(
+                f"unknown section '{name}'{f' in {source}' if source else ''}; "
+                f"valid sections: {', '.join(SECTIONS)}"
+            )
+        sections[name] = _build_section(name, SECTIONS[name], value)
+    return validate(Config(**sections, source=source))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into (``[section, key]``, parsed YAML value)."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return parts, parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    Args:
+        path: YAML file; its top level maps section names to keys.
+        overrides: ``section.key=value`` strings applied after the file, in order.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: missing or malformed file, unknown key, wrong type or impossible value.
+    """
+    raw: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    for text in overrides or []:
+        (section, key), value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"--set {text!r}: unknown section '{section}'; "
+                f"valid sections: {', '.join(SECTIONS)}"
+            )
+        sec = raw.setdefault(section, {}) or {}
+        raw[section] = sec
+        sec[key] = value
+    return config_from_dict(raw, source=source)

@@ -1,0 +1,504 @@
+"""pydicom reader for single DICOM files (one image, or one multi-frame volume).
+
+Pixel values go through the modality LUT (Rescale Slope/Intercept, e.g. to Hounsfield units);
+MONOCHROME1 images are inverted so that higher always means brighter; colour images come back
+as RGB (pydicom converts YBR to RGB) and palette colour images are mapped through their palette.
+No VOI/window is applied; the window is kept in ``meta.extra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from medseg.errors import DataError
+from medseg.io.base import Image, ImageMeta
+
+logger = logging.getLogger(__name__)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PREAMBLE_LEN = 128
+_MAGIC = b"DICM"
+# pydicom names the import of a plugin's dependency; the pip package can differ.
+_PIP_NAMES = {"gdcm": "python-gdcm"}
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM Part 10 file, i.e. has ``DICM`` after its 128-byte preamble.
+
+    Never raises: missing or unreadable paths give ``False``. Files named ``.dcm`` without
+    the marker are still read by :func:`medseg.io.read_image`.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(_PREAMBLE_LEN + len(_MAGIC))
+    except OSError:
+        return False
+    return head[_PREAMBLE_LEN:] == _MAGIC
+
+
+def read_dicom_image(path: Path) -> Image:
+    """Read one DICOM file as an :class:`~medseg.io.base.Image`.
+
+    Args:
+        path: An existing, non-empty file.
+
+    Returns:
+        HxWxC image for a single frame, DxHxWxC volume for a multi-frame file.
+
+    Raises:
+        DataError: If the file is not DICOM, is truncated or corrupt, has no pixel data, or
+            needs a pixel data decoder that is not installed.
+    """
+    ds = _read_dataset(path)
+    raw = _decode(path, ds)
+    n_frames = _n_frames(ds)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    stored_photometric = str(ds.get("PhotometricInterpretation", "") or "").upper() or None
+    extra: dict[str, Any] = {
+        "transfer_syntax": ds.file_meta.TransferSyntaxUID.name,
+        "number_of_frames": n_frames,
+    }
+    if stored_photometric:
+        extra["dicom_photometric"] = stored_photometric
+    bits = _int_or_none(ds.get("BitsStored", ds.get("BitsAllocated")))
+
+    if samples == 3:
+        array = raw.astype(np.float32)
+        photometric = "RGB"
+    elif samples == 1 and stored_photometric == "PALETTE COLOR":
+        array = apply_color_lut(raw, ds).astype(np.float32)
+        photometric = "RGB"
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(descriptor[2]) if descriptor else bits
+        extra["palette_applied"] = True
+    elif samples == 1:
+        array, lut_extra = _to_display_values(ds, raw, n_frames, stored_photometric, bits)
+        array = array[..., np.newaxis]
+        extra.update(lut_extra)
+        photometric = "MONOCHROME2"
+    else:
+        raise DataError(f"{path}: unsupported SamplesPerPixel {samples} (expected 1 or 3)")
+
+    expected_ndim = 4 if n_frames > 1 else 3
+    if array.ndim != expected_ndim:
+        raise DataError(
+            f"{path}: decoded pixel data has shape {array.shape}, which does not match "
+            f"{n_frames} frame(s) of {samples} sample(s) per pixel"
+        )
+
+    spacing, affine, geo_extra = _geometry(ds, n_frames)
+    extra.update(geo_extra)
+    extra.update(_other_attributes(ds))
+    meta = ImageMeta(
+        source=(str(path),),
+        spacing=spacing,
+        affine=affine,
+        modality=_str_or_none(ds.get("Modality")),
+        photometric=photometric,
+        patient_id=_str_or_none(ds.get("PatientID")),
+        study_uid=_str_or_none(ds.get("StudyInstanceUID")),
+        series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
+        bits=bits,
+        extra=extra,
+    )
+    logger.debug("%s: DICOM %s, shape %s", path, meta.modality, array.shape)
+    return Image(array=np.ascontiguousarray(array, dtype=np.float32), meta=meta)
+
+
+def read_dicom_mask(path: Path) -> tuple[np.ndarray, bool]:
+    """Read the stored pixel values of a DICOM file (no LUT, no inversion) for use as a mask.
+
+    Returns:
+        HxW (DxHxW for multi-frame) array, or HxWx3 (DxHxWx3) for colour data; and whether
+        the data is colour (last axis holds the samples).
+
+    Raises:
+        DataError: As :func:`read_dicom_image`.
+    """
+    ds = _read_dataset(path)
+    colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
+    return _decode(path, ds), colour
+
+
+# --------------------------------------------------------------------------- reading/decoding
+
+
+def _read_dataset(path: Path) -> Dataset:
+    """Parse ``path`` with pydicom and make sure it holds pixel data we can try to decode."""
+    has_marker = is_dicom(path)
+    try:
+        if has_marker:
+            ds = pydicom.dcmread(path)
+        else:
+            # A .dcm file without preamble (old ACR-NEMA style); force parsing, quietly, and
+            # rely on the pixel data check below to reject files that are not DICOM at all.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, force=True)
+    except InvalidDicomError as e:
+        raise DataError(f"{path}: not a valid DICOM file ({e})") from e
+    except Exception as e:
+        raise DataError(f"{path}: DICOM file is truncated or corrupt ({e})") from e
+    if not any(kw in ds for kw in _PIXEL_KEYWORDS):
+        if has_marker:
+            sop = ds.get("SOPClassUID")
+            kind = f" ({UID(str(sop)).name})" if sop else ""
+            raise DataError(f"{path}: DICOM file has no pixel data{kind}; it is not an image")
+        raise DataError(f"{path}: not a DICOM image (no 'DICM' marker and no pixel data)")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = _guess_transfer_syntax(path, ds)
+    return ds
+
+
+def _guess_transfer_syntax(path: Path, ds: Dataset) -> UID:
+    """Transfer syntax of an uncompressed dataset whose file meta does not name one."""
+    encoding = getattr(ds, "original_encoding", (None, None))
+    implicit, little = encoding
+    if implicit is None or little is None:
+        raise DataError(f"{path}: DICOM file does not say how its pixel data is encoded")
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _decode(path: Path, ds: Dataset) -> np.ndarray:
+    """Decode the pixel data, turning every failure into a DataError that says what to do."""
+    ts = ds.file_meta.TransferSyntaxUID
+    decoder = None
+    if ts.is_compressed:
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError as e:
+            raise DataError(
+                f"{path}: pixel data uses transfer syntax {ts.name} ({ts}), which pydicom "
+                f"cannot decode"
+            ) from e
+        if not decoder.is_available:
+            raise DataError(
+                f"{path}: pixel data is compressed with {ts.name} and no decoder for it is "
+                f"installed; install one of: {_install_hint(decoder.missing_dependencies)}"
+            )
+    try:
+        return ds.pixel_array
+    except Exception as e:
+        reason = _first_line(e)
+        if decoder is not None:
+            hint = ""
+            if decoder.missing_dependencies:
+                hint = (
+                    "; another decoder may handle it, install one of: "
+                    f"{_install_hint(decoder.missing_dependencies)}"
+                )
+            raise DataError(
+                f"{path}: could not decode the {ts.name} pixel data ({reason}){hint}"
+            ) from e
+        raise DataError(
+            f"{path}: cannot read the pixel data; the file may be truncated or corrupt ({reason})"
+        ) from e
+
+
+def _install_hint(missing: list[str]) -> str:
+    """Turn pydicom's 'plugin - requires a>=1 and b>=2' lines into pip commands."""
+    commands = []
+    for line in missing:
+        _, _, requires = line.partition("requires")
+        names = []
+        for requirement in requires.split(" and "):
+            name = re.split(r"[<>=!~ ]", requirement.strip(), maxsplit=1)[0]
+            if name and name != "numpy":
+                names.append(_PIP_NAMES.get(name, name))
+        if names:
+            commands.append("'pip install " + " ".join(names) + "'")
+    return ", ".join(commands) if commands else "a pydicom pixel data plugin"
+
+
+def _first_line(error: Exception) -> str:
+    text = " ".join(str(error).split("\n")[:2]).strip()
+    return text or type(error).__name__
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _to_display_values(
+    ds: Dataset, raw: np.ndarray, n_frames: int, photometric: str | None, bits: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Apply the modality LUT and, for MONOCHROME1, invert; returns float64 values and notes."""
+    extra: dict[str, Any] = {}
+    inverted = photometric == "MONOCHROME1"
+    smin, smax = _stored_range(ds, raw, bits)
+    has_lut_sequence = bool(ds.get("ModalityLUTSequence"))
+
+    if has_lut_sequence:
+        array = apply_modality_lut(raw, ds).astype(np.float64)
+        extra["modality_lut_applied"] = True
+        lut_range = apply_modality_lut(_stored_samples(smin, smax, raw.dtype), ds)
+        lo, hi = float(np.min(lut_range)), float(np.max(lut_range))
+        if inverted:
+            array = (lo + hi) - array
+    else:
+        array = raw.astype(np.float64)
+        if inverted:
+            # Reflect within the stored range; for a linear rescale this equals reflecting the
+            # rescaled values within the rescaled range.
+            array = (smin + smax) - array
+        slopes, intercepts = _rescale(ds, n_frames)
+        if slopes is not None and intercepts is not None:
+            if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+                array = apply_modality_lut(array, ds)
+            elif len(slopes) == 1 or n_frames == 1:
+                array = array * slopes[0] + intercepts[0]
+            else:
+                shape = (n_frames,) + (1,) * (array.ndim - 1)
+                array = array * np.reshape(slopes, shape) + np.reshape(intercepts, shape)
+            extra.update(
+                rescale_applied=True,
+                rescale_slope=slopes[0],
+                rescale_intercept=intercepts[0],
+            )
+            if len(set(slopes)) > 1 or len(set(intercepts)) > 1:
+                extra["rescale_per_frame"] = True
+            rescale_type = _functional(ds, "PixelValueTransformationSequence", "RescaleType")
+            if rescale_type:
+                extra["rescale_type"] = str(rescale_type)
+            a, b = smin * slopes[0] + intercepts[0], smax * slopes[0] + intercepts[0]
+            lo, hi = min(a, b), max(a, b)
+        else:
+            extra["rescale_applied"] = False
+            lo, hi = smin, smax
+
+    center = _first_float(_functional(ds, "FrameVOILUTSequence", "WindowCenter"))
+    width = _first_float(_functional(ds, "FrameVOILUTSequence", "WindowWidth"))
+    if inverted:
+        extra["monochrome1_inverted"] = True
+        extra["inversion_range"] = (lo, hi)
+        if center is not None:
+            center = lo + hi - center
+            extra["window_center_inverted"] = True
+    if center is not None:
+        extra["window_center"] = center
+    if width is not None:
+        extra["window_width"] = width
+    if "DoseGridScaling" in ds:
+        extra["dose_grid_scaling"] = float(ds.DoseGridScaling)  # kept, not applied
+    return array, extra
+
+
+def _stored_range(ds: Dataset, raw: np.ndarray, bits: int | None) -> tuple[float, float]:
+    """Smallest and largest value that the stored samples can hold."""
+    if np.issubdtype(raw.dtype, np.floating) or not bits:
+        return float(np.min(raw)), float(np.max(raw))
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    return 0.0, float(2**bits - 1)
+
+
+def _stored_samples(smin: float, smax: float, dtype: np.dtype) -> np.ndarray:
+    """All stored values when there are at most 2**16 of them, else the two ends."""
+    if smax - smin <= 2**16:
+        return np.arange(int(smin), int(smax) + 1, dtype=np.int64).astype(dtype)
+    return np.array([smin, smax]).astype(dtype)
+
+
+def _rescale(ds: Dataset, n_frames: int) -> tuple[list[float] | None, list[float] | None]:
+    """Rescale slope(s) and intercept(s): top level, or per frame from functional groups."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope = _first_float(ds.get("RescaleSlope"))
+        intercept = _first_float(ds.get("RescaleIntercept"))
+        return [1.0 if slope is None else slope], [0.0 if intercept is None else intercept]
+    slopes, intercepts = [], []
+    for frame in range(n_frames):
+        sequence = "PixelValueTransformationSequence"
+        slope = _first_float(_functional(ds, sequence, "RescaleSlope", frame))
+        intercept = _first_float(_functional(ds, sequence, "RescaleIntercept", frame))
+        if slope is None and intercept is None:
+            return None, None
+        slopes.append(1.0 if slope is None else slope)
+        intercepts.append(0.0 if intercept is None else intercept)
+    return slopes, intercepts
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _geometry(
+    ds: Dataset, n_frames: int
+) -> tuple[tuple[float, ...] | None, np.ndarray | None, dict[str, Any]]:
+    """Spacing (array axis order) and 4x4 index->LPS affine, where the file allows."""
+    extra: dict[str, Any] = {}
+    pixel_spacing = _floats(_functional(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    if pixel_spacing is None:
+        pixel_spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+        if pixel_spacing is not None:
+            extra["spacing_source"] = "ImagerPixelSpacing"
+    orientation = _floats(_functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    positions = _positions(ds, n_frames)
+
+    row_dir = col_dir = normal = None
+    if orientation is not None:
+        # ImageOrientationPatient: direction of increasing column index, then of increasing row.
+        col_dir, row_dir = np.array(orientation[:3]), np.array(orientation[3:])
+        normal = np.cross(col_dir, row_dir)
+
+    thickness = _first_float(_functional(ds, "PixelMeasuresSequence", "SliceThickness"))
+    between = _first_float(_functional(ds, "PixelMeasuresSequence", "SpacingBetweenSlices"))
+    if thickness is not None:
+        extra["slice_thickness"] = thickness
+
+    if n_frames == 1:
+        spacing = pixel_spacing
+        if pixel_spacing is None or orientation is None or not positions:
+            return spacing, None, extra
+        depth = thickness if thickness else 1.0
+        columns = (row_dir * pixel_spacing[0], col_dir * pixel_spacing[1], normal * depth)
+        return spacing, _affine(columns, positions[0]), extra
+
+    step, slice_spacing, source = _slice_step(ds, n_frames, positions, normal, between, thickness)
+    if source:
+        extra["slice_spacing_source"] = source
+    if pixel_spacing is not None:
+        extra["pixel_spacing"] = pixel_spacing
+    spacing = None
+    if pixel_spacing is not None and slice_spacing is not None:
+        spacing = (slice_spacing, *pixel_spacing)
+    if pixel_spacing is None or orientation is None or not positions or step is None:
+        return spacing, None, extra
+    columns = (step, row_dir * pixel_spacing[0], col_dir * pixel_spacing[1])
+    return spacing, _affine(columns, positions[0]), extra
+
+
+def _slice_step(
+    ds: Dataset,
+    n_frames: int,
+    positions: list[np.ndarray],
+    normal: np.ndarray | None,
+    between: float | None,
+    thickness: float | None,
+) -> tuple[np.ndarray | None, float | None, str | None]:
+    """Vector from one frame to the next, its length and where it came from."""
+    if len(positions) == n_frames:
+        steps = np.diff(np.stack(positions), axis=0)
+        if np.allclose(steps, steps[0], atol=1e-3):
+            return steps[0], float(np.linalg.norm(steps[0])), "ImagePositionPatient"
+        # Frames are not a regular grid (e.g. a SEG with one frame per segment).
+        return None, between, "SpacingBetweenSlices" if between else None
+    offsets = _floats(ds.get("GridFrameOffsetVector"), n_frames)
+    if offsets is not None and normal is not None:
+        diffs = np.diff(offsets)
+        if np.allclose(diffs, diffs[0], atol=1e-3):
+            return normal * diffs[0], abs(float(diffs[0])), "GridFrameOffsetVector"
+        return None, None, None
+    for value, source in ((between, "SpacingBetweenSlices"), (thickness, "SliceThickness")):
+        if value:
+            return (normal * value if normal is not None else None), value, source
+    return None, None, None
+
+
+def _positions(ds: Dataset, n_frames: int) -> list[np.ndarray]:
+    """ImagePositionPatient of each frame when every frame has one, else of the first only."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and len(per_frame) == n_frames:
+        found = []
+        for item in per_frame:
+            plane = item.get("PlanePositionSequence")
+            position = _floats(plane[0].get("ImagePositionPatient"), 3) if plane else None
+            if position is None:
+                break
+            found.append(np.array(position))
+        else:
+            return found
+    position = _floats(_functional(ds, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    return [np.array(position)] if position is not None else []
+
+
+def _affine(columns: tuple[np.ndarray, ...], origin: np.ndarray) -> np.ndarray:
+    affine = np.eye(4)
+    for i, column in enumerate(columns):
+        affine[:3, i] = column
+    affine[:3, 3] = origin
+    return affine
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _functional(ds: Dataset, sequence: str, keyword: str, frame: int = 0) -> Any:
+    """Attribute value from the top level, else shared, else the frame's functional groups."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for groups_keyword, index in (
+        ("SharedFunctionalGroupsSequence", 0),
+        ("PerFrameFunctionalGroupsSequence", frame),
+    ):
+        groups = ds.get(groups_keyword)
+        if not groups or index >= len(groups):
+            continue
+        items = groups[index].get(sequence)
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return None
+
+
+def _n_frames(ds: Dataset) -> int:
+    value = _int_or_none(ds.get("NumberOfFrames"))
+    return value if value and value > 0 else 1
+
+
+def _other_attributes(ds: Dataset) -> dict[str, Any]:
+    """Non-identifying attributes that later steps (e.g. series sorting) may want."""
+    extra: dict[str, Any] = {}
+    instance = _int_or_none(ds.get("InstanceNumber"))
+    if instance is not None:
+        extra["instance_number"] = instance
+    location = _first_float(ds.get("SliceLocation"))
+    if location is not None:
+        extra["slice_location"] = location
+    return extra
+
+
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
+    """``value`` as a tuple of exactly ``count`` floats, else None."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == count and all(np.isfinite(values)) else None
+
+
+def _first_float(value: Any) -> float | None:
+    """First number of a single or multi-valued attribute, else None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, (str, bytes, int, float)):
+        try:
+            value = next(iter(value))
+        except (TypeError, StopIteration):
+            return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    number = _first_float(value)
+    return int(number) if number is not None else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None

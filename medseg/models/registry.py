@@ -1,0 +1,75 @@
+"""Model registry: a plain dict from name to builder.
+
+Each builder takes the resolved :class:`~medseg.config.Config` and the number of outputs and returns
+an uncompiled ``keras.Model`` whose input is named ``image``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+
+from medseg.config import Config
+from medseg.errors import ConfigError
+from medseg.models.mobilenet import build_mobilenetv2_classifier
+from medseg.models.unet import UNet
+
+
+def _unet(cfg: Config, num_outputs: int) -> keras.Model:
+    m = cfg.model
+    if cfg.data.task != "segmentation":
+        raise ConfigError("model.name: 'unet' is a segmentation model; data.task is "
+                          f"'{cfg.data.task}'")
+    return UNet(
+        input_shape=(*cfg.data.image_size, cfg.data.channels),
+        num_classes=num_outputs,
+        base_filters=m.base_filters,
+        depth=m.depth,
+        dropout=m.dropout,
+        batch_norm=m.batch_norm,
+        upsampling=m.upsampling,
+        l2=m.l2,
+        name="unet",
+    )
+
+
+def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
+    if cfg.data.task != "classification":
+        raise ConfigError("model.name: 'mobilenetv2_classifier' is a classification model; "
+                          f"data.task is '{cfg.data.task}'")
+    return build_mobilenetv2_classifier(
+        (*cfg.data.image_size, cfg.data.channels),
+        num_outputs,
+        dropout=cfg.model.dropout,
+        l2=cfg.model.l2,
+        bn_momentum=cfg.model.bn_momentum,
+    )
+
+
+MODELS: dict[str, Callable[[Config, int], keras.Model]] = {
+    "unet": _unet,
+    "mobilenetv2_classifier": _mobilenetv2_classifier,
+}
+
+
+def build_model(cfg: Config, num_outputs: int | None = None) -> keras.Model:
+    """Build the model named by ``cfg.model.name``.
+
+    Args:
+        cfg: the resolved config.
+        num_outputs: output channels or classes; default ``cfg.model.num_classes`` (a
+            classification run passes the number of class folders).
+
+    Raises:
+        ConfigError: unknown model name (the message lists the valid ones) or a model that does
+            not fit the task.
+    """
+    try:
+        builder = MODELS[cfg.model.name]
+    except KeyError:
+        raise ConfigError(
+            f"model.name: unknown model '{cfg.model.name}'; valid models: {', '.join(MODELS)}"
+        ) from None
+    keras.utils.set_random_seed(cfg.train.seed)
+    return builder(cfg, cfg.model.num_classes if num_outputs is None else num_outputs)

@@ -1,0 +1,129 @@
+"""Evaluation of a trained run on one split of its manifest (``medseg evaluate``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix
+
+from medseg.data.overlay import overlay
+from medseg.data.pipeline import load_arrays
+from medseg.data.scan import scan_dataset
+from medseg.data.split import check_manifest_files, load_manifest, select
+from medseg.errors import DataError, ModelError
+from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
+from medseg.models.metrics import segmentation_report
+from medseg.training.plots import plot_confusion, plot_overlays
+from medseg.training.runs import RunDir, open_run
+from medseg.utils import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def load_run_model(run: RunDir, checkpoint: str = "best") -> keras.Model:
+    """Load ``best.keras`` or ``last.keras`` of a run.
+
+    Raises:
+        ModelError: the checkpoint is missing or cannot be loaded.
+    """
+    path = run.best_model if checkpoint == "best" else run.last_model
+    if not path.exists():
+        raise ModelError(f"{path}: checkpoint not found (has the run finished an epoch?)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # corrupt zip, unknown layer, ...
+        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+
+
+def evaluate(
+    run_dir: str | Path, split: str = "val", checkpoint: str = "best", threshold: float | None = None
+) -> dict:
+    """Evaluate a run's model on ``split`` of its manifest and record it in ``metrics.json``.
+
+    Args:
+        run_dir: the run folder.
+        split: ``train``, ``val`` or ``test``.
+        checkpoint: ``best`` or ``last``.
+        threshold: foreground probability threshold; default ``predict.threshold`` of the run.
+
+    Returns:
+        The metrics of this split (segmentation: Dice, IoU, per-image and per-patient Dice;
+        classification: accuracy, per-class precision/recall/F1, confusion matrix).
+    """
+    run = open_run(run_dir)
+    cfg = run.config()
+    threshold = cfg.predict.threshold if threshold is None else threshold
+    manifest = load_manifest(run.splits_path)
+    scan = scan_dataset(cfg.data.root, cfg.data.layout, strict=cfg.data.strict)
+    samples = select(scan.samples, manifest, split)
+    if not samples:
+        raise DataError(f"{run.splits_path}: split '{split}' is empty")
+    changed = check_manifest_files(samples, manifest)
+    if changed:
+        logger.warning("%d files of split '%s' changed since the split was made, e.g. %s",
+                       len(changed), split, changed[0])
+    model = load_run_model(run, checkpoint)
+    n_out = model.output_shape[-1]
+    data = load_arrays(samples, cfg.data, n_out)
+    t0 = time.perf_counter()
+    probs = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
+    seconds = time.perf_counter() - t0
+    if cfg.data.task == "classification":
+        result = _classification_metrics(probs, data.targets, manifest.get("class_names", []))
+        plot_confusion(np.array(result["confusion_matrix"]), result["class_names"],
+                       run.plots / f"confusion_{split}.png")
+    else:
+        pred = probs[..., 0] > threshold if n_out == 1 else probs.argmax(-1) > 0
+        result = segmentation_report(pred, data.targets > 0, [s.group for s in data.samples])
+        result["threshold"] = threshold
+        _overlay_grid(data, pred, run.plots / f"overlays_{split}.png")
+    result.update(
+        split=split,
+        checkpoint=checkpoint,
+        n_skipped=len(data.problems),
+        inference_img_s=len(data.images) / max(seconds, 1e-9),
+    )
+    metrics = run.metrics()
+    metrics[split] = result
+    atomic_write_json(run.metrics_path, metrics)
+    logger.info("%s on %s: %s", run.path.name, split, _headline(result))
+    return result
+
+
+def _headline(result: dict) -> str:
+    keys = ("dice", "iou", "dice_per_group_mean", "accuracy", "macro_f1")
+    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if isinstance(result.get(k), float))
+
+
+def _classification_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list) -> dict:
+    pred = probs.argmax(-1)
+    labels = list(range(probs.shape[-1]))
+    names = class_names or [str(i) for i in labels]
+    rep = classification_report(targets, pred, labels=labels, target_names=names,
+                                output_dict=True, zero_division=0)
+    return {
+        "n_images": len(targets),
+        "accuracy": float(rep["accuracy"]),
+        "macro_f1": float(rep["macro avg"]["f1-score"]),
+        "per_class": {n: {k: float(rep[n][k]) for k in ("precision", "recall", "f1-score")}
+                      for n in names},
+        "class_names": names,
+        "confusion_matrix": confusion_matrix(targets, pred, labels=labels).tolist(),
+        "predicted_classes": sorted({int(p) for p in pred}),
+    }
+
+
+def _overlay_grid(data, pred: np.ndarray, out: Path, n: int = 8) -> None:
+    nonempty = [i for i in range(len(pred)) if data.targets[i].any()][: n // 2]
+    rest = [i for i in range(len(pred)) if i not in nonempty][: n - len(nonempty)]
+    images, titles = [], []
+    for i in nonempty + rest:
+        images.append(overlay(data.images[i], data.targets[i] > 0))
+        titles.append(f"truth {i}")
+        images.append(overlay(data.images[i], pred[i]))
+        titles.append(f"prediction {i}")
+    plot_overlays(images, titles, out)

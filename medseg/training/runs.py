@@ -1,0 +1,160 @@
+"""Run folders: where every command's results go.
+
+Layout (see DESIGN notes)::
+
+    runs/<name>/config.yaml     resolved config, with the medseg version and config hash
+    runs/<name>/splits.json     split manifest
+    runs/<name>/checkpoints/    last.keras, best.keras, backup/ (optimizer state for resume)
+    runs/<name>/logs/           history.csv, TensorBoard events
+    runs/<name>/metrics.json    evaluation results, by split
+    runs/<name>/plots/          curves, overlays
+    runs/<name>/state.json      status (running / done) and the config hash
+
+A finished run is never overwritten unless ``run.overwrite`` is set. An unfinished run whose config
+hash matches is resumed (the same command, run again); one with a different config is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import medseg
+from medseg.config import Config, config_from_dict
+from medseg.errors import ConfigError, RunExistsError
+from medseg.utils import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run folder."""
+
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / "splits.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def best_model(self) -> Path:
+        return self.checkpoints / "best.keras"
+
+    @property
+    def last_model(self) -> Path:
+        return self.checkpoints / "last.keras"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def set_state(self, status: str, config_hash: str) -> None:
+        atomic_write_json(
+            self.state_path, {"status": status, "config_hash": config_hash, "time": time.time()}
+        )
+
+    def config(self) -> Config:
+        """The resolved config stored in the run."""
+        try:
+            raw = yaml.safe_load(self.config_path.read_text())
+        except OSError:
+            raise ConfigError(f"{self.config_path}: run has no config.yaml") from None
+        raw.pop("medseg", None)
+        return config_from_dict(raw, source=str(self.config_path))
+
+    def metrics(self) -> dict:
+        try:
+            return json.loads(self.metrics_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def default_run_name(cfg: Config) -> str:
+    stem = Path(cfg.source).stem if cfg.source else "run"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run(cfg: Config) -> tuple[RunDir, bool]:
+    """Create (or reopen, to resume) the run folder for ``cfg``.
+
+    Returns:
+        The run and whether an unfinished run of the same config is being resumed.
+
+    Raises:
+        RunExistsError: the folder holds a finished run, or a run of another config, and
+            ``run.overwrite`` is not set.
+    """
+    name = cfg.run.name or default_run_name(cfg)
+    cfg.run.name = name
+    run = RunDir(Path(cfg.run.root) / name)
+    resumed = False
+    if run.path.exists():
+        state = run.state()
+        if cfg.run.overwrite:
+            logger.info("overwriting %s", run.path)
+            shutil.rmtree(run.path)
+        elif state.get("status") == "running" and state.get("config_hash") == cfg.hash():
+            logger.info("resuming unfinished run %s", run.path)
+            resumed = True
+        elif state.get("status") == "running":
+            raise RunExistsError(
+                f"{run.path}: an unfinished run with a different config is there; pick another "
+                "run.name or pass --overwrite"
+            )
+        else:
+            raise RunExistsError(
+                f"{run.path}: run folder exists; pick another run.name or pass --overwrite"
+            )
+    for d in (run.checkpoints, run.logs, run.plots):
+        d.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        body = {"medseg": {"version": medseg.__version__, "config_hash": cfg.hash()},
+                **cfg.to_dict()}
+        atomic_write_text(run.config_path, yaml.safe_dump(body, sort_keys=False))
+        run.set_state("running", cfg.hash())
+    return run, resumed
+
+
+def open_run(path: str | Path) -> RunDir:
+    """An existing run folder.
+
+    Raises:
+        ConfigError: the folder is missing or is not a medseg run.
+    """
+    run = RunDir(Path(path))
+    if not run.config_path.is_file():
+        raise ConfigError(f"{run.path}: not a medseg run folder (no config.yaml)")
+    return run

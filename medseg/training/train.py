@@ -1,0 +1,157 @@
+"""Training: one library function, :func:`train`, that the CLI's ``medseg train`` calls."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+
+import keras
+
+from medseg.config import Config
+from medseg.data.augment import build_augment
+from medseg.data.pipeline import ArrayData, load_arrays, make_dataset
+from medseg.data.scan import ScanResult, scan_dataset
+from medseg.data.split import load_manifest, make_split, select, write_manifest
+from medseg.errors import DataError
+from medseg.models.losses import get_loss
+from medseg.models.metrics import training_metrics
+from medseg.models.registry import build_model
+from medseg.training.optim import build_optimizer
+from medseg.training.plots import plot_history
+from medseg.training.runs import RunDir, create_run
+from medseg.utils import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    run: RunDir
+    history: dict
+    metrics: dict
+
+
+def num_outputs(cfg: Config, scan: ScanResult) -> int:
+    """Model output channels: the class count for classification, else ``model.num_classes``."""
+    if cfg.data.task == "classification":
+        return len(scan.class_names)
+    return cfg.model.num_classes
+
+
+def prepare_data(cfg: Config, run: RunDir, resumed: bool) -> tuple[ScanResult, dict]:
+    """Scan the dataset and write (or, when resuming, reload) the run's split manifest."""
+    scan = scan_dataset(cfg.data.root, cfg.data.layout, strict=cfg.data.strict)
+    scan.log_problems()
+    if resumed and run.splits_path.exists():
+        manifest = load_manifest(run.splits_path)
+    else:
+        manifest = make_split(
+            scan.samples, cfg.data.val_fraction, cfg.data.test_fraction, seed=cfg.train.seed
+        )
+        manifest["class_names"] = scan.class_names
+        manifest["layout"] = scan.layout
+        write_manifest(run.splits_path, manifest)
+    return scan, manifest
+
+
+def _datasets(cfg: Config, scan: ScanResult, manifest: dict, n_out: int):
+    data = {}
+    for split in ("train", "val"):
+        data[split] = load_arrays(select(scan.samples, manifest, split), cfg.data, n_out)
+    return data
+
+
+def _write_problems(run: RunDir, scan: ScanResult, data: dict[str, ArrayData]) -> None:
+    problems = list(scan.problems) + [p for d in data.values() for p in d.problems]
+    if problems:
+        atomic_write_json(run.path / "data_problems.json", problems)
+        logger.warning("%d data problems listed in %s", len(problems),
+                       run.path / "data_problems.json")
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train the configured model into a run folder and evaluate it on the validation split.
+
+    Rerunning with the same config and ``run.name`` resumes an unfinished run from its last
+    completed epoch.
+
+    Args:
+        cfg: the resolved config.
+
+    Returns:
+        The run folder, the Keras history and the validation metrics.
+
+    Raises:
+        RunExistsError: the run folder exists (see :func:`medseg.training.runs.create_run`).
+        DataError: the dataset is missing or unusable.
+        ConfigError: the config names an unknown model, loss, ...
+    """
+    from medseg.training.evaluate import evaluate
+
+    if cfg.train.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    run, resumed = create_run(cfg)
+    logger.info("run folder: %s", run.path)
+    scan, manifest = prepare_data(cfg, run, resumed)
+    n_out = num_outputs(cfg, scan)
+    data = _datasets(cfg, scan, manifest, n_out)
+    _write_problems(run, scan, data)
+    if len(data["train"].images) < cfg.train.batch_size:
+        logger.warning("training split (%d images) is smaller than one batch (%d)",
+                       len(data["train"].images), cfg.train.batch_size)
+    common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": cfg.train.batch_size}
+    train_ds = make_dataset(
+        data["train"],
+        augment=build_augment(cfg.augment, seed=cfg.train.seed),
+        shuffle=True,
+        seed=cfg.train.seed,
+        **common,
+    )
+    val_ds = make_dataset(data["val"], **common)
+    steps = math.ceil(len(data["train"].images) / cfg.train.batch_size)
+
+    model = build_model(cfg, n_out)
+    model.compile(
+        optimizer=build_optimizer(cfg.train, steps),
+        loss=get_loss(cfg.train),
+        metrics=training_metrics(cfg.data.task, n_out),
+        jit_compile=cfg.train.jit_compile,
+        steps_per_execution=cfg.train.steps_per_execution,
+    )
+    monitor = cfg.train.monitor
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run.checkpoints / "backup")),
+        keras.callbacks.ModelCheckpoint(str(run.last_model)),
+        keras.callbacks.ModelCheckpoint(
+            str(run.best_model), monitor=monitor, mode=cfg.train.monitor_mode,
+            save_best_only=True,
+        ),
+        keras.callbacks.CSVLogger(str(run.logs / "history.csv"), append=resumed),
+        keras.callbacks.TensorBoard(str(run.logs / "tensorboard"), write_graph=False),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    logger.info(
+        "training %s on %d images (%d val), %d epochs x %d steps",
+        cfg.model.name, len(data["train"].images), len(data["val"].images), cfg.train.epochs,
+        steps,
+    )
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.epochs,
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,
+        shuffle=False,  # the dataset reshuffles itself every epoch
+    )
+    if not run.best_model.exists():
+        raise DataError(f"{run.path}: training produced no best model (monitor '{monitor}' "
+                        "was never logged; check train.monitor)")
+    plot_history(run.logs / "history.csv", run.plots / "curves.png")
+    metrics = evaluate(run.path, split="val")
+    run.set_state("done", cfg.hash())
+    return TrainResult(run=run, history=history.history, metrics=metrics)
+
