@@ -122,13 +122,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, debug: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="medseg: %(message)s",
         stream=sys.stderr,
     )
+    if not debug:
+        # pydicom logs a traceback of its own before medseg reports a failed decode in one line.
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow and probe devices with C++ stderr muted.
+
+    TensorFlow's C++ runtime writes start-up lines (oneDNN notes, "could not find CUDA drivers",
+    cuInit failures on machines without a GPU) straight to file descriptor 2, before any Python
+    logging setting applies. Python-level errors still surface as exceptions.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cmd_demo(args) -> int:
@@ -218,7 +241,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, args.debug)
+    if not args.debug and args.verb != "data":
+        _import_tensorflow_quietly()
     from medseg.errors import MedsegError
 
     try:

@@ -95,8 +95,9 @@ class ModelConfig:
         batch_norm: conv -> batch norm -> activation when true.
         upsampling: ``transpose`` (transposed conv) or ``resize`` (resize + conv).
         l2: L2 weight decay on conv kernels (0 disables it).
-        bn_momentum: batch-norm momentum of the MobileNetV2 backbone (keras.applications uses
-            0.999, too slow to settle in short runs from scratch).
+        bn_momentum: batch-norm momentum (Keras uses 0.99, keras.applications' MobileNetV2
+            0.999: too slow to settle in short runs from scratch, so inference-mode outputs
+            collapse).
     """
 
     name: str = "unet"

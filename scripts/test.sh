@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then lint and run the test suite. Extra arguments go to pytest
+# (e.g. -m "not slow" for the quick tests only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny synthetic data, pydicom's bundled scans, the real data folder, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A tiny synthetic set (48x48, 6 patients x 6 slices, 4 images per class) for the session."""
+    from medseg.data.synthetic import SynthSpec, generate
+
+    root = tmp_path_factory.mktemp("synth") / "synthetic"
+    generate(root, SynthSpec(size=48, patients=6, slices_per_patient=6, images_per_class=4))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pydicom_files() -> Path:
+    """pydicom's bundled test files (globbed on disk: get_testdata_files() tries the network)."""
+    import pydicom
+
+    return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets in ../shared/data; skips the test when they are absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (see the project README)")
+    return SHARED_DATA
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``medseg ARGS`` in a subprocess (as a user would) and return the finished process."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "medseg.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

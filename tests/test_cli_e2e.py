@@ -1,0 +1,151 @@
+"""The vertical slice through the CLI, in subprocesses, as a user runs it:
+data synth -> train (1 epoch, 32x32) -> evaluate -> export -> reload SavedModel -> predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--set", "data.image_size=[32,32]", "--set", "model.base_filters=4", "--set", "model.depth=2",
+    "--set", "train.epochs=1", "--set", "train.warmup_epochs=0", "--set", "train.batch_size=8",
+    "--set", "data.test_fraction=0.2",
+]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    shutil.copytree(REPO / "configs", work / "configs")
+    _ok(run_cli("data", "synth", "--out", "data/synthetic", "--size", "48", "--patients", "6",
+                "--slices", "6", "--per-class", "4", cwd=work))
+    return work
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    proc = _ok(run_cli("train", "-c", "configs/demo.yaml", "--name", "tiny", *TINY, cwd=workdir))
+    return workdir / "runs" / "tiny", proc
+
+
+def test_train_writes_the_run_folder(trained):
+    run, proc = trained
+    for rel in ("config.yaml", "splits.json", "checkpoints/best.keras", "checkpoints/last.keras",
+                "logs/history.csv", "metrics.json", "plots/curves.png", "state.json"):
+        assert (run / rel).is_file(), rel
+    assert any((run / "logs" / "tensorboard").rglob("events.out.tfevents*"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["image_size"] == [32, 32] and cfg["train"]["epochs"] == 1
+    assert cfg["medseg"]["config_hash"]
+    with open(run / "logs" / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and "val_dice" in rows[0]
+    metrics = json.loads((run / "metrics.json").read_text())["val"]
+    assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["iou"] <= metrics["dice"] + 1e-9
+    splits = json.loads((run / "splits.json").read_text())
+    groups = {k: set(v) for k, v in splits["groups"].items()}
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+    assert "run: " in proc.stdout
+
+
+def test_rerunning_a_finished_run_refuses_to_overwrite(trained, workdir):
+    proc = run_cli("train", "-c", "configs/demo.yaml", "--name", "tiny", *TINY, cwd=workdir)
+    assert proc.returncode == 2
+    assert "runs/tiny" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_on_test_split(trained, workdir):
+    run, _ = trained
+    proc = _ok(run_cli("evaluate", str(run), "--split", "test", cwd=workdir))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test"}
+    test = metrics["test"]
+    assert test["split"] == "test" and test["n_images"] > 0 and test["n_groups"] >= 1
+    assert f"dice={test['dice']:.4f}" in proc.stdout
+
+
+def test_export_reload_and_predict(trained, workdir, pydicom_files):
+    import tensorflow as tf
+
+    run, _ = trained
+    _ok(run_cli("export", str(run), "--out", "models/tiny", cwd=workdir))
+    export = workdir / "models" / "tiny"
+    card = json.loads((export / "medseg.json").read_text())
+    assert card["task"] == "segmentation" and card["input"]["model_size"] == [32, 32]
+    assert card["verification"]["max_abs_diff"] <= card["verification"]["tolerance"]
+    assert card["split_hash"] == json.loads((run / "splits.json").read_text())["hash"]
+
+    # The SavedModel takes raw pixels of any size and returns masks at that size.
+    loaded = tf.saved_model.load(str(export / "saved_model"))
+    raw = np.random.default_rng(0).uniform(0, 255, (3, 40, 56, 3)).astype("float32")
+    out = loaded.signatures["serve"](image=tf.constant(raw))
+    assert out["probabilities"].shape == (3, 40, 56, 1)
+    assert out["mask"].shape == (3, 40, 56)
+    probs = out["probabilities"].numpy()
+    assert probs.min() >= 0 and probs.max() <= 1
+    np.testing.assert_array_equal(out["mask"].numpy(), (probs[..., 0] > 0.5).astype("int32"))
+
+    # Exporting again without --overwrite is refused.
+    again = run_cli("export", str(run), "--out", "models/tiny", cwd=workdir)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+    patient = sorted((workdir / "data/synthetic/segmentation").iterdir())[0]
+    proc = run_cli("predict", "--model", "models/tiny", str(patient),
+                   str(pydicom_files / "CT_small.dcm"), str(pydicom_files / "MR_truncated.dcm"),
+                   "--out", "preds", cwd=workdir)
+    assert proc.returncode == 1, proc.stderr  # one bad input: the job ran, a case failed
+    assert "MR_truncated" in proc.stderr and "Traceback" not in proc.stderr
+    rows = list(csv.DictReader(open(workdir / "preds" / "predictions.csv")))
+    by_status = {r["case_id"]: r["status"] for r in rows}
+    n_slices = len([p for p in patient.iterdir() if not p.stem.endswith("_mask")])
+    assert len(rows) == n_slices + 2
+    assert by_status["MR_truncated"] == "error" and by_status["CT_small"] == "ok"
+    ct = next(r for r in rows if r["case_id"] == "CT_small")
+    mask = np.array(Image.open(workdir / "preds" / "CT_small" / "mask.png"))
+    assert mask.shape == (int(ct["height"]), int(ct["width"])) == (128, 128)
+    assert set(np.unique(mask)) <= {0, 255}
+    assert int(ct["foreground_pixels"]) == int((mask > 0).sum())
+    assert (workdir / "preds" / "CT_small" / "overlay.png").is_file()
+    js = json.loads((workdir / "preds" / "predictions.json").read_text())
+    assert [r["case_id"] for r in js] == [r["case_id"] for r in rows]
+
+
+def test_predict_refuses_a_non_empty_output_folder(trained, workdir, pydicom_files):
+    run, _ = trained
+    out = workdir / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    proc = run_cli("predict", "--model", str(run), str(pydicom_files / "MR_small.dcm"),
+                   "--out", str(out), cwd=workdir)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_bad_config_is_one_line_and_exit_2(workdir):
+    proc = run_cli("train", "-c", "configs/demo.yaml", "--set", "train.epochz=3", cwd=workdir)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("medseg: error")]
+    assert len(lines) == 1 and "train.epochz" in lines[0] and "epochs" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_for_every_verb(workdir):
+    for verb in (["demo"], ["train"], ["evaluate"], ["export"], ["predict"], ["data", "synth"]):
+        proc = _ok(run_cli(*verb, "--help", cwd=workdir))
+        assert "usage: medseg" in proc.stdout
