@@ -23,7 +23,11 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
         "--config", "-c", default=default, help=f"YAML config file (default: {default or 'none'})"
     )
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.epochs=5 (repeatable)",
     )
 
@@ -99,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True, help="export folder or run folder")
     p.add_argument("inputs", nargs="+", help="files or folders")
     p.add_argument("--out", "-o", required=True, help="output folder")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images/slices per model call")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="images/slices per model call"
+    )
     p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
     _add_overwrite(p)
 
@@ -162,10 +168,14 @@ def _cmd_demo(args) -> int:
     print(f"\nmedseg demo finished in {r.seconds / 60:.1f} min")
     print(f"  run folder:   {r.run_dir}   (config, splits, checkpoints, logs, plots, metrics)")
     print(f"  SavedModel:   {r.export_dir}")
-    print(f"  predictions:  {r.predictions.out_dir}/predictions.csv "
-          f"({len(r.predictions.rows)} cases, {r.predictions.n_failed} failed)")
-    print(f"  test patients: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}, per-patient Dice "
-          f"{m['dice_per_group_mean']:.3f} (mean) / {m['dice_per_group_median']:.3f} (median)")
+    print(
+        f"  predictions:  {r.predictions.out_dir}/predictions.csv "
+        f"({len(r.predictions.rows)} cases, {r.predictions.n_failed} failed)"
+    )
+    print(
+        f"  test patients: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}, per-patient Dice "
+        f"{m['dice_per_group_mean']:.3f} (mean) / {m['dice_per_group_median']:.3f} (median)"
+    )
     return EXIT_PARTIAL if r.predictions.n_failed else EXIT_OK
 
 
@@ -180,8 +190,10 @@ def _cmd_train(args) -> int:
         overrides.append("run.overwrite=true")
     result = train(load_config(args.config, overrides))
     print(f"run: {result.run.path}")
-    print("val: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()
-                              if isinstance(v, float)))
+    print(
+        "val: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    )
     return EXIT_OK
 
 
@@ -189,8 +201,10 @@ def _cmd_evaluate(args) -> int:
     from medseg.training.evaluate import evaluate
 
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint)
-    print(f"{args.split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                        if isinstance(v, float)))
+    print(
+        f"{args.split}: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    )
     return EXIT_OK
 
 
@@ -205,8 +219,14 @@ def _cmd_export(args) -> int:
 def _cmd_predict(args) -> int:
     from medseg.inference.predict import predict
 
-    r = predict(args.model, args.inputs, args.out, batch_size=args.batch_size,
-                overlays=not args.no_overlays, overwrite=args.overwrite)
+    r = predict(
+        args.model,
+        args.inputs,
+        args.out,
+        batch_size=args.batch_size,
+        overlays=not args.no_overlays,
+        overwrite=args.overwrite,
+    )
     print(f"{len(r.rows)} cases, {r.n_failed} failed -> {r.out_dir}/predictions.csv")
     for row in r.rows:
         if row["status"] != "ok":
@@ -217,13 +237,20 @@ def _cmd_predict(args) -> int:
 def _cmd_data(args) -> int:
     from medseg.data.synthetic import SynthSpec, generate
 
-    spec = SynthSpec(seed=args.seed, size=args.size, patients=args.patients,
-                     slices_per_patient=args.slices, images_per_class=args.per_class)
+    spec = SynthSpec(
+        seed=args.seed,
+        size=args.size,
+        patients=args.patients,
+        slices_per_patient=args.slices,
+        images_per_class=args.per_class,
+    )
     s = generate(Path(args.out), spec, overwrite=args.overwrite)
     state = "generated" if s.created else "already present (identical spec), reused"
     print(f"{s.root}: {state}")
-    print(f"  segmentation:   {s.segmentation_dir} ({s.n_seg_slices} slices, "
-          f"{s.n_seg_tumour_slices} with tumour)")
+    print(
+        f"  segmentation:   {s.segmentation_dir} ({s.n_seg_slices} slices, "
+        f"{s.n_seg_tumour_slices} with tumour)"
+    )
     print(f"  classification: {s.classification_dir} ({s.n_cls_images} images)")
     return EXIT_OK
 
@@ -259,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"medseg: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(
+            f"medseg: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

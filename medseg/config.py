@@ -270,6 +270,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no decimal point) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -436,7 +441,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"--set {text!r}: unknown section '{section}'; "
                 f"valid sections: {', '.join(SECTIONS)}"
             )
-        sec = raw.setdefault(section, {}) or {}
-        raw[section] = sec
+        sec = raw.get(section) or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(
+                f"{source or 'config'}: section '{section}' must be a mapping of keys"
+            )
         sec[key] = value
+        raw[section] = sec
     return config_from_dict(raw, source=source)

@@ -17,14 +17,27 @@ from tests.conftest import REPO, run_cli
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "--set", "data.image_size=[32,32]", "--set", "model.base_filters=4", "--set", "model.depth=2",
-    "--set", "train.epochs=1", "--set", "train.warmup_epochs=0", "--set", "train.batch_size=8",
-    "--set", "data.test_fraction=0.2",
+    "--set",
+    "data.image_size=[32,32]",
+    "--set",
+    "model.base_filters=4",
+    "--set",
+    "model.depth=2",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.warmup_epochs=0",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "data.test_fraction=0.2",
 ]
 
 
 def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc
 
 
@@ -32,8 +45,23 @@ def _ok(proc):
 def workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     shutil.copytree(REPO / "configs", work / "configs")
-    _ok(run_cli("data", "synth", "--out", "data/synthetic", "--size", "48", "--patients", "6",
-                "--slices", "6", "--per-class", "4", cwd=work))
+    _ok(
+        run_cli(
+            "data",
+            "synth",
+            "--out",
+            "data/synthetic",
+            "--size",
+            "48",
+            "--patients",
+            "6",
+            "--slices",
+            "6",
+            "--per-class",
+            "4",
+            cwd=work,
+        )
+    )
     return work
 
 
@@ -45,8 +73,16 @@ def trained(workdir):
 
 def test_train_writes_the_run_folder(trained):
     run, proc = trained
-    for rel in ("config.yaml", "splits.json", "checkpoints/best.keras", "checkpoints/last.keras",
-                "logs/history.csv", "metrics.json", "plots/curves.png", "state.json"):
+    for rel in (
+        "config.yaml",
+        "splits.json",
+        "checkpoints/best.keras",
+        "checkpoints/last.keras",
+        "logs/history.csv",
+        "metrics.json",
+        "plots/curves.png",
+        "state.json",
+    ):
         assert (run / rel).is_file(), rel
     assert any((run / "logs" / "tensorboard").rglob("events.out.tfevents*"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -106,12 +142,20 @@ def test_export_reload_and_predict(trained, workdir, pydicom_files):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
     patient = sorted((workdir / "data/synthetic/segmentation").iterdir())[0]
-    proc = run_cli("predict", "--model", "models/tiny", str(patient),
-                   str(pydicom_files / "CT_small.dcm"), str(pydicom_files / "MR_truncated.dcm"),
-                   "--out", "preds", cwd=workdir)
+    proc = run_cli(
+        "predict",
+        "--model",
+        "models/tiny",
+        str(patient),
+        str(pydicom_files / "CT_small.dcm"),
+        str(pydicom_files / "MR_truncated.dcm"),
+        "--out",
+        "preds",
+        cwd=workdir,
+    )
     assert proc.returncode == 1, proc.stderr  # one bad input: the job ran, a case failed
     assert "MR_truncated" in proc.stderr and "Traceback" not in proc.stderr
-    rows = list(csv.DictReader(open(workdir / "preds" / "predictions.csv")))
+    rows = list(csv.DictReader((workdir / "preds" / "predictions.csv").read_text().splitlines()))
     by_status = {r["case_id"]: r["status"] for r in rows}
     n_slices = len([p for p in patient.iterdir() if not p.stem.endswith("_mask")])
     assert len(rows) == n_slices + 2
@@ -131,8 +175,15 @@ def test_predict_refuses_a_non_empty_output_folder(trained, workdir, pydicom_fil
     out = workdir / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
-    proc = run_cli("predict", "--model", str(run), str(pydicom_files / "MR_small.dcm"),
-                   "--out", str(out), cwd=workdir)
+    proc = run_cli(
+        "predict",
+        "--model",
+        str(run),
+        str(pydicom_files / "MR_small.dcm"),
+        "--out",
+        str(out),
+        cwd=workdir,
+    )
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (out / "keep.txt").read_text() == "earlier results"
 

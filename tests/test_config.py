@@ -77,13 +77,6 @@ def test_section_not_a_mapping_in_file(tmp_path: Path):
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: load_config assigns --set values into a file section that is not a mapping "
-    "(sec[key] = value on a list/str) and raises TypeError instead of ConfigError "
-    "(medseg/config.py load_config, override loop)",
-)
 def test_override_into_section_that_is_not_a_mapping(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("train: [1]\n")
@@ -126,11 +119,6 @@ def test_override_float_decimal():
     assert cfg.train.learning_rate == pytest.approx(5e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: PyYAML (YAML 1.1) parses '1e-4' as a string, so config float fields reject "
-    "scientific notation without a decimal point (medseg/config.py _coerce/parse_override)",
-)
 def test_override_float_scientific_notation():
     cfg = load_config(None, ["train.learning_rate=1e-4"])
     assert cfg.train.learning_rate == pytest.approx(1e-4)

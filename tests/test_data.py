@@ -273,13 +273,6 @@ def test_classification_split_keeps_testing(cls_scan):
     _check_partition(manifest, cls_scan.samples)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: _group_split asks StratifiedGroupKFold for round(1/val_fraction) folds without "
-    "capping them at the smallest class size; with 4 images per class and val_fraction 0.2 "
-    "sklearn raises a bare ValueError (medseg/data/split.py _group_split)",
-)
 def test_classification_split_small_classes(cls_scan):
     manifest = make_split(cls_scan.samples, val_fraction=0.2, seed=0)
     assert manifest["splits"]["val"]
@@ -303,12 +296,6 @@ def test_load_manifest_detects_tampering(seg_scan, tmp_path):
     assert "splits.json" in str(e.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the manifest hash covers only splits/hashes/seed/method, so hand edits to "
-    "other fields make_split writes (groups, val_fraction, test_fraction) pass load_manifest "
-    "(medseg/data/split.py _manifest_hash)",
-)
 def test_load_manifest_detects_tampering_of_other_fields(seg_scan, tmp_path):
     manifest = make_split(seg_scan.samples, 0.2, seed=0)
     path = write_manifest(tmp_path / "splits.json", manifest)

@@ -9,8 +9,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 
 # Layer of each top-level part; a module may import only from its own layer or lower ones.
 LAYERS = {
-    "errors": 0, "utils": 0, "config": 1, "io": 1, "data": 2, "models": 3,
-    "training": 4, "inference": 5, "demo": 6, "cli": 7,
+    "errors": 0,
+    "utils": 0,
+    "config": 1,
+    "io": 1,
+    "data": 2,
+    "models": 3,
+    "training": 4,
+    "inference": 5,
+    "demo": 6,
+    "cli": 7,
 }
 # config and io are both foundations, but neither may import the other.
 FORBIDDEN = {("config", "io"), ("io", "config")}
@@ -35,8 +43,11 @@ def _imports(path: Path) -> list[str]:
 
 
 def test_every_part_is_known():
-    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if not p.name.startswith(("_", ".")) and p.name != "py.typed"}
+    parts = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if not p.name.startswith(("_", ".")) and p.name != "py.typed"
+    }
     assert parts <= set(LAYERS), f"add new parts to LAYERS: {parts - set(LAYERS)}"
 
 

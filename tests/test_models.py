@@ -7,6 +7,7 @@ model is a short subclass that only says how to build it.
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -199,14 +200,31 @@ class UNetTester(ModelTester):
 
 
 class TestUNetTranspose(UNetTester):
+    bn_momentum = 0.8
+    foreground_prior = 0.05
+
     def build(self):
-        return UNet(input_shape=(SIZE, SIZE, 3), num_classes=1, base_filters=4, depth=2)
+        return UNet(
+            input_shape=(SIZE, SIZE, 3),
+            num_classes=1,
+            base_filters=4,
+            depth=2,
+            bn_momentum=self.bn_momentum,
+            foreground_prior=self.foreground_prior,
+        )
 
     def check_model(self, model):
         assert model.upsampling == "transpose"
         assert any(isinstance(la, layers.Conv2DTranspose) for la in model.layers)
-        assert any(isinstance(la, layers.BatchNormalization) for la in model.layers)
+        bns = [la for la in model.layers if isinstance(la, layers.BatchNormalization)]
+        # 2 per conv block: 2 encoder levels + bottleneck + 2 decoder levels.
+        assert len(bns) == 10
+        assert {bn.momentum for bn in bns} == {self.bn_momentum}
         assert model.losses == []  # no weight decay configured
+        # The sigmoid head starts at the foreground prior: bias = logit(p).
+        bias = _np(model.get_layer("head").bias)
+        logit = math.log(self.foreground_prior / (1 - self.foreground_prior))
+        np.testing.assert_allclose(bias, [logit], rtol=1e-6)
 
 
 class TestUNetResize(UNetTester):
@@ -246,6 +264,8 @@ class TestUNetMulticlass(UNetTester):
     def check_model(self, model):
         assert model.num_classes == 3
         assert not any(isinstance(la, layers.Dropout) for la in model.layers)
+        # No foreground prior for a softmax head: it starts unbiased.
+        np.testing.assert_array_equal(_np(model.get_layer("head").bias), np.zeros(3))
 
 
 class TestMobileNetV2Classifier(ModelTester):
@@ -493,11 +513,6 @@ def test_segmentation_report_all_empty_truth():
     assert r["dice_per_group_mean"] == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: segmentation_report computes per_group but never puts it in the report, "
-    "although its docstring promises a 'per_group' entry (medseg/models/metrics.py)",
-)
 def test_segmentation_report_per_group_entry():
     pred, true, groups = _report_example()
     r = segmentation_report(pred, true, groups)

@@ -167,4 +167,3 @@ def make_dataset(
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-

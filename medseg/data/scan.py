@@ -98,7 +98,9 @@ def scan_lgg(root: str | Path, strict: bool = False) -> ScanResult:
         images = {f.stem: f for f in files if not f.stem.endswith(MASK_SUFFIX)}
         for stem in sorted(images, key=_natural_key):
             if stem not in masks:
-                _problem(result, f"{images[stem]}: image has no mask ({stem}{MASK_SUFFIX}.*)", strict)
+                _problem(
+                    result, f"{images[stem]}: image has no mask ({stem}{MASK_SUFFIX}.*)", strict
+                )
                 continue
             result.samples.append(
                 Sample(
@@ -111,8 +113,10 @@ def scan_lgg(root: str | Path, strict: bool = False) -> ScanResult:
         for stem in sorted(set(masks) - set(images)):
             _problem(result, f"{masks[stem]}: mask has no image ({stem}.*)", strict)
     if not result.samples:
-        raise DataError(f"{root}: no image/mask pairs found in the 'lgg' layout "
-                        f"(<patient>/<name>.tif + <name>{MASK_SUFFIX}.tif)")
+        raise DataError(
+            f"{root}: no image/mask pairs found in the 'lgg' layout "
+            f"(<patient>/<name>.tif + <name>{MASK_SUFFIX}.tif)"
+        )
     return result
 
 

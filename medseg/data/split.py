@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from medseg.utils import atomic_write_json, file_sha256
 
 MANIFEST_VERSION = 1
 
+logger = logging.getLogger(__name__)
+
 
 def _group_split(
     samples: list[Sample], fraction: float, seed: int
@@ -44,12 +47,17 @@ def _group_split(
     if n_groups < 2:
         raise DataError(f"cannot split {len(samples)} samples: they form only {n_groups} group(s)")
     idx = np.arange(len(samples))
-    if all(isinstance(s.target, int) for s in samples):
-        n_splits = max(2, min(n_groups, round(1 / fraction)))
-        y = np.array([s.target for s in samples])
+    n_splits = max(2, min(n_groups, round(1 / fraction)))
+    y = np.array([s.target if isinstance(s.target, int) else -1 for s in samples])
+    counts = np.bincount(y[y >= 0]) if (y >= 0).all() else np.array([])
+    if counts.size and counts[counts > 0].min() >= n_splits:
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         rest, held = next(splitter.split(idx, y, groups))
-    else:
+    else:  # masks, or classes too small to stratify: plain group split
+        if counts.size:
+            logger.warning(
+                "a class has fewer than %d images: split by group without stratification", n_splits
+            )
         splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         rest, held = next(splitter.split(idx, groups=groups))
     return [samples[i] for i in rest], [samples[i] for i in held]
@@ -64,7 +72,7 @@ def sample_hash(sample: Sample) -> str:
 
 
 def _manifest_hash(manifest: dict) -> str:
-    body = {k: manifest[k] for k in ("splits", "hashes", "seed", "method")}
+    body = {k: v for k, v in manifest.items() if k != "hash"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -82,11 +90,13 @@ def make_split(
     test = preset_test
     if not preset_test and test_fraction > 0:
         pool, test = _group_split(pool, test_fraction, seed)
-    train, val = _group_split(pool, val_fraction / (1.0 - (test_fraction if not preset_test else 0)),
-                              seed + 1)
+    train, val = _group_split(
+        pool, val_fraction / (1.0 - (test_fraction if not preset_test else 0)), seed + 1
+    )
     manifest = {
         "version": MANIFEST_VERSION,
-        "method": "stratified_group" if all(isinstance(s.target, int) for s in samples)
+        "method": "stratified_group"
+        if all(isinstance(s.target, int) for s in samples)
         else "group_shuffle",
         "seed": seed,
         "val_fraction": val_fraction,
@@ -96,8 +106,10 @@ def make_split(
             "val": [s.id for s in val],
             "test": [s.id for s in test],
         },
-        "groups": {name: sorted({s.group for s in part}) for name, part in
-                   (("train", train), ("val", val), ("test", test))},
+        "groups": {
+            name: sorted({s.group for s in part})
+            for name, part in (("train", train), ("val", val), ("test", test))
+        },
         "hashes": {s.id: sample_hash(s) for s in samples},
     }
     manifest["hash"] = _manifest_hash(manifest)
@@ -105,7 +117,8 @@ def make_split(
 
 
 def write_manifest(path: str | Path, manifest: dict) -> Path:
-    """Write the manifest atomically."""
+    """Write the manifest atomically, resealing its hash (callers may have added fields)."""
+    manifest["hash"] = _manifest_hash(manifest)
     return atomic_write_json(path, manifest)
 
 
@@ -149,5 +162,8 @@ def select(samples: list[Sample], manifest: dict, split: str) -> list[Sample]:
 
 def check_manifest_files(samples: list[Sample], manifest: dict) -> list[str]:
     """Ids whose files changed on disk since the manifest was written."""
-    return [s.id for s in samples if s.id in manifest["hashes"]
-            and sample_hash(s) != manifest["hashes"][s.id]]
+    return [
+        s.id
+        for s in samples
+        if s.id in manifest["hashes"] and sample_hash(s) != manifest["hashes"][s.id]
+    ]

@@ -123,7 +123,8 @@ def export_run(
             },
             "normalization": cfg.data.normalization,
             "threshold": cfg.predict.threshold,
-            "outputs": ["probabilities", "label"] if cfg.data.task == "classification"
+            "outputs": ["probabilities", "label"]
+            if cfg.data.task == "classification"
             else ["probabilities", "mask"],
             "config_hash": cfg.hash(),
             "split_hash": manifest.get("hash"),

@@ -70,7 +70,10 @@ class Predictor:
                 "num_outputs": int(model.output_shape[-1]),
             }
             serve = serving_function(
-                model, cfg.data.task, tuple(cfg.data.image_size), cfg.data.normalization,
+                model,
+                cfg.data.task,
+                tuple(cfg.data.image_size),
+                cfg.data.normalization,
                 cfg.predict.threshold,
             )
             self._fn = lambda image: serve(image)
@@ -153,8 +156,9 @@ def _write_nifti(path: Path, mask: np.ndarray, spacing) -> None:
         nib.save(img, tmp)
 
 
-def _predict_case(predictor: Predictor, path: Path, case_dir: Path, batch_size: int,
-                  write_overlays: bool) -> dict:
+def _predict_case(
+    predictor: Predictor, path: Path, case_dir: Path, batch_size: int, write_overlays: bool
+) -> dict:
     image = read_image(path)
     arr = to_channels(image.array, predictor.channels)
     volume = arr if image.is_volume else arr[np.newaxis]
@@ -188,9 +192,22 @@ def _predict_case(predictor: Predictor, path: Path, case_dir: Path, batch_size: 
     return row
 
 
-FIELDS = ["case_id", "source", "status", "error", "slices", "height", "width",
-          "foreground_pixels", "foreground_fraction", "foreground_mm2", "foreground_ml", "mask",
-          "label", "class"]
+FIELDS = [
+    "case_id",
+    "source",
+    "status",
+    "error",
+    "slices",
+    "height",
+    "width",
+    "foreground_pixels",
+    "foreground_fraction",
+    "foreground_mm2",
+    "foreground_ml",
+    "mask",
+    "label",
+    "class",
+]
 
 
 def _write_tables(out: Path, rows: list[dict]) -> None:

@@ -34,8 +34,11 @@ class BCEDice(keras.losses.Loss):
         )
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "bce_weight": self.bce_weight,
-                "dice_weight": self.dice_weight}
+        return {
+            **super().get_config(),
+            "bce_weight": self.bce_weight,
+            "dice_weight": self.dice_weight,
+        }
 
 
 LOSSES = {

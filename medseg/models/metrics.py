@@ -48,11 +48,15 @@ class DiceScore(keras.metrics.Metric):
 def training_metrics(task: str, num_classes: int) -> list:
     """Metrics reported every epoch."""
     if task == "classification":
-        return [keras.metrics.CategoricalAccuracy(name="accuracy"),
-                keras.metrics.AUC(name="auc", multi_label=False)]
+        return [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.AUC(name="auc", multi_label=False),
+        ]
     if num_classes == 1:
-        return [DiceScore(name="dice"),
-                keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")]
+        return [
+            DiceScore(name="dice"),
+            keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou"),
+        ]
     return [keras.metrics.OneHotMeanIoU(num_classes=num_classes, name="iou")]
 
 
@@ -94,7 +98,8 @@ def segmentation_report(
         "dice": dice_from_counts(tp, fp, fn),
         "iou": iou_from_counts(tp, fp, fn),
         "dice_per_image_mean": float(per_image.mean()),
-        "dice_per_image_mean_nonempty": float(per_image[nonempty].mean()) if nonempty.any()
+        "dice_per_image_mean_nonempty": float(per_image[nonempty].mean())
+        if nonempty.any()
         else None,
     }
     if groups is not None:
@@ -109,5 +114,6 @@ def segmentation_report(
             n_groups=len(per_group),
             dice_per_group_mean=float(values.mean()),
             dice_per_group_median=float(np.median(values)),
+            per_group=per_group,
         )
     return report

@@ -19,8 +19,9 @@ from medseg.models.unet import UNet
 def _unet(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
     if cfg.data.task != "segmentation":
-        raise ConfigError("model.name: 'unet' is a segmentation model; data.task is "
-                          f"'{cfg.data.task}'")
+        raise ConfigError(
+            f"model.name: 'unet' is a segmentation model; data.task is '{cfg.data.task}'"
+        )
     return UNet(
         input_shape=(*cfg.data.image_size, cfg.data.channels),
         num_classes=num_outputs,
@@ -37,8 +38,10 @@ def _unet(cfg: Config, num_outputs: int) -> keras.Model:
 
 def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
     if cfg.data.task != "classification":
-        raise ConfigError("model.name: 'mobilenetv2_classifier' is a classification model; "
-                          f"data.task is '{cfg.data.task}'")
+        raise ConfigError(
+            "model.name: 'mobilenetv2_classifier' is a classification model; "
+            f"data.task is '{cfg.data.task}'"
+        )
     return build_mobilenetv2_classifier(
         (*cfg.data.image_size, cfg.data.channels),
         num_outputs,

@@ -40,7 +40,10 @@ def load_run_model(run: RunDir, checkpoint: str = "best") -> keras.Model:
 
 
 def evaluate(
-    run_dir: str | Path, split: str = "val", checkpoint: str = "best", threshold: float | None = None
+    run_dir: str | Path,
+    split: str = "val",
+    checkpoint: str = "best",
+    threshold: float | None = None,
 ) -> dict:
     """Evaluate a run's model on ``split`` of its manifest and record it in ``metrics.json``.
 
@@ -64,8 +67,12 @@ def evaluate(
         raise DataError(f"{run.splits_path}: split '{split}' is empty")
     changed = check_manifest_files(samples, manifest)
     if changed:
-        logger.warning("%d files of split '%s' changed since the split was made, e.g. %s",
-                       len(changed), split, changed[0])
+        logger.warning(
+            "%d files of split '%s' changed since the split was made, e.g. %s",
+            len(changed),
+            split,
+            changed[0],
+        )
     model = load_run_model(run, checkpoint)
     n_out = model.output_shape[-1]
     data = load_arrays(samples, cfg.data, n_out)
@@ -74,8 +81,11 @@ def evaluate(
     seconds = time.perf_counter() - t0
     if cfg.data.task == "classification":
         result = _classification_metrics(probs, data.targets, manifest.get("class_names", []))
-        plot_confusion(np.array(result["confusion_matrix"]), result["class_names"],
-                       run.plots / f"confusion_{split}.png")
+        plot_confusion(
+            np.array(result["confusion_matrix"]),
+            result["class_names"],
+            run.plots / f"confusion_{split}.png",
+        )
     else:
         pred = probs[..., 0] > threshold if n_out == 1 else probs.argmax(-1) > 0
         result = segmentation_report(pred, data.targets > 0, [s.group for s in data.samples])
@@ -103,14 +113,16 @@ def _classification_metrics(probs: np.ndarray, targets: np.ndarray, class_names:
     pred = probs.argmax(-1)
     labels = list(range(probs.shape[-1]))
     names = class_names or [str(i) for i in labels]
-    rep = classification_report(targets, pred, labels=labels, target_names=names,
-                                output_dict=True, zero_division=0)
+    rep = classification_report(
+        targets, pred, labels=labels, target_names=names, output_dict=True, zero_division=0
+    )
     return {
         "n_images": len(targets),
         "accuracy": float(rep["accuracy"]),
         "macro_f1": float(rep["macro avg"]["f1-score"]),
-        "per_class": {n: {k: float(rep[n][k]) for k in ("precision", "recall", "f1-score")}
-                      for n in names},
+        "per_class": {
+            n: {k: float(rep[n][k]) for k in ("precision", "recall", "f1-score")} for n in names
+        },
         "class_names": names,
         "confusion_matrix": confusion_matrix(targets, pred, labels=labels).tolist(),
         "predicted_classes": sorted({int(p) for p in pred}),

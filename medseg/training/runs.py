@@ -141,8 +141,10 @@ def create_run(cfg: Config) -> tuple[RunDir, bool]:
     for d in (run.checkpoints, run.logs, run.plots):
         d.mkdir(parents=True, exist_ok=True)
     if not resumed:
-        body = {"medseg": {"version": medseg.__version__, "config_hash": cfg.hash()},
-                **cfg.to_dict()}
+        body = {
+            "medseg": {"version": medseg.__version__, "config_hash": cfg.hash()},
+            **cfg.to_dict(),
+        }
         atomic_write_text(run.config_path, yaml.safe_dump(body, sort_keys=False))
         run.set_state("running", cfg.hash())
     return run, resumed

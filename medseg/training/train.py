@@ -69,8 +69,9 @@ def _write_problems(run: RunDir, scan: ScanResult, data: dict[str, ArrayData]) -
     problems = list(scan.problems) + [p for d in data.values() for p in d.problems]
     if problems:
         atomic_write_json(run.path / "data_problems.json", problems)
-        logger.warning("%d data problems listed in %s", len(problems),
-                       run.path / "data_problems.json")
+        logger.warning(
+            "%d data problems listed in %s", len(problems), run.path / "data_problems.json"
+        )
 
 
 def train(cfg: Config) -> TrainResult:
@@ -101,8 +102,11 @@ def train(cfg: Config) -> TrainResult:
     data = _datasets(cfg, scan, manifest, n_out)
     _write_problems(run, scan, data)
     if len(data["train"].images) < cfg.train.batch_size:
-        logger.warning("training split (%d images) is smaller than one batch (%d)",
-                       len(data["train"].images), cfg.train.batch_size)
+        logger.warning(
+            "training split (%d images) is smaller than one batch (%d)",
+            len(data["train"].images),
+            cfg.train.batch_size,
+        )
     common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": cfg.train.batch_size}
     train_ds = make_dataset(
         data["train"],
@@ -127,7 +131,9 @@ def train(cfg: Config) -> TrainResult:
         keras.callbacks.BackupAndRestore(str(run.checkpoints / "backup")),
         keras.callbacks.ModelCheckpoint(str(run.last_model)),
         keras.callbacks.ModelCheckpoint(
-            str(run.best_model), monitor=monitor, mode=cfg.train.monitor_mode,
+            str(run.best_model),
+            monitor=monitor,
+            mode=cfg.train.monitor_mode,
             save_best_only=True,
         ),
         keras.callbacks.CSVLogger(str(run.logs / "history.csv"), append=resumed),
@@ -136,7 +142,10 @@ def train(cfg: Config) -> TrainResult:
     ]
     logger.info(
         "training %s on %d images (%d val), %d epochs x %d steps",
-        cfg.model.name, len(data["train"].images), len(data["val"].images), cfg.train.epochs,
+        cfg.model.name,
+        len(data["train"].images),
+        len(data["val"].images),
+        cfg.train.epochs,
         steps,
     )
     history = model.fit(
@@ -148,10 +157,11 @@ def train(cfg: Config) -> TrainResult:
         shuffle=False,  # the dataset reshuffles itself every epoch
     )
     if not run.best_model.exists():
-        raise DataError(f"{run.path}: training produced no best model (monitor '{monitor}' "
-                        "was never logged; check train.monitor)")
+        raise DataError(
+            f"{run.path}: training produced no best model (monitor '{monitor}' "
+            "was never logged; check train.monitor)"
+        )
     plot_history(run.logs / "history.csv", run.plots / "curves.png")
     metrics = evaluate(run.path, split="val")
     run.set_state("done", cfg.hash())
     return TrainResult(run=run, history=history.history, metrics=metrics)
-
