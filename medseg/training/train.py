@@ -18,6 +18,7 @@ from medseg.errors import DataError
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
+from medseg.training.evaluate import evaluate
 from medseg.training.optim import build_optimizer
 from medseg.training.plots import plot_history
 from medseg.training.runs import RunDir, create_run
@@ -91,8 +92,6 @@ def train(cfg: Config) -> TrainResult:
         DataError: the dataset is missing or unusable.
         ConfigError: the config names an unknown model, loss, ...
     """
-    from medseg.training.evaluate import evaluate
-
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     run, resumed = create_run(cfg)
