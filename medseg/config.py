@@ -30,8 +30,10 @@ import yaml
 from medseg.errors import ConfigError
 
 TASKS = ("segmentation", "classification")
-LAYOUTS = ("lgg", "pairs", "class_folders")
-NORMALIZATIONS = ("minmax", "percentile", "zscore", "none")
+LAYOUTS = ("lgg", "pairs", "class_folders", "dicom_series", "nifti")
+NORMALIZATIONS = ("minmax", "percentile", "zscore", "window", "none")
+GROUP_BY = ("auto", "folder", "phash", "none")
+RESIZE_POLICIES = ("stretch", "pad")
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta", "nadam")
 LR_SCHEDULES = ("cosine", "constant")
 MONITOR_MODES = ("min", "max")
@@ -44,13 +46,31 @@ class DataConfig:
     Attributes:
         task: ``segmentation`` or ``classification``.
         layout: dataset layout: ``lgg`` (``<patient>/<name>.tif`` + ``<name>_mask.tif``),
-            ``pairs`` (``images/`` + ``masks/`` with matching stems) or ``class_folders``
-            (``<class>/*.png``, optionally under ``Training/`` and ``Testing/``).
+            ``pairs`` (``images/`` + ``masks/`` with matching stems), ``class_folders``
+            (``<class>/*.png``, optionally under ``Training/`` and ``Testing/``),
+            ``dicom_series`` (``<patient>/<study>/<series>/*.dcm``, image series + mask series)
+            or ``nifti`` (``images/<case>.nii.gz`` + ``labels/<case>.nii.gz``).
         root: dataset folder (relative paths are relative to the working directory).
-        image_size: ``[height, width]`` the model sees; images are resized to it.
+        image_series: ``dicom_series``: substring of the SeriesDescription (or folder name) of
+            the image series, e.g. ``T1post``.
+        mask_series: ``dicom_series``: substring of the mask series' description, e.g.
+            ``MaskTumor``.
+        group_by: how samples are grouped for splits: ``folder`` (patient folder, DICOM
+            PatientID, NIfTI case), ``phash`` (near-duplicate images share a group: for data
+            without patient ids), ``none`` (each image alone) or ``auto`` (``phash`` for class
+            folders, ``folder`` otherwise).
+        phash_threshold: largest Hamming distance between 64-bit perceptual hashes that counts
+            as a near-duplicate.
+        image_size: ``[height, width]`` the model sees.
+        resize: ``stretch`` (resize to image_size) or ``pad`` (keep the aspect ratio, pad with
+            zeros).
         channels: channels the model sees; grey images are repeated, RGB is converted.
         normalization: per-image intensity normalisation: ``minmax`` (to [0, 1]), ``percentile``
-            (clip to the 0.5th-99.5th percentile, then [0, 1]), ``zscore`` or ``none``.
+            (clip to the 0.5th-99.5th percentile, then [0, 1]), ``zscore``, ``window`` (CT:
+            clip to ``window`` = [centre, width], then [0, 1]) or ``none``.
+        window: ``[centre, width]`` for ``normalization: window``, e.g. [40, 400] (soft tissue).
+        cache: keep decoded, preprocessed images in memory (fast; needs RAM); when false, images
+            are decoded again every epoch.
         val_fraction: fraction of groups (patients) held out for validation.
         test_fraction: fraction of groups held out as a test split (0 for none).
         strict: fail on the first unusable file instead of reporting it and continuing.
@@ -59,9 +79,16 @@ class DataConfig:
     task: str = "segmentation"
     layout: str = "lgg"
     root: str = "data/synthetic/segmentation"
+    image_series: str = ""
+    mask_series: str = "MaskTumor"
+    group_by: str = "auto"
+    phash_threshold: int = 6
     image_size: list[int] = field(default_factory=lambda: [128, 128])
+    resize: str = "stretch"
     channels: int = 3
     normalization: str = "minmax"
+    window: list[float] = field(default_factory=lambda: [40.0, 400.0])
+    cache: bool = True
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     strict: bool = False
@@ -79,7 +106,10 @@ class AugmentConfig:
     rotate_limit: float = 15.0
     scale_limit: float = 0.1
     brightness_contrast: float = 0.3
+    gamma: float = 0.0
     noise: float = 0.0
+    elastic: float = 0.0
+    grid_distortion: float = 0.0
 
 
 @dataclass
@@ -127,6 +157,9 @@ class TrainConfig:
         loss: registered loss name (``bce_dice``, ``dice``, ``bce``, ``focal``, ``tversky``,
             ``categorical_crossentropy``).
         label_smoothing: for classification losses.
+        class_weights: weight classification classes by inverse frequency in the training split.
+        oversample_tumour: segmentation: fraction of each training batch drawn from slices whose
+            mask has foreground (0 keeps the data's own mix).
         monitor: metric that picks ``best.keras`` (``val_loss``, ``val_dice``, ...).
         monitor_mode: ``min`` or ``max``.
         seed: seed for splits, shuffling, augmentation and weight initialisation.
@@ -144,6 +177,8 @@ class TrainConfig:
     min_lr_fraction: float = 0.01
     loss: str = "bce_dice"
     label_smoothing: float = 0.0
+    class_weights: bool = False
+    oversample_tumour: float = 0.0
     monitor: str = "val_loss"
     monitor_mode: str = "min"
     seed: int = 0
@@ -316,6 +351,14 @@ def validate(cfg: Config) -> Config:
     _check_choice("data.task", d.task, TASKS)
     _check_choice("data.layout", d.layout, LAYOUTS)
     _check_choice("data.normalization", d.normalization, NORMALIZATIONS)
+    _check_choice("data.group_by", d.group_by, GROUP_BY)
+    _check_choice("data.resize", d.resize, RESIZE_POLICIES)
+    _check(0 <= d.phash_threshold <= 32, "data.phash_threshold", "must be in [0, 32]")
+    _check(
+        len(d.window) == 2 and d.window[1] > 0,
+        "data.window",
+        f"expected [centre, width] with width > 0, got {d.window}",
+    )
     _check(
         len(d.image_size) == 2 and all(s >= 8 for s in d.image_size),
         "data.image_size",
@@ -333,8 +376,22 @@ def validate(cfg: Config) -> Config:
     if d.task == "classification":
         _check(d.layout == "class_folders", "data.layout", "classification needs 'class_folders'")
     else:
-        _check(d.layout != "class_folders", "data.layout", "segmentation needs 'lgg' or 'pairs'")
-    for name in ("hflip", "vflip", "rotate90", "affine", "brightness_contrast", "noise"):
+        _check(
+            d.layout != "class_folders",
+            "data.layout",
+            "segmentation needs an image+mask layout, not 'class_folders'",
+        )
+    for name in (
+        "hflip",
+        "vflip",
+        "rotate90",
+        "affine",
+        "brightness_contrast",
+        "gamma",
+        "noise",
+        "elastic",
+        "grid_distortion",
+    ):
         p = getattr(a, name)
         _check(0.0 <= p <= 1.0, f"augment.{name}", f"probability must be in [0, 1], got {p}")
     _check(
@@ -360,6 +417,7 @@ def validate(cfg: Config) -> Config:
     )
     _check(0 <= t.min_lr_fraction <= 1, "train.min_lr_fraction", "must be in [0, 1]")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _check(0 <= t.oversample_tumour < 1, "train.oversample_tumour", "must be in [0, 1)")
     _check_choice("train.monitor_mode", t.monitor_mode, MONITOR_MODES)
     _check(t.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1")
     _check(cfg.cv.folds >= 2, "cv.folds", f"must be >= 2, got {cfg.cv.folds}")

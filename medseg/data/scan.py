@@ -36,11 +36,14 @@ class Sample:
     """One training or evaluation example.
 
     Attributes:
-        id: stable id: the image path relative to the dataset root, with ``/`` separators.
-        image: path of the image file.
-        target: mask path (segmentation), class index (classification) or None (prediction).
+        id: stable id: the image path relative to the dataset root, with ``/`` separators, and
+            ``#<index>`` for a slice of a volume.
+        image: path of the image file, or of a volume (NIfTI file, DICOM series folder).
+        target: mask path or folder (segmentation), class index (classification) or None.
         group: patient or near-duplicate group; all samples of a group stay on one side of a split.
         split: the split the dataset layout put it in (``Training``/``Testing``), if any.
+        index: for a slice of a volume, its index along the volume's first axis (the same index
+            in the image and the mask volume); None for 2D images.
     """
 
     id: str
@@ -48,6 +51,7 @@ class Sample:
     target: str | int | None
     group: str
     split: str | None = None
+    index: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
