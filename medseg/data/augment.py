@@ -1,7 +1,9 @@
 """Training-time augmentation with albumentations, built from :class:`~medseg.config.AugmentConfig`.
 
-Geometric transforms are applied to image and mask together (the mask with nearest-neighbour
-interpolation); intensity transforms to the image only.
+Geometric transforms (flips, 90-degree rotations, affine, elastic, grid distortion) are applied to
+image and mask together, the mask with nearest-neighbour interpolation so labels stay labels;
+intensity transforms (brightness/contrast, gamma, noise) to the image only. The pipeline is seeded
+(``A.Compose(seed=...)``) and used for the training split only.
 """
 
 from __future__ import annotations
@@ -42,6 +44,30 @@ def build_augment(cfg: AugmentConfig, seed: int = 0) -> A.Compose | None:
                 brightness_limit=0.1, contrast_limit=0.1, p=cfg.brightness_contrast
             )
         )
+    if cfg.elastic > 0:
+        transforms.append(
+            A.ElasticTransform(
+                alpha=30,
+                sigma=6,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                p=cfg.elastic,
+            )
+        )
+    if cfg.grid_distortion > 0:
+        transforms.append(
+            A.GridDistortion(
+                num_steps=5,
+                distort_limit=0.2,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                p=cfg.grid_distortion,
+            )
+        )
+    if cfg.gamma > 0:
+        transforms.append(A.RandomGamma(gamma_limit=(80, 120), p=cfg.gamma))
     if cfg.noise > 0:
         transforms.append(A.GaussNoise(std_range=(0.01, 0.05), p=cfg.noise))
     if not transforms:

@@ -1,10 +1,13 @@
 """From samples to ``tf.data`` pipelines.
 
-Images are decoded once with the readers of :mod:`medseg.io`, converted to the configured number of
-channels, resized and normalised (:func:`medseg.data.preprocess.preprocess_images`, the same ops
-the exported model runs) and kept in memory as float32 NHWC; masks are resized with
-nearest-neighbour interpolation and kept as integer label maps. Each epoch then shuffles,
-augments (albumentations, training only), encodes targets and batches.
+Each sample is decoded with the readers of :mod:`medseg.io` (a volume is read once for all of its
+slices), converted to the configured number of channels, normalised and resized
+(:func:`medseg.data.preprocess.preprocess_images`, the same ops the exported model runs); masks are
+resized with nearest-neighbour interpolation and stay integer label maps. With ``data.cache`` the
+results are kept in memory as float32 NHWC (:class:`ArrayData`); without it, every epoch decodes
+the files again (:class:`LazyData`, for datasets larger than memory). Each epoch then shuffles,
+optionally oversamples slices with tumour, augments (albumentations, training only, in parallel
+with ``tf.numpy_function``), encodes targets and batches.
 
 Targets as the model sees them:
 
@@ -27,15 +30,93 @@ from medseg.config import DataConfig
 from medseg.data.augment import apply_augment
 from medseg.data.preprocess import preprocess_images, resize_masks
 from medseg.data.scan import Sample
-from medseg.errors import DataError
+from medseg.errors import ConfigError, DataError
 from medseg.io import read_image, read_mask, to_channels
 
 logger = logging.getLogger(__name__)
 
 
+def _preprocess(image: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """HxWxC or DxHxWxC raw pixels -> normalised, resized float32 (same rank)."""
+    return preprocess_images(
+        tf.convert_to_tensor(image),
+        tuple(cfg.image_size),
+        cfg.normalization,
+        window=tuple(cfg.window),
+        policy=cfg.resize,
+    ).numpy()
+
+
+def _check_mask(mask: np.ndarray, image: np.ndarray, sample: Sample, num_classes: int) -> None:
+    if mask.shape != image.shape[:-1]:
+        raise DataError(
+            f"{sample.target}: mask shape {mask.shape} does not match its image "
+            f"{sample.image} of shape {image.shape[:-1]}"
+        )
+    if num_classes >= 2 and mask.max() >= num_classes:
+        raise DataError(
+            f"{sample.target}: mask holds label {int(mask.max())} but model.num_classes is "
+            f"{num_classes}"
+        )
+
+
+def load_samples(
+    samples: list[Sample], cfg: DataConfig, num_classes: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decode and preprocess samples that share one image file or volume.
+
+    All samples must have the same ``image`` (and ``target`` for segmentation); a volume is read
+    once and sliced at each sample's ``index``.
+
+    Returns:
+        ``(image [H, W, C] float32, target)`` per sample: a uint8 label map [H, W] or an int32
+        class index.
+    """
+    first = samples[0]
+    image = to_channels(read_image(first.image).array, cfg.channels)
+    is_volume = image.ndim == 4
+    if is_volume != (first.index is not None):
+        raise DataError(
+            f"{first.image}: expected a {'volume' if first.index is not None else '2D image'}, "
+            f"got an array of shape {image.shape}"
+        )
+    mask = None
+    if cfg.task == "segmentation":
+        mask = read_mask(first.target)
+        _check_mask(mask, image, first, num_classes)
+    if is_volume:
+        idx = [s.index for s in samples]
+        bad = [i for i in idx if not 0 <= i < len(image)]
+        if bad:
+            raise DataError(f"{first.image}: slice {bad[0]} out of range (0..{len(image) - 1})")
+        images = _preprocess(image[idx], cfg)
+        masks = mask[idx] if mask is not None else None
+    else:
+        images = _preprocess(image, cfg)[np.newaxis]
+        masks = mask[np.newaxis] if mask is not None else None
+    out = []
+    for k, s in enumerate(samples):
+        if masks is None:
+            out.append((images[k], np.int32(s.target)))
+        else:
+            size = tuple(cfg.image_size)
+            y = resize_masks(tf.convert_to_tensor(masks[k].astype(np.uint8)), size, cfg.resize)
+            out.append((images[k], y.numpy()))
+    return out
+
+
+def _by_source(samples: list[Sample]) -> list[list[int]]:
+    """Indices of samples grouped by (image, target), in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        key = (s.image, s.target if isinstance(s.target, str) else None)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 @dataclass
 class ArrayData:
-    """Decoded, resized, normalised samples held in memory.
+    """Decoded, preprocessed samples held in memory.
 
     Attributes:
         images: float32 [N, H, W, C], normalised.
@@ -49,40 +130,39 @@ class ArrayData:
     samples: list[Sample]
     problems: list[str] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.images)
 
-def load_image_2d(path: str, channels: int) -> np.ndarray:
-    """Read a 2D image as float32 HxWxC with ``channels`` channels."""
-    img = read_image(path)
-    if img.is_volume:
-        raise DataError(f"{path}: expected a 2D image, got a volume of shape {img.array.shape}")
-    return to_channels(img.array, channels)
+    def fetch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[i], self.targets[i]
+
+    def has_foreground(self) -> np.ndarray:
+        """Per sample: does the target label map have foreground (segmentation only)."""
+        return self.targets.reshape(len(self.targets), -1).max(axis=1) > 0
 
 
-def _load_one(sample: Sample, cfg: DataConfig, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    size = tuple(cfg.image_size)
-    image = load_image_2d(sample.image, cfg.channels)
-    x = preprocess_images(tf.convert_to_tensor(image), size, cfg.normalization).numpy()
-    if cfg.task == "classification":
-        return x, np.int32(sample.target)
-    mask = read_mask(sample.target)
-    if mask.shape != image.shape[:2]:
-        raise DataError(
-            f"{sample.target}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-            f"{sample.image} is {image.shape[1]}x{image.shape[0]}"
-        )
-    if num_classes >= 2 and mask.max() >= num_classes:
-        raise DataError(
-            f"{sample.target}: mask holds label {int(mask.max())} but model.num_classes is "
-            f"{num_classes}"
-        )
-    y = resize_masks(tf.convert_to_tensor(mask.astype(np.uint8)), size).numpy()
-    return x, y
+@dataclass
+class LazyData:
+    """Samples decoded again on every access (``data.cache: false``)."""
+
+    samples: list[Sample]
+    cfg: DataConfig
+    num_classes: int
+    shape: tuple[int, int, int]
+    target_dtype: np.dtype
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def fetch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return load_samples([self.samples[i]], self.cfg, self.num_classes)[0]
 
 
 def load_arrays(
     samples: list[Sample], cfg: DataConfig, num_classes: int, strict: bool | None = None
 ) -> ArrayData:
-    """Decode and preprocess ``samples`` (in parallel threads).
+    """Decode and preprocess ``samples`` into memory (parallel threads, one read per volume).
 
     Unreadable samples raise :class:`DataError` in strict mode; otherwise they are listed in
     :attr:`ArrayData.problems`, logged with their file names, and left out.
@@ -90,26 +170,49 @@ def load_arrays(
     strict = cfg.strict if strict is None else strict
     if not samples:
         raise DataError("no samples to load")
+    groups = _by_source(samples)
 
-    def job(s: Sample):
+    def job(idx: list[int]):
         try:
-            return _load_one(s, cfg, num_classes)
+            return load_samples([samples[i] for i in idx], cfg, num_classes)
         except DataError as e:
             if strict:
                 raise
             return str(e)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(job, samples))
-    problems = [r for r in results if isinstance(r, str)]
-    kept = [(s, r) for s, r in zip(samples, results, strict=True) if not isinstance(r, str)]
+        results = list(pool.map(job, groups))
+    problems, kept = [], []
+    for idx, r in zip(groups, results, strict=True):
+        if isinstance(r, str):
+            problems.append(r if len(idx) == 1 else f"{r} ({len(idx)} slices)")
+        else:
+            kept.extend(zip(idx, r, strict=True))
     for p in problems:
         logger.warning("skipped: %s", p)
     if not kept:
         raise DataError(f"none of the {len(samples)} samples could be loaded, e.g. {problems[0]}")
+    kept.sort(key=lambda t: t[0])
     images = np.stack([r[0] for _, r in kept]).astype(np.float32)
     targets = np.stack([r[1] for _, r in kept])
-    return ArrayData(images, targets, [s for s, _ in kept], problems)
+    return ArrayData(images, targets, [samples[i] for i, _ in kept], problems)
+
+
+def open_lazy(samples: list[Sample], cfg: DataConfig, num_classes: int) -> LazyData:
+    """A :class:`LazyData` over ``samples``; decodes the first one to learn the shapes."""
+    if not samples:
+        raise DataError("no samples to load")
+    x, y = load_samples([samples[0]], cfg, num_classes)[0]
+    return LazyData(samples, cfg, num_classes, x.shape, y.dtype)
+
+
+def load_data(samples: list[Sample], cfg: DataConfig, num_classes: int) -> ArrayData | LazyData:
+    """:func:`load_arrays` when ``cfg.cache`` is set, else :func:`open_lazy`."""
+    return (
+        load_arrays(samples, cfg, num_classes)
+        if cfg.cache
+        else open_lazy(samples, cfg, num_classes)
+    )
 
 
 def encode_targets(targets: tf.Tensor, task: str, num_classes: int) -> tf.Tensor:
@@ -121,8 +224,37 @@ def encode_targets(targets: tf.Tensor, task: str, num_classes: int) -> tf.Tensor
     return tf.one_hot(tf.cast(targets, tf.int32), num_classes)
 
 
+def _index_dataset(
+    data: ArrayData | LazyData, shuffle: bool, seed: int, oversample_tumour: float
+) -> tuple[tf.data.Dataset, int]:
+    """Indices for one epoch, and how many there are."""
+    n = len(data)
+    if oversample_tumour > 0:
+        if not isinstance(data, ArrayData):
+            raise ConfigError("train.oversample_tumour needs data.cache: true")
+        fg = data.has_foreground()
+        pos, neg = np.flatnonzero(fg), np.flatnonzero(~fg)
+        if len(pos) and len(neg):
+            parts = [
+                tf.data.Dataset.from_tensor_slices(ix).shuffle(len(ix), seed=seed + k).repeat()
+                for k, ix in enumerate((pos, neg))
+            ]
+            weights = [oversample_tumour, 1.0 - oversample_tumour]
+            ds = tf.data.Dataset.sample_from_datasets(parts, weights, seed=seed)
+            return ds.take(n), n
+        logger.warning(
+            "oversample_tumour ignored: the split has %d slices with tumour and %d without",
+            len(pos),
+            len(neg),
+        )
+    ds = tf.data.Dataset.range(n)
+    if shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return ds, n
+
+
 def make_dataset(
-    data: ArrayData,
+    data: ArrayData | LazyData,
     *,
     task: str,
     num_classes: int,
@@ -130,40 +262,54 @@ def make_dataset(
     augment=None,
     shuffle: bool = False,
     seed: int = 0,
+    oversample_tumour: float = 0.0,
 ) -> tf.data.Dataset:
-    """A batched ``tf.data.Dataset`` of (image, target) over in-memory arrays.
+    """A batched ``tf.data.Dataset`` of (image, target).
 
     Args:
-        data: arrays from :func:`load_arrays`.
+        data: samples from :func:`load_arrays` (in memory) or :func:`open_lazy` (from disk).
         task: ``segmentation`` or ``classification``.
         num_classes: model output channels (1 = binary segmentation).
         batch_size: images per batch.
         augment: an albumentations pipeline (training) or None.
         shuffle: reshuffle every epoch.
         seed: shuffle seed.
+        oversample_tumour: segmentation: expected fraction of each batch drawn from samples
+            whose mask has foreground (0: the data's own mix).
     """
-    images, targets = data.images, data.targets
-    h, w, c = images.shape[1:]
-    ds = tf.data.Dataset.range(len(images))
-    if shuffle:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    if isinstance(data, ArrayData):
+        h, w, c = data.images.shape[1:]
+        target_dtype = data.targets.dtype
+    else:
+        h, w, c = data.shape
+        target_dtype = data.target_dtype
+    ds, _ = _index_dataset(data, shuffle, seed, oversample_tumour)
 
     def fetch(i):
-        i = int(i)
-        x, y = images[i], targets[i]
+        x, y = data.fetch(int(i))
         if augment is not None:
-            x, y = apply_augment(augment, x, y if task == "segmentation" else None)
-            if y is None:
-                y = targets[i]
-        return x.astype(np.float32), np.asarray(y, dtype=targets.dtype)
+            x, y2 = apply_augment(augment, x, y if task == "segmentation" else None)
+            y = y if y2 is None else y2
+        return x.astype(np.float32), np.asarray(y, dtype=target_dtype)
 
     target_shape = [h, w] if task == "segmentation" else []
 
     def load(i):
-        x, y = tf.numpy_function(fetch, [i], [tf.float32, tf.as_dtype(targets.dtype)])
+        x, y = tf.numpy_function(fetch, [i], [tf.float32, tf.as_dtype(target_dtype)])
         x.set_shape([h, w, c])
         y.set_shape(target_shape)
         return x, encode_targets(y, task, num_classes)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Inverse-frequency class weights (sklearn's ``balanced``) for ``model.fit``."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(targets)
+    weights = compute_class_weight("balanced", classes=present, y=targets)
+    out = {int(c): 1.0 for c in range(num_classes)}
+    out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return out

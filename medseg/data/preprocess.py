@@ -1,7 +1,13 @@
-"""Resize and intensity normalisation as TensorFlow ops.
+"""Intensity normalisation and resizing as TensorFlow ops.
 
-The same function runs in the training pipeline (``tf.data``) and inside the exported SavedModel's
-serving signature, so that a served model sees exactly what the trained one saw.
+The same functions run in the training pipeline (``tf.data``) and inside the exported SavedModel's
+serving signature, so that a served model sees exactly what the trained one saw. Each image is
+normalised on its own at its native resolution, then brought to the model size:
+
+* ``stretch``: bilinear, antialiased resize to the model size (aspect ratio not kept);
+* ``pad``: resize to fit inside the model size keeping the aspect ratio, centre, pad with zeros.
+
+:func:`restore_size` undoes either for segmentation outputs (crop the padding, resize back).
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ def _per_image_quantile(x: tf.Tensor, q: float) -> tf.Tensor:
     return tf.reshape(flat[:, k], [-1, 1, 1, 1])
 
 
-def normalize(images: tf.Tensor, method: str) -> tf.Tensor:
+def normalize(images: tf.Tensor, method: str, window: tuple[float, float] | None = None):
     """Normalise each image of an NHWC float batch on its own (all channels together).
 
     Args:
         images: float32 [N, H, W, C].
         method: ``minmax`` (to [0, 1]), ``percentile`` (clip to the 0.5-99.5th percentile, then
-            [0, 1]), ``zscore`` (zero mean, unit variance) or ``none``.
+            [0, 1]), ``zscore`` (zero mean, unit variance), ``window`` (clip to ``window`` =
+            (centre, width), e.g. CT Hounsfield units, then [0, 1]) or ``none``.
+        window: (centre, width) for ``window``.
     """
     x = tf.cast(images, tf.float32)
     if method == "none":
@@ -34,6 +42,11 @@ def normalize(images: tf.Tensor, method: str) -> tf.Tensor:
     if method == "zscore":
         mean, var = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
         return (x - mean) / tf.sqrt(var + _EPS)
+    if method == "window":
+        if window is None:
+            raise ValueError("normalization 'window' needs window=(centre, width)")
+        lo, hi = window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
+        return (tf.clip_by_value(x, lo, hi) - lo) / (hi - lo)
     if method == "percentile":
         lo = _per_image_quantile(x, PERCENTILES[0])
         hi = _per_image_quantile(x, PERCENTILES[1])
@@ -46,17 +59,61 @@ def normalize(images: tf.Tensor, method: str) -> tf.Tensor:
     return (x - lo) / tf.maximum(hi - lo, _EPS)
 
 
-def preprocess_images(images: tf.Tensor, size: tuple[int, int], method: str) -> tf.Tensor:
-    """Resize an NHWC (or HWC) float batch to ``size`` (bilinear, antialiased), then normalise."""
+def _fit_box(hw: tf.Tensor, size: tuple[int, int]) -> tuple[tf.Tensor, ...]:
+    """(new_h, new_w, top, left) placing an image of size ``hw`` inside ``size``, aspect kept."""
+    hw = tf.cast(hw, tf.float32)
+    th, tw = float(size[0]), float(size[1])
+    scale = tf.minimum(th / hw[0], tw / hw[1])
+    nh = tf.clip_by_value(tf.cast(tf.round(hw[0] * scale), tf.int32), 1, size[0])
+    nw = tf.clip_by_value(tf.cast(tf.round(hw[1] * scale), tf.int32), 1, size[1])
+    return nh, nw, (size[0] - nh) // 2, (size[1] - nw) // 2
+
+
+def resize_images(
+    x: tf.Tensor, size: tuple[int, int], policy: str = "stretch", method: str = "bilinear"
+) -> tf.Tensor:
+    """Resize an NHWC batch to ``size`` with the ``stretch`` or ``pad`` policy."""
+    antialias = method == "bilinear"
+    if policy == "stretch":
+        return tf.image.resize(x, size, method=method, antialias=antialias)
+    if policy != "pad":
+        raise ValueError(f"unknown resize policy '{policy}'")
+    nh, nw, top, left = _fit_box(tf.shape(x)[1:3], size)
+    x = tf.image.resize(x, tf.stack([nh, nw]), method=method, antialias=antialias)
+    return tf.image.pad_to_bounding_box(x, top, left, size[0], size[1])
+
+
+def restore_size(
+    y: tf.Tensor, original_hw: tf.Tensor, size: tuple[int, int], policy: str = "stretch"
+) -> tf.Tensor:
+    """Map NHWC model outputs at ``size`` back to ``original_hw`` (inverse of resize_images)."""
+    if policy == "pad":
+        nh, nw, top, left = _fit_box(original_hw, size)
+        y = tf.image.crop_to_bounding_box(y, top, left, nh, nw)
+    return tf.image.resize(y, original_hw, method="bilinear")
+
+
+def preprocess_images(
+    images: tf.Tensor,
+    size: tuple[int, int],
+    method: str,
+    *,
+    window: tuple[float, float] | None = None,
+    policy: str = "stretch",
+) -> tf.Tensor:
+    """Normalise (per image, native resolution), then resize an NHWC (or HWC) float batch."""
     single = images.shape.rank == 3
     x = images[tf.newaxis] if single else images
-    x = tf.image.resize(tf.cast(x, tf.float32), size, method="bilinear", antialias=True)
-    x = normalize(x, method)
+    x = normalize(tf.cast(x, tf.float32), method, window)
+    x = resize_images(x, size, policy)
     return x[0] if single else x
 
 
-def resize_masks(masks: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+def resize_masks(masks: tf.Tensor, size: tuple[int, int], policy: str = "stretch") -> tf.Tensor:
     """Resize integer label maps (HxW or NxHxW) with nearest-neighbour interpolation."""
     x = masks[..., tf.newaxis]
-    x = tf.image.resize(x, size, method="nearest")
+    single = x.shape.rank == 3
+    x = x[tf.newaxis] if single else x
+    x = resize_images(x, size, policy, method="nearest")
+    x = x[0] if single else x
     return tf.cast(x[..., 0], masks.dtype)

@@ -4,7 +4,7 @@ The serving signature ``serve`` takes raw pixels and repeats the training prepro
 
 * input ``image``: float32 ``[batch, height, width, channels]``, any batch size and image size,
   raw intensities (e.g. 0-255, or Hounsfield units); ``channels`` as in ``medseg.json``;
-* the graph resizes to the model's input size and normalises each image exactly as in training
+* the graph normalises each image and brings it to the model's input size exactly as in training
   (:func:`medseg.data.preprocess.preprocess_images`);
 * outputs: ``probabilities`` float32 resized back to the input's height and width (segmentation:
   ``[batch, height, width, K]``; classification: ``[batch, K]``), and ``mask`` int32
@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 import medseg
-from medseg.data.preprocess import preprocess_images
+from medseg.config import Config
+from medseg.data.preprocess import preprocess_images, restore_size
 from medseg.errors import ModelError, RunExistsError
 from medseg.training.evaluate import load_run_model
 from medseg.training.runs import open_run
@@ -40,8 +41,26 @@ CARD_NAME = "medseg.json"
 SAVED_MODEL = "saved_model"
 
 
-def serving_function(model: keras.Model, task: str, size, normalization: str, threshold: float):
-    """A ``tf.function`` from raw NHWC pixels to probabilities and masks/labels."""
+def preprocessing(cfg: Config) -> dict:
+    """The preprocessing a run's model expects, as keyword arguments of ``preprocess_images``."""
+    d = cfg.data
+    return {
+        "size": tuple(d.image_size),
+        "method": d.normalization,
+        "window": tuple(d.window),
+        "policy": d.resize,
+    }
+
+
+def serving_function(model: keras.Model, task: str, prep: dict, threshold: float):
+    """A ``tf.function`` from raw NHWC pixels to probabilities and masks/labels.
+
+    Args:
+        model: the trained Keras model.
+        task: ``segmentation`` or ``classification``.
+        prep: :func:`preprocessing` of the run's config.
+        threshold: foreground threshold of binary segmentation masks.
+    """
     channels = model.input_shape[-1]
     n_out = model.output_shape[-1]
 
@@ -49,11 +68,11 @@ def serving_function(model: keras.Model, task: str, size, normalization: str, th
         input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="image")]
     )
     def serve(image):
-        x = preprocess_images(image, size, normalization)
+        x = preprocess_images(image, **prep)
         probs = tf.cast(model(x, training=False), tf.float32)
         if task == "classification":
             return {"probabilities": probs, "label": tf.argmax(probs, -1, output_type=tf.int32)}
-        probs = tf.image.resize(probs, tf.shape(image)[1:3], method="bilinear")
+        probs = restore_size(probs, tf.shape(image)[1:3], prep["size"], prep["policy"])
         if n_out == 1:
             mask = tf.cast(probs[..., 0] > threshold, tf.int32)
         else:
@@ -85,10 +104,8 @@ def export_run(
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out}: export folder exists; pass --overwrite to replace it")
     model = load_run_model(run, checkpoint)
-    size = tuple(cfg.data.image_size)
-    serve = serving_function(
-        model, cfg.data.task, size, cfg.data.normalization, cfg.predict.threshold
-    )
+    prep = preprocessing(cfg)
+    serve = serving_function(model, cfg.data.task, prep, cfg.predict.threshold)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -97,7 +114,7 @@ def export_run(
         archive.track(model)
         archive.add_endpoint("serve", serve)
         archive.write_out(str(tmp / SAVED_MODEL), verbose=False)
-        max_diff = verify_export(tmp / SAVED_MODEL, model, size, cfg.data.normalization)
+        max_diff = verify_export(tmp / SAVED_MODEL, model, prep)
         if max_diff > cfg.export.tolerance:
             raise ModelError(
                 f"{out}: reloaded SavedModel differs from the Keras model by {max_diff:.3g} "
@@ -117,11 +134,14 @@ def export_run(
                 "dtype": "float32",
                 "layout": "NHWC",
                 "channels": int(model.input_shape[-1]),
-                "model_size": list(size),
-                "resize": "any input size is resized to model_size in-graph (bilinear, "
-                "antialiased); segmentation outputs are resized back to the input size",
+                "model_size": list(prep["size"]),
+                "resize": prep["policy"],
+                "resize_note": "any input size is brought to model_size in-graph (stretch: "
+                "bilinear antialiased resize; pad: fit keeping the aspect ratio, zero padding); "
+                "segmentation outputs are mapped back to the input size",
             },
             "normalization": cfg.data.normalization,
+            "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
             "threshold": cfg.predict.threshold,
             "outputs": ["probabilities", "label"]
             if cfg.data.task == "classification"
@@ -147,16 +167,16 @@ def export_run(
     return out
 
 
-def verify_export(saved_model: Path, model: keras.Model, size, normalization: str) -> float:
+def verify_export(saved_model: Path, model: keras.Model, prep: dict) -> float:
     """Max abs difference between the reloaded SavedModel and the Keras model on test inputs.
 
     The inputs are deterministic random images at the model size (so no resize is involved) in
     raw 0-255 range; both sides normalise with the same function.
     """
     rng = np.random.default_rng(0)
-    raw = rng.uniform(0, 255, (2, *size, model.input_shape[-1])).astype(np.float32)
+    raw = rng.uniform(0, 255, (2, *prep["size"], model.input_shape[-1])).astype(np.float32)
     loaded = tf.saved_model.load(str(saved_model))
     got = loaded.signatures["serve"](image=tf.constant(raw))["probabilities"].numpy()
-    x = preprocess_images(tf.constant(raw), size, normalization)
+    x = preprocess_images(tf.constant(raw), **prep)
     want = np.asarray(model(x, training=False), np.float32)
     return float(np.max(np.abs(got - want)))

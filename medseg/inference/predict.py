@@ -54,7 +54,7 @@ class Predictor:
                 raise ModelError(f"{path}: cannot load the SavedModel ({e})") from None
             self._loaded = loaded
         elif (path / "config.yaml").is_file():
-            from medseg.inference.export import serving_function
+            from medseg.inference.export import preprocessing, serving_function
             from medseg.training.evaluate import load_run_model
             from medseg.training.runs import open_run
 
@@ -69,14 +69,9 @@ class Predictor:
                 "threshold": cfg.predict.threshold,
                 "num_outputs": int(model.output_shape[-1]),
             }
-            serve = serving_function(
-                model,
-                cfg.data.task,
-                tuple(cfg.data.image_size),
-                cfg.data.normalization,
-                cfg.predict.threshold,
+            self._fn = serving_function(
+                model, cfg.data.task, preprocessing(cfg), cfg.predict.threshold
             )
-            self._fn = lambda image: serve(image)
         else:
             raise ModelError(
                 f"{path}: not a medseg export (saved_model/ + medseg.json) or run folder"

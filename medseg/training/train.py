@@ -8,10 +8,12 @@ import sys
 from dataclasses import dataclass
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from medseg.config import Config
 from medseg.data.augment import build_augment
-from medseg.data.pipeline import ArrayData, load_arrays, make_dataset
+from medseg.data.pipeline import ArrayData, LazyData, class_weights, load_data, make_dataset
 from medseg.data.scan import ScanResult, scan_dataset
 from medseg.data.split import load_manifest, make_split, select, write_manifest
 from medseg.errors import DataError
@@ -60,13 +62,13 @@ def prepare_data(cfg: Config, run: RunDir, resumed: bool) -> tuple[ScanResult, d
 
 
 def _datasets(cfg: Config, scan: ScanResult, manifest: dict, n_out: int):
-    data = {}
-    for split in ("train", "val"):
-        data[split] = load_arrays(select(scan.samples, manifest, split), cfg.data, n_out)
-    return data
+    return {
+        split: load_data(select(scan.samples, manifest, split), cfg.data, n_out)
+        for split in ("train", "val")
+    }
 
 
-def _write_problems(run: RunDir, scan: ScanResult, data: dict[str, ArrayData]) -> None:
+def _write_problems(run: RunDir, scan: ScanResult, data: dict[str, ArrayData | LazyData]):
     problems = list(scan.problems) + [p for d in data.values() for p in d.problems]
     if problems:
         atomic_write_json(run.path / "data_problems.json", problems)
@@ -100,10 +102,11 @@ def train(cfg: Config) -> TrainResult:
     n_out = num_outputs(cfg, scan)
     data = _datasets(cfg, scan, manifest, n_out)
     _write_problems(run, scan, data)
-    if len(data["train"].images) < cfg.train.batch_size:
+    n_train, n_val = len(data["train"]), len(data["val"])
+    if n_train < cfg.train.batch_size:
         logger.warning(
             "training split (%d images) is smaller than one batch (%d)",
-            len(data["train"].images),
+            n_train,
             cfg.train.batch_size,
         )
     common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": cfg.train.batch_size}
@@ -112,10 +115,16 @@ def train(cfg: Config) -> TrainResult:
         augment=build_augment(cfg.augment, seed=cfg.train.seed),
         shuffle=True,
         seed=cfg.train.seed,
+        oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
         **common,
     )
     val_ds = make_dataset(data["val"], **common)
-    steps = math.ceil(len(data["train"].images) / cfg.train.batch_size)
+    steps = math.ceil(n_train / cfg.train.batch_size)
+    weights = None
+    if cfg.train.class_weights and cfg.data.task == "classification":
+        targets = np.array([s.target for s in data["train"].samples])
+        weights = class_weights(targets, n_out)
+        logger.info("class weights: %s", weights)
 
     model = build_model(cfg, n_out)
     model.compile(
@@ -142,19 +151,26 @@ def train(cfg: Config) -> TrainResult:
     logger.info(
         "training %s on %d images (%d val), %d epochs x %d steps",
         cfg.model.name,
-        len(data["train"].images),
-        len(data["val"].images),
+        n_train,
+        n_val,
         cfg.train.epochs,
         steps,
     )
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.train.epochs,
-        callbacks=callbacks,
-        verbose=1 if sys.stdout.isatty() else 2,
-        shuffle=False,  # the dataset reshuffles itself every epoch
-    )
+    try:
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.train.epochs,
+            callbacks=callbacks,
+            class_weight=weights,
+            verbose=1 if sys.stdout.isatty() else 2,
+            shuffle=False,  # the dataset reshuffles itself every epoch
+        )
+    except tf.errors.OpError as e:
+        # With data.cache false, files are decoded inside tf.data: a bad file surfaces here.
+        if "DataError" not in e.message:
+            raise
+        raise DataError(f"while reading training data: {e.message.splitlines()[0]}") from None
     if not run.best_model.exists():
         raise DataError(
             f"{run.path}: training produced no best model (monitor '{monitor}' "

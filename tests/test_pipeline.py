@@ -1,0 +1,110 @@
+"""Pipeline features: lazy decoding, tumour oversampling, class weights, augmentation kinds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.config import AugmentConfig, DataConfig
+from medseg.data.augment import apply_augment, build_augment
+from medseg.data.pipeline import (
+    ArrayData,
+    class_weights,
+    load_arrays,
+    load_data,
+    make_dataset,
+    open_lazy,
+)
+from medseg.data.scan import scan_dataset
+from medseg.errors import ConfigError
+
+
+def _cfg(root, **kw) -> DataConfig:
+    return DataConfig(root=str(root), layout="lgg", image_size=[32, 32], **kw)
+
+
+@pytest.fixture(scope="module")
+def seg_samples(tiny_synth):
+    return scan_dataset(tiny_synth / "segmentation", "lgg").samples
+
+
+def test_lazy_data_gives_the_same_arrays_as_the_cache(tiny_synth, seg_samples):
+    cfg = _cfg(tiny_synth / "segmentation")
+    cached = load_arrays(seg_samples[:6], cfg, 1)
+    lazy = open_lazy(seg_samples[:6], cfg, 1)
+    assert len(lazy) == 6 and lazy.shape == (32, 32, 3)
+    for i in range(6):
+        x, y = lazy.fetch(i)
+        np.testing.assert_allclose(x, cached.images[i], atol=1e-6)
+        np.testing.assert_array_equal(y, cached.targets[i])
+    batches = list(make_dataset(lazy, task="segmentation", num_classes=1, batch_size=4))
+    assert [b[0].shape[0] for b in batches] == [4, 2]
+    assert isinstance(load_data(seg_samples[:2], _cfg(tiny_synth, cache=False), 1), type(lazy))
+
+
+def test_oversampling_draws_the_requested_share_of_tumour_slices():
+    rng = np.random.default_rng(0)
+    targets = np.zeros((100, 8, 8), np.uint8)
+    targets[:10, 2:4, 2:4] = 1  # 10% of slices have tumour
+    data = ArrayData(rng.uniform(0, 1, (100, 8, 8, 1)).astype(np.float32), targets, samples=[])
+    ds = make_dataset(
+        data, task="segmentation", num_classes=1, batch_size=50, shuffle=True, oversample_tumour=0.5
+    )
+    share = []
+    for _ in range(4):  # four epochs of 100 draws each
+        ys = np.concatenate([y.numpy() for _, y in ds])
+        assert len(ys) == 100
+        share.append(ys.reshape(100, -1).max(axis=1).mean())
+    assert 0.38 < np.mean(share) < 0.62  # ~0.5 instead of the data's 0.1
+    plain = make_dataset(data, task="segmentation", num_classes=1, batch_size=100, shuffle=True)
+    ys = np.concatenate([y.numpy() for _, y in plain])
+    assert ys.reshape(100, -1).max(axis=1).mean() == pytest.approx(0.1)
+
+
+def test_oversampling_needs_the_cache(tiny_synth, seg_samples):
+    lazy = open_lazy(seg_samples[:4], _cfg(tiny_synth / "segmentation"), 1)
+    with pytest.raises(ConfigError, match="data.cache"):
+        make_dataset(lazy, task="segmentation", num_classes=1, batch_size=2, oversample_tumour=0.3)
+
+
+def test_class_weights_are_inverse_frequency():
+    targets = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    w = class_weights(targets, 4)
+    assert w[0] == pytest.approx(100 / (3 * 60)) and w[2] == pytest.approx(100 / (3 * 10))
+    assert w[3] == 1.0  # absent class
+    assert w[2] > w[1] > w[0]
+
+
+@pytest.mark.parametrize("kind", ["elastic", "grid_distortion", "affine"])
+def test_geometric_augmentation_moves_image_and_mask_together(kind):
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    mask = (((yy - 20) ** 2 + (xx - 40) ** 2) < 100).astype(np.uint8) * 2  # label 2 disc
+    image = np.repeat((mask > 0)[..., None], 3, axis=-1).astype(np.float32)
+    cfg = AugmentConfig(**{"hflip": 0, "affine": 0, "brightness_contrast": 0, kind: 1.0})
+    aug = build_augment(cfg, seed=1)
+    moved = 0
+    for _ in range(5):
+        x, m = apply_augment(aug, image, mask)
+        assert set(np.unique(m)) <= {0, 2}  # nearest interpolation keeps labels
+        bright = x[..., 0] > 0.5
+        agree = np.sum(bright == (m > 0)) / bright.size
+        assert agree > 0.97
+        moved += np.any(m != mask)
+    assert moved >= 3
+
+
+def test_intensity_augmentation_leaves_the_mask_alone():
+    cfg = AugmentConfig(hflip=0, affine=0, brightness_contrast=1, gamma=1, noise=1)
+    aug = build_augment(cfg, seed=0)
+    image = np.random.default_rng(0).uniform(0.2, 0.8, (32, 32, 3)).astype(np.float32)
+    mask = np.eye(32, dtype=np.uint8)
+    x, m = apply_augment(aug, image, mask)
+    np.testing.assert_array_equal(m, mask)
+    assert not np.allclose(x, image)
+
+
+def test_augmentation_off_builds_nothing():
+    assert build_augment(AugmentConfig(enabled=False)) is None
+    zero = AugmentConfig(hflip=0, affine=0, brightness_contrast=0)
+    assert build_augment(zero) is None
