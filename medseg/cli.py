@@ -125,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=16, help="slices per patient")
     p.add_argument("--per-class", type=int, default=40, help="training images per class")
     _add_overwrite(p)
+
+    p = data.add_parser(
+        "audit",
+        help="report what a dataset folder holds and what would leak",
+        description="Detect the layout of a dataset folder (or take it from a config), then "
+        "report counts per class/split/group, image sizes and intensities, unreadable files, "
+        "mask problems, near-duplicates within and across splits and classes, and groups that "
+        "would leak. Writes audit.json and montage.png into --out.",
+    )
+    p.add_argument("source", help="dataset folder, or a YAML config (its data.root and layout)")
+    p.add_argument("--layout", help="dataset layout (default: detected, or the config's)")
+    p.add_argument("--out", help="folder for audit.json and montage.png")
+    p.add_argument(
+        "--threshold", type=int, default=None, help="perceptual-hash distance of near-duplicates"
+    )
+    p.add_argument("--strict", action="store_true", help="fail on the first unusable file")
     return parser
 
 
@@ -181,6 +197,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     from medseg.config import load_config
+    from medseg.training.evaluate import headline
     from medseg.training.train import train
 
     overrides = list(args.overrides)
@@ -190,21 +207,15 @@ def _cmd_train(args) -> int:
         overrides.append("run.overwrite=true")
     result = train(load_config(args.config, overrides))
     print(f"run: {result.run.path}")
-    print(
-        "val: "
-        + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
-    )
+    print(f"val: {headline(result.metrics)}")
     return EXIT_OK
 
 
 def _cmd_evaluate(args) -> int:
-    from medseg.training.evaluate import evaluate
+    from medseg.training.evaluate import evaluate, headline
 
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint)
-    print(
-        f"{args.split}: "
-        + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    )
+    print(f"{args.split}: {headline(metrics)}")
     return EXIT_OK
 
 
@@ -234,7 +245,32 @@ def _cmd_predict(args) -> int:
     return EXIT_PARTIAL if r.n_failed else EXIT_OK
 
 
+def _cmd_audit(args) -> int:
+    from medseg.data.audit import audit, format_audit
+
+    root, layout, threshold = Path(args.source), args.layout, args.threshold
+    if root.suffix in (".yaml", ".yml"):
+        from medseg.config import load_config
+
+        cfg = load_config(root)
+        root, layout = Path(cfg.data.root), layout or cfg.data.layout
+        threshold = cfg.data.phash_threshold if threshold is None else threshold
+    report = audit(
+        root,
+        layout,
+        args.out,
+        threshold=6 if threshold is None else threshold,
+        strict=args.strict,
+    )
+    print(format_audit(report))
+    if args.out:
+        print(f"written: {Path(args.out) / 'audit.json'}, {Path(args.out) / 'montage.png'}")
+    return EXIT_OK
+
+
 def _cmd_data(args) -> int:
+    if args.data_verb == "audit":
+        return _cmd_audit(args)
     from medseg.data.synthetic import SynthSpec, generate
 
     spec = SynthSpec(

@@ -30,7 +30,7 @@ import yaml
 from medseg.errors import ConfigError
 
 TASKS = ("segmentation", "classification")
-LAYOUTS = ("lgg", "pairs", "class_folders", "dicom_series", "nifti")
+LAYOUTS = ("auto", "lgg", "pairs", "class_folders", "dicom_series", "nifti")
 NORMALIZATIONS = ("minmax", "percentile", "zscore", "window", "none")
 GROUP_BY = ("auto", "folder", "phash", "none")
 RESIZE_POLICIES = ("stretch", "pad")
@@ -49,7 +49,8 @@ class DataConfig:
             ``pairs`` (``images/`` + ``masks/`` with matching stems), ``class_folders``
             (``<class>/*.png``, optionally under ``Training/`` and ``Testing/``),
             ``dicom_series`` (``<patient>/<study>/<series>/*.dcm``, image series + mask series)
-            or ``nifti`` (``images/<case>.nii.gz`` + ``labels/<case>.nii.gz``).
+            ``nifti`` (``images/<case>.nii.gz`` + ``labels/<case>.nii.gz``), or ``auto``
+            (detected from the folder's structure).
         root: dataset folder (relative paths are relative to the working directory).
         image_series: ``dicom_series``: substring of the SeriesDescription (or folder name) of
             the image series, e.g. ``T1post``.
@@ -374,7 +375,11 @@ def validate(cfg: Config) -> Config:
         f"must be >= 0 and leave data for training, got {d.test_fraction}",
     )
     if d.task == "classification":
-        _check(d.layout == "class_folders", "data.layout", "classification needs 'class_folders'")
+        _check(
+            d.layout in ("class_folders", "auto"),
+            "data.layout",
+            "classification needs 'class_folders'",
+        )
     else:
         _check(
             d.layout != "class_folders",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.config import load_config
-from medseg.data.scan import scan_dataset
+from medseg.data.scan import scan_from_config
 from medseg.data.synthetic import SynthSpec, generate
 from medseg.inference.export import export_run
 from medseg.inference.predict import PredictResult, predict
@@ -95,7 +95,7 @@ def _test_images(cfg, splits_path: Path, n: int = 4) -> list[Path]:
     from medseg.io import read_mask
 
     test_ids = set(json.loads(splits_path.read_text())["splits"]["test"])
-    samples = [s for s in scan_dataset(cfg.data.root, cfg.data.layout).samples if s.id in test_ids]
+    samples = [s for s in scan_from_config(cfg.data).samples if s.id in test_ids]
     areas = [int(np.count_nonzero(read_mask(s.target))) for s in samples]
     order = np.argsort(areas)[::-1][:n]
     return [Path(samples[i].image) for i in order]

@@ -34,3 +34,18 @@ def test_brain_tumour_class_folders(shared_data):
     counts = [sum(s.target == i for s in scan.samples) for i in range(4)]
     assert counts == [1321, 1339, 1591, 1457]
     assert {s.split for s in scan.samples} == {"Training"}
+
+
+@pytest.mark.slow
+def test_every_brain_tumour_image_reads(shared_data):
+    from medseg.io import to_channels
+
+    scan = scan_dataset(shared_data / "brain-tumor-mri", "class_folders", group_by="none")
+    channels = {1: 0, 3: 0}
+    for s in scan.samples:
+        image = read_image(s.image)
+        assert image.array.ndim == 3 and image.array.dtype.name == "float32", s.image
+        channels[image.array.shape[-1]] += 1
+        assert to_channels(image.array, 3).shape[-1] == 3
+    assert sum(channels.values()) == 5708
+    assert channels[1] > 0 and channels[3] > 0  # the folders mix grey and RGB JPEGs

@@ -19,9 +19,15 @@ PLAIN_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".t
 #: Suffixes (lower case) read as DICOM even without the ``DICM`` marker.
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm"})
 
-#: Every suffix (lower case) that :func:`medseg.io.read_image` accepts. Files with any other
-#: suffix, or none, are read too when they carry the DICOM ``DICM`` marker.
-IMAGE_SUFFIXES: frozenset[str] = PLAIN_SUFFIXES | DICOM_SUFFIXES
+#: Suffixes (lower case) read as NIfTI-1/NIfTI-2 by nibabel. ``.nii.gz`` is a double suffix:
+#: ``Path("a.nii.gz").suffix`` is ``".gz"``, so test membership with :func:`image_suffix`.
+NIFTI_SUFFIXES: frozenset[str] = frozenset({".nii", ".nii.gz"})
+
+#: Every suffix (lower case) that :func:`medseg.io.read_image` accepts for a file, including
+#: the double suffix ``.nii.gz`` (compare with :func:`image_suffix`, not ``Path.suffix``).
+#: Files with any other suffix, or none, are read too when they carry the DICOM ``DICM``
+#: marker; folders are read as one DICOM series.
+IMAGE_SUFFIXES: frozenset[str] = PLAIN_SUFFIXES | DICOM_SUFFIXES | NIFTI_SUFFIXES
 
 # ITU-R BT.601 luma weights for R, G, B.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -151,6 +157,18 @@ def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
     )
 
 
+def image_suffix(path: str | Path) -> str:
+    """The lower-case suffix of ``path`` as :data:`IMAGE_SUFFIXES` spells it.
+
+    Like ``Path.suffix`` but ``".nii.gz"`` for gzipped NIfTI (where ``Path.suffix`` gives
+    ``".gz"``); ``""`` when the name has no suffix.
+    """
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz") and len(name) > len(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
 def check_file(path: str | Path) -> Path:
     """Return ``path`` as a Path after checking that it is a non-empty regular file.
 
@@ -165,6 +183,20 @@ def check_file(path: str | Path) -> Path:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
     return path
+
+
+def check_folder(folder: str | Path) -> Path:
+    """Return ``folder`` as a Path after checking that it is an existing folder.
+
+    Raises:
+        DataError: If the folder is missing or is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: folder does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: is not a folder")
+    return folder
 
 
 def _describe(value: object) -> str:

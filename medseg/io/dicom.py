@@ -61,37 +61,11 @@ def read_dicom_image(path: Path) -> Image:
             needs a pixel data decoder that is not installed.
     """
     ds = _read_dataset(path)
-    raw = _decode(path, ds)
     n_frames = _n_frames(ds)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    stored_photometric = str(ds.get("PhotometricInterpretation", "") or "").upper() or None
-    extra: dict[str, Any] = {
-        "transfer_syntax": ds.file_meta.TransferSyntaxUID.name,
-        "number_of_frames": n_frames,
-    }
-    if stored_photometric:
-        extra["dicom_photometric"] = stored_photometric
-    bits = _int_or_none(ds.get("BitsStored", ds.get("BitsAllocated")))
-
-    if samples == 3:
-        array = raw.astype(np.float32)
-        photometric = "RGB"
-    elif samples == 1 and stored_photometric == "PALETTE COLOR":
-        array = apply_color_lut(raw, ds).astype(np.float32)
-        photometric = "RGB"
-        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
-        bits = int(descriptor[2]) if descriptor else bits
-        extra["palette_applied"] = True
-    elif samples == 1:
-        array, lut_extra = _to_display_values(ds, raw, n_frames, stored_photometric, bits)
-        array = array[..., np.newaxis]
-        extra.update(lut_extra)
-        photometric = "MONOCHROME2"
-    else:
-        raise DataError(f"{path}: unsupported SamplesPerPixel {samples} (expected 1 or 3)")
-
+    array, photometric, bits, extra = dataset_array(path, ds)
     expected_ndim = 4 if n_frames > 1 else 3
     if array.ndim != expected_ndim:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
         raise DataError(
             f"{path}: decoded pixel data has shape {array.shape}, which does not match "
             f"{n_frames} frame(s) of {samples} sample(s) per pixel"
@@ -129,6 +103,50 @@ def read_dicom_mask(path: Path) -> tuple[np.ndarray, bool]:
     ds = _read_dataset(path)
     colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
     return _decode(path, ds), colour
+
+
+def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None, dict[str, Any]]:
+    """Decode ``ds`` and turn it into contract values (modality LUT, MONOCHROME1, RGB).
+
+    Shared by the single-file reader and the series reader (one call per slice).
+
+    Returns:
+        float64/float32 array with a trailing channel axis (HxWxC, or DxHxWxC for multi-frame
+        data), the returned photometric interpretation (``"MONOCHROME2"`` or ``"RGB"``), the
+        stored bit depth and notes for ``meta.extra``.
+
+    Raises:
+        DataError: If the pixel data cannot be decoded or has an unsupported layout.
+    """
+    raw = _decode(path, ds)
+    n_frames = _n_frames(ds)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    stored_photometric = str(ds.get("PhotometricInterpretation", "") or "").upper() or None
+    extra: dict[str, Any] = {
+        "transfer_syntax": ds.file_meta.TransferSyntaxUID.name,
+        "number_of_frames": n_frames,
+    }
+    if stored_photometric:
+        extra["dicom_photometric"] = stored_photometric
+    bits = _int_or_none(ds.get("BitsStored", ds.get("BitsAllocated")))
+
+    if samples == 3:
+        array = raw.astype(np.float32)
+        photometric = "RGB"
+    elif samples == 1 and stored_photometric == "PALETTE COLOR":
+        array = apply_color_lut(raw, ds).astype(np.float32)
+        photometric = "RGB"
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(descriptor[2]) if descriptor else bits
+        extra["palette_applied"] = True
+    elif samples == 1:
+        array, lut_extra = _to_display_values(ds, raw, n_frames, stored_photometric, bits)
+        array = array[..., np.newaxis]
+        extra.update(lut_extra)
+        photometric = "MONOCHROME2"
+    else:
+        raise DataError(f"{path}: unsupported SamplesPerPixel {samples} (expected 1 or 3)")
+    return array, photometric, bits, extra
 
 
 # --------------------------------------------------------------------------- reading/decoding

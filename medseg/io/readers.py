@@ -1,7 +1,7 @@
 """Entry points: :func:`read_image`, :func:`read_mask`, :func:`list_image_files`.
 
-They check the path, pick the reader by suffix (and by the DICOM ``DICM`` marker) and, for
-masks, turn the stored values into an integer label map.
+They check the path, pick the reader (a folder is a DICOM series; files by suffix, DICOM also
+by the ``DICM`` marker) and, for masks, turn the stored values into an integer label map.
 """
 
 from __future__ import annotations
@@ -13,8 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io.base import DICOM_SUFFIXES, IMAGE_SUFFIXES, PLAIN_SUFFIXES, Image, check_file
+from medseg.io.base import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PLAIN_SUFFIXES,
+    Image,
+    check_file,
+    check_folder,
+    image_suffix,
+)
 from medseg.io.dicom import is_dicom, read_dicom_image, read_dicom_mask
+from medseg.io.dicom_series import read_series_image, read_series_mask
+from medseg.io.nifti import read_nifti_image, read_nifti_mask
 from medseg.io.plain import read_plain_image, read_plain_mask
 
 logger = logging.getLogger(__name__)
@@ -25,50 +36,76 @@ _NOT_IMAGES = frozenset({"dicomdir"})
 _BINARY_MAX = (255, 65535)
 
 
-def read_image(path: str | Path) -> Image:
-    """Read an image file into the :mod:`medseg.io` contract.
+def read_image(
+    path: str | Path, *, allow_gaps: bool = False, replace_non_finite: float | None = None
+) -> Image:
+    """Read an image file, or a folder holding one DICOM series, into the :mod:`medseg.io` contract.
 
-    DICOM is recognised by the ``.dcm`` suffix or by the ``DICM`` marker (any suffix or none);
-    PNG, JPEG, TIFF and BMP by suffix (case-insensitive).
+    * A folder is read as one DICOM series (DxHxWxC, slices sorted by position; see
+      :mod:`medseg.io`); a folder with several series raises (use
+      :func:`~medseg.io.read_dicom_series`).
+    * ``.nii`` / ``.nii.gz`` is NIfTI, reoriented as described in :mod:`medseg.io.nifti`.
+    * DICOM files are recognised by the ``.dcm`` suffix or by the ``DICM`` marker (any
+      suffix or none); PNG, JPEG, TIFF and BMP by suffix (case-insensitive).
 
     Args:
-        path: Image file.
+        path: Image file or DICOM series folder.
+        allow_gaps: DICOM series only: read a series with a missing slice (a step between
+            neighbouring slices above 1.5x the median) instead of raising; the spacing is then
+            the median step and ``meta.extra["slice_gaps"]`` lists the gaps.
+        replace_non_finite: NIfTI only: replace NaN/Inf voxels with this value instead of
+            raising.
 
     Returns:
         float32 HxWxC image or DxHxWxC volume with its metadata.
 
     Raises:
         DataError: If the file is missing, empty, of an unsupported type, not a readable image,
-            truncated or corrupt, or needs a decoder that is not installed. The message starts
-            with the path.
+            truncated or corrupt, or needs a decoder that is not installed; or the folder is not
+            one consistent DICOM series. The message starts with the path.
     """
+    path = Path(path)
+    if path.is_dir():
+        image = read_series_image(path, allow_gaps=allow_gaps)
+        logger.debug("%s: read DICOM series of shape %s", path, image.array.shape)
+        return image
     path = check_file(path)
-    suffix = path.suffix.lower()
-    if suffix in DICOM_SUFFIXES or is_dicom(path):
+    suffix = image_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        image = read_nifti_image(path, replace_non_finite=replace_non_finite)
+    elif suffix in DICOM_SUFFIXES or is_dicom(path):
         image = read_dicom_image(path)
     elif suffix in PLAIN_SUFFIXES:
         image = read_plain_image(path)
     else:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(no suffix)'!r}; supported are "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files with any name"
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}, DICOM files with any name and DICOM "
+            f"series folders"
         )
     logger.debug("%s: read image of shape %s", path, image.array.shape)
     return image
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, *, allow_gaps: bool = False) -> np.ndarray:
     """Read a segmentation mask as an integer label map (0 is background).
 
     * A mask whose values are only 0 and 255 (or 0 and 65535) becomes 0/1.
     * Grey masks keep their values as labels; palette PNGs give their palette indices.
     * RGB(A) masks whose colour channels are identical give one channel; alpha is ignored.
     * A multi-page TIFF gives a DxHxW label volume; a multi-frame DICOM gives DxHxW too.
+    * A folder holding one DICOM mask series gives DxHxW, slices in the same position order
+      as :func:`read_image` uses (align it with an image series by
+      :func:`~medseg.io.slice_positions` and :func:`~medseg.io.match_slice_positions`).
+    * A NIfTI file gives DxHxW, reoriented exactly like :func:`read_image` does.
 
-    DICOM masks use the stored values (no rescale, no MONOCHROME1 inversion).
+    DICOM masks use the stored values (no rescale, no MONOCHROME1 inversion); NIfTI masks the
+    values after the header's scl_slope/scl_inter.
 
     Args:
-        path: Mask file (PNG, TIFF, BMP, JPEG - lossy, not recommended - or DICOM).
+        path: Mask file (PNG, TIFF, BMP, JPEG - lossy, not recommended - DICOM, NIfTI) or DICOM
+            series folder.
+        allow_gaps: DICOM series only, as in :func:`read_image`.
 
     Returns:
         HxW (or DxHxW) array of dtype uint8 when every label fits, else int32.
@@ -77,16 +114,23 @@ def read_mask(path: str | Path) -> np.ndarray:
         DataError: If the file cannot be read (see :func:`read_image`), has values that are
             not non-negative integers, or is a colour mask whose channels differ.
     """
+    path = Path(path)
+    if path.is_dir():
+        values, colour = read_series_mask(path, allow_gaps=allow_gaps)
+        return _to_label_map(path, values, colour)
     path = check_file(path)
-    suffix = path.suffix.lower()
-    if suffix in DICOM_SUFFIXES or is_dicom(path):
+    suffix = image_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        values, colour = read_nifti_mask(path), False
+    elif suffix in DICOM_SUFFIXES or is_dicom(path):
         values, colour = read_dicom_mask(path)
     elif suffix in PLAIN_SUFFIXES:
         values, colour = read_plain_mask(path)
     else:
         raise DataError(
             f"{path}: unsupported mask file type {suffix or '(no suffix)'!r}; supported are "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files with any name"
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}, DICOM files with any name and DICOM "
+            f"series folders"
         )
     return _to_label_map(path, values, colour)
 
@@ -94,10 +138,14 @@ def read_mask(path: str | Path) -> np.ndarray:
 def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     """List the image files that :func:`read_image` can read, sorted.
 
-    A file is listed when its suffix is in :data:`IMAGE_SUFFIXES` (case-insensitive) or it
-    carries the DICOM ``DICM`` marker. Hidden files and folders (name starting with ``.``,
-    e.g. macOS ``._x.png`` resource forks) and ``DICOMDIR`` index files are skipped. Symbolic
-    links to folders are not followed.
+    A file is listed when its suffix (:func:`~medseg.io.image_suffix`, so ``.nii.gz``
+    counts) is in :data:`IMAGE_SUFFIXES` (case-insensitive) or it carries the DICOM ``DICM``
+    marker. Each file of a DICOM series is listed on its own; read a series folder as one
+    volume with :func:`read_image` (or all series with :func:`~medseg.io.read_dicom_series`).
+
+    Hidden files and folders (name starting with ``.``, e.g. macOS ``._x.png`` resource
+    forks) and ``DICOMDIR`` index files are skipped. Symbolic links to folders are not
+    followed.
 
     Args:
         folder: Folder to search.
@@ -109,11 +157,7 @@ def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     Raises:
         DataError: If ``folder`` does not exist or is not a folder.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder}: folder does not exist")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: is not a folder")
+    folder = check_folder(folder)
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
@@ -121,7 +165,7 @@ def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
             if name.startswith(".") or name.lower() in _NOT_IMAGES:
                 continue
             path = Path(root) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path):
+            if image_suffix(path) in IMAGE_SUFFIXES or is_dicom(path):
                 found.append(path)
     found.sort()
     logger.debug("%s: found %d image file(s)", folder, len(found))

@@ -12,7 +12,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from medseg.data.overlay import overlay
 from medseg.data.pipeline import load_arrays
-from medseg.data.scan import scan_dataset
+from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError, ModelError
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
@@ -61,7 +61,7 @@ def evaluate(
     cfg = run.config()
     threshold = cfg.predict.threshold if threshold is None else threshold
     manifest = load_manifest(run.splits_path)
-    scan = scan_dataset(cfg.data.root, cfg.data.layout, strict=cfg.data.strict)
+    scan = scan_from_config(cfg.data)
     samples = select(scan.samples, manifest, split)
     if not samples:
         raise DataError(f"{run.splits_path}: split '{split}' is empty")
@@ -100,13 +100,26 @@ def evaluate(
     metrics = run.metrics()
     metrics[split] = result
     atomic_write_json(run.metrics_path, metrics)
-    logger.info("%s on %s: %s", run.path.name, split, _headline(result))
+    logger.info("%s on %s: %s", run.path.name, split, headline(result))
     return result
 
 
-def _headline(result: dict) -> str:
-    keys = ("dice", "iou", "dice_per_group_mean", "accuracy", "macro_f1")
-    return ", ".join(f"{k} {result[k]:.3f}" for k in keys if isinstance(result.get(k), float))
+HEADLINE_KEYS = (
+    "dice",
+    "iou",
+    "dice_per_image_mean_nonempty",
+    "dice_per_group_mean",
+    "dice_per_group_median",
+    "accuracy",
+    "macro_f1",
+)
+
+
+def headline(result: dict) -> str:
+    """The main numbers of an evaluation as one line, e.g. ``dice=0.912, iou=0.838``."""
+    return ", ".join(
+        f"{k}={result[k]:.4f}" for k in HEADLINE_KEYS if isinstance(result.get(k), float)
+    )
 
 
 def _classification_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list) -> dict:

@@ -14,7 +14,7 @@ import tensorflow as tf
 from medseg.config import Config
 from medseg.data.augment import build_augment
 from medseg.data.pipeline import ArrayData, LazyData, class_weights, load_data, make_dataset
-from medseg.data.scan import ScanResult, scan_dataset
+from medseg.data.scan import ScanResult, scan_from_config
 from medseg.data.split import load_manifest, make_split, select, write_manifest
 from medseg.errors import DataError
 from medseg.models.losses import get_loss
@@ -47,13 +47,17 @@ def num_outputs(cfg: Config, scan: ScanResult) -> int:
 
 def prepare_data(cfg: Config, run: RunDir, resumed: bool) -> tuple[ScanResult, dict]:
     """Scan the dataset and write (or, when resuming, reload) the run's split manifest."""
-    scan = scan_dataset(cfg.data.root, cfg.data.layout, strict=cfg.data.strict)
+    scan = scan_from_config(cfg.data)
     scan.log_problems()
     if resumed and run.splits_path.exists():
         manifest = load_manifest(run.splits_path)
     else:
         manifest = make_split(
-            scan.samples, cfg.data.val_fraction, cfg.data.test_fraction, seed=cfg.train.seed
+            scan.samples,
+            cfg.data.val_fraction,
+            cfg.data.test_fraction,
+            seed=cfg.train.seed,
+            stratify=True,
         )
         manifest["class_names"] = scan.class_names
         manifest["layout"] = scan.layout
