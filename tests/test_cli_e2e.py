@@ -200,3 +200,21 @@ def test_help_for_every_verb(workdir):
     for verb in (["demo"], ["train"], ["evaluate"], ["export"], ["predict"], ["data", "synth"]):
         proc = _ok(run_cli(*verb, "--help", cwd=workdir))
         assert "usage: medseg" in proc.stdout
+
+
+def test_data_audit_through_the_cli(workdir):
+    proc = _ok(
+        run_cli("data", "audit", "data/synthetic/classification", "--out", "audit1", cwd=workdir)
+    )
+    report = json.loads((workdir / "audit1" / "audit.json").read_text())
+    assert report["layout"] == "class_folders" and report["n_images"] == 4 * 4 + 4 * 1
+    assert {"n_groups", "classes", "near_duplicate_groups", "problems"} <= set(report)
+    assert (workdir / "audit1" / "montage.png").is_file()
+    assert "class_folders" in proc.stdout
+    # From a config: its data.root and layout.
+    cfg = workdir / "audit.yaml"
+    cfg.write_text("data:\n  root: data/synthetic/segmentation\n  layout: lgg\n")
+    proc = _ok(run_cli("data", "audit", str(cfg), cwd=workdir))
+    assert "lgg" in proc.stdout
+    missing = run_cli("data", "audit", "no/such/folder", cwd=workdir)
+    assert missing.returncode == 2 and "no/such/folder" in missing.stderr

@@ -108,3 +108,43 @@ def test_augmentation_off_builds_nothing():
     assert build_augment(AugmentConfig(enabled=False)) is None
     zero = AugmentConfig(hflip=0, affine=0, brightness_contrast=0)
     assert build_augment(zero) is None
+
+
+def test_volume_slices_load_once_per_volume_and_match_the_reader(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    import medseg.data.pipeline as pipeline
+    from medseg.io import read_image, read_mask
+
+    rng = np.random.default_rng(0)
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for case in ("case_a", "case_b"):
+        vol = rng.uniform(0, 500, (20, 24, 5)).astype(np.float32)
+        lab = np.zeros((20, 24, 5), np.uint8)
+        lab[5:9, 6:12, 2] = 1
+        nib.save(
+            nib.Nifti1Image(vol, np.diag([1.0, 1.0, 3.0, 1.0])),
+            tmp_path / "images" / f"{case}.nii.gz",
+        )
+        nib.save(
+            nib.Nifti1Image(lab, np.diag([1.0, 1.0, 3.0, 1.0])),
+            tmp_path / "labels" / f"{case}.nii.gz",
+        )
+    samples = scan_dataset(tmp_path, "nifti").samples
+    assert len(samples) == 10 and {s.group for s in samples} == {"case_a", "case_b"}
+
+    reads = []
+    original = pipeline.read_image
+    monkeypatch.setattr(pipeline, "read_image", lambda p: reads.append(p) or original(p))
+    cfg = DataConfig(
+        root=str(tmp_path), layout="nifti", image_size=[24, 20], channels=1, normalization="none"
+    )
+    data = load_arrays(samples, cfg, 1)
+    assert len(reads) == 2  # one read per volume, not per slice
+    assert data.images.shape == (10, 24, 20, 1)
+    s = data.samples[3]
+    volume = read_image(s.image).array
+    np.testing.assert_allclose(data.images[3], volume[s.index], rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(data.targets[3], read_mask(s.target)[s.index])
+    assert sum(t.any() for t in data.targets) == 2  # the labelled slice of each case
