@@ -56,6 +56,9 @@ class DataConfig:
             the image series, e.g. ``T1post``.
         mask_series: ``dicom_series``: substring of the mask series' description, e.g.
             ``MaskTumor``.
+        slice_axis: volumes (DICOM series, NIfTI): the axis 2D samples are cut along, of the
+            (slice, row, col) volume the readers return: 0 axial, 1 coronal, 2 sagittal for
+            axially stored scans (superior is kept at the top of coronal/sagittal slices).
         group_by: how samples are grouped for splits: ``folder`` (patient folder, DICOM
             PatientID, NIfTI case), ``phash`` (near-duplicate images share a group: for data
             without patient ids), ``none`` (each image alone) or ``auto`` (``phash`` for class
@@ -82,6 +85,7 @@ class DataConfig:
     root: str = "data/synthetic/segmentation"
     image_series: str = ""
     mask_series: str = "MaskTumor"
+    slice_axis: int = 0
     group_by: str = "auto"
     phash_threshold: int = 6
     image_size: list[int] = field(default_factory=lambda: [128, 128])
@@ -354,6 +358,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("data.normalization", d.normalization, NORMALIZATIONS)
     _check_choice("data.group_by", d.group_by, GROUP_BY)
     _check_choice("data.resize", d.resize, RESIZE_POLICIES)
+    _check(d.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {d.slice_axis}")
     _check(0 <= d.phash_threshold <= 32, "data.phash_threshold", "must be in [0, 32]")
     _check(
         len(d.window) == 2 and d.window[1] > 0,

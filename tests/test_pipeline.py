@@ -148,3 +148,45 @@ def test_volume_slices_load_once_per_volume_and_match_the_reader(tmp_path, monke
     np.testing.assert_allclose(data.images[3], volume[s.index], rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(data.targets[3], read_mask(s.target)[s.index])
     assert sum(t.any() for t in data.targets) == 2  # the labelled slice of each case
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_reslice_round_trips_and_keeps_superior_up(axis):
+    from medseg.data.volumes import reslice, unreslice
+
+    vol = np.arange(4 * 5 * 6).reshape(4, 5, 6)  # (slice inferior->superior, row, col)
+    cut = reslice(vol, axis)
+    assert cut.shape[0] == vol.shape[axis]
+    np.testing.assert_array_equal(unreslice(cut, axis), vol)
+    if axis:
+        # The top row of a coronal/sagittal slice is the most superior axial slice.
+        top = cut[0, 0]
+        expected = vol[-1, 0, :] if axis == 1 else vol[-1, :, 0]
+        np.testing.assert_array_equal(top, expected)
+
+
+def test_coronal_slices_of_a_nifti_dataset(tmp_path):
+    import nibabel as nib
+
+    from medseg.data.volumes import reslice
+    from medseg.io import read_image
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    vol = np.random.default_rng(1).uniform(0, 1, (12, 10, 6)).astype(np.float32)
+    lab = (vol > 0.9).astype(np.uint8)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "images" / "c1.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "labels" / "c1.nii.gz")
+    cfg = DataConfig(
+        root=str(tmp_path),
+        layout="nifti",
+        slice_axis=1,
+        image_size=[6, 12],
+        channels=1,
+        normalization="none",
+    )
+    samples = scan_dataset(tmp_path, "nifti", slice_axis=1).samples
+    assert len(samples) == 10  # canonical j (anterior-posterior) has 10 voxels
+    data = load_arrays(samples, cfg, 1)
+    coronal = reslice(read_image(tmp_path / "images" / "c1.nii.gz").array, 1)
+    np.testing.assert_allclose(data.images[4], coronal[samples[4].index], atol=1e-5)

@@ -30,6 +30,7 @@ from medseg.config import DataConfig
 from medseg.data.augment import apply_augment
 from medseg.data.preprocess import preprocess_images, resize_masks
 from medseg.data.scan import Sample
+from medseg.data.volumes import reslice
 from medseg.errors import ConfigError, DataError
 from medseg.io import read_image, read_mask, to_channels
 
@@ -84,7 +85,10 @@ def load_samples(
     if cfg.task == "segmentation":
         mask = read_mask(first.target)
         _check_mask(mask, image, first, num_classes)
+    # volumes: samples are slices along cfg.slice_axis (see medseg.data.volumes)
     if is_volume:
+        image = reslice(image, cfg.slice_axis)
+        mask = reslice(mask, cfg.slice_axis) if mask is not None else None
         idx = [s.index for s in samples]
         bad = [i for i in idx if not 0 <= i < len(image)]
         if bad:

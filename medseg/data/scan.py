@@ -374,6 +374,7 @@ def scan_dicom_series(
     strict: bool = False,
     image_series: str = "",
     mask_series: str = "MaskTumor",
+    slice_axis: int = 0,
 ) -> ScanResult:
     """Scan ``<root>/<patient>/<study>/<series>/*.dcm``: one sample per image slice.
 
@@ -385,6 +386,8 @@ def scan_dicom_series(
             that is not the mask.
         mask_series: substring of the mask series' description or folder name, e.g.
             ``MaskTumor`` (matches ``Mask_Tumor`` too).
+        slice_axis: axis of the volume the 2D samples are cut along (see
+            :func:`medseg.data.volumes.reslice`).
     """
     root = Path(root)
     _require_dir(root)
@@ -397,7 +400,9 @@ def scan_dicom_series(
             _problem(result, f"{patient}: no study folders (<patient>/<study>/<series>)", strict)
         for study in studies:
             try:
-                result.samples.extend(_scan_study(root, patient, study, image_series, mask_series))
+                result.samples.extend(
+                    _scan_study(root, patient, study, image_series, mask_series, slice_axis)
+                )
             except _SeriesError as e:
                 _problem(result, str(e), strict)
     if not result.samples:
@@ -420,6 +425,7 @@ def _scan_study(
     study: Path,
     image_series: str,
     mask_series: str,
+    slice_axis: int = 0,
 ) -> list[Sample]:
     series = []
     for folder in _subdirs(study):
@@ -447,6 +453,9 @@ def _scan_study(
         )
     image, mask = images[0], masks[0]
     n = _align(image, mask, study)
+    if slice_axis:
+        rows_cols, _ = _plane(image)
+        n = rows_cols[slice_axis - 1]
     rel = _rel(image.folder, root)
     return [
         Sample(
@@ -465,8 +474,8 @@ def _scan_study(
 
 NIFTI_FOLDERS = (("images", "labels"), ("imagesTr", "labelsTr"))
 _NNUNET_CHANNEL = re.compile(r"^(.*)_(\d{4})$")
-#: Axis of the canonical (RAS) array that :mod:`medseg.io` returns as the slice axis (z: axial).
-#: Checked against the reader on one case per scan when the reader can read NIfTI.
+#: medseg.io reads a NIfTI volume as (slice, row, col) = canonical (RAS) axes (k, j, i), so
+#: axis ``a`` of the array the reader returns is canonical axis ``2 - a``.
 NIFTI_SLICE_AXIS = 2
 
 
@@ -507,21 +516,12 @@ def _canonical_shape(path: Path) -> tuple[int, ...]:
     return tuple(canonical)
 
 
-def _reader_depth(label: Path) -> int | None:
-    """Slices of a label volume as :func:`medseg.io.read_mask` gives it; None if it cannot."""
-    from medseg.io import read_mask
+def scan_nifti(root: str | Path, strict: bool = False, slice_axis: int = 0) -> ScanResult:
+    """Scan ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) NIfTI volumes.
 
-    try:
-        return int(read_mask(label).shape[0])
-    except DataError as e:
-        logger.debug(
-            "%s: medseg.io cannot read NIfTI yet (%s); slices counted from the header", label, e
-        )
-        return None
-
-
-def scan_nifti(root: str | Path, strict: bool = False) -> ScanResult:
-    """Scan ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) NIfTI volumes."""
+    One sample per slice along ``slice_axis`` of the volume as :func:`medseg.io.read_image`
+    returns it (0: axial), counted from the header alone.
+    """
     root = Path(root)
     _require_dir(root)
     pairs = [(root / i, root / m) for i, m in NIFTI_FOLDERS if (root / i).is_dir()]
@@ -566,12 +566,8 @@ def scan_nifti(root: str | Path, strict: bool = False) -> ScanResult:
             cases.append((case, f, labels[case], shape))
         for case in sorted(set(labels) - used):
             _problem(result, f"{labels[case]}: label has no image in {img_dir}", strict)
-    axis = _nifti_slice_axis(cases)
     for case, f, label, shape in cases:
-        depth = shape[axis] if axis is not None else _reader_depth(label)
-        if depth is None:  # pragma: no cover - the reader read one case but not this one
-            _problem(result, f"{label}: cannot count the slices", strict)
-            continue
+        depth = shape[NIFTI_SLICE_AXIS - slice_axis]
         rel = _rel(f, root)
         result.samples.extend(
             Sample(id=f"{rel}#{i}", image=str(f), target=str(label), group=case, index=i)
@@ -580,36 +576,6 @@ def scan_nifti(root: str | Path, strict: bool = False) -> ScanResult:
     if not result.samples:
         raise DataError(f"{root}: no image/label volume pairs found{_first_problems(result)}")
     return result
-
-
-def _nifti_slice_axis(cases: list[tuple[str, Path, Path, tuple[int, ...]]]) -> int | None:
-    """The canonical axis that medseg.io reads as slices: checked on one case, read once.
-
-    Returns :data:`NIFTI_SLICE_AXIS` when the reader agrees or cannot read NIfTI (then the
-    header decides), the axis the reader uses when that is unambiguous, or None (count every
-    case through the reader).
-    """
-    probe = next((c for c in cases if len(set(c[3][:3])) == 3), None)
-    if probe is None:
-        probe = next(
-            (
-                c
-                for c in cases
-                if c[3][NIFTI_SLICE_AXIS] not in np.delete(c[3][:3], NIFTI_SLICE_AXIS)
-            ),
-            None,
-        )
-    if probe is None:
-        return NIFTI_SLICE_AXIS  # every case has equal sizes along the candidate axes
-    depth = _reader_depth(probe[2])
-    shape = probe[3][:3]
-    if depth is None or depth == shape[NIFTI_SLICE_AXIS]:
-        return NIFTI_SLICE_AXIS
-    axes = [a for a in range(3) if shape[a] == depth]
-    if len(axes) == 1:
-        logger.debug("medseg.io reads NIfTI slices along canonical axis %d", axes[0])
-        return axes[0]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,6 +653,7 @@ def scan_dataset(
     phash_threshold: int = 6,
     image_series: str = "",
     mask_series: str = "MaskTumor",
+    slice_axis: int = 0,
 ) -> ScanResult:
     """Scan ``root`` with the scanner registered for ``layout`` and group the samples.
 
@@ -699,6 +666,8 @@ def scan_dataset(
             2D images share a group) or ``auto`` (``phash`` for class folders, else ``folder``).
         phash_threshold: largest Hamming distance between perceptual hashes of one group.
         image_series, mask_series: ``dicom_series`` only (see :func:`scan_dicom_series`).
+        slice_axis: volume layouts: the axis 2D samples are cut along (0 axial, 1 coronal,
+            2 sagittal for axially stored volumes; see :func:`medseg.data.volumes.reslice`).
 
     Raises:
         KeyError: unknown layout (the message lists the valid ones).
@@ -714,7 +683,15 @@ def scan_dataset(
     if group_by not in GROUP_BY:
         raise ConfigError(f"data.group_by: '{group_by}' is not one of {', '.join(GROUP_BY)}")
     if layout == "dicom_series":
-        result = scanner(root, strict=strict, image_series=image_series, mask_series=mask_series)
+        result = scanner(
+            root,
+            strict=strict,
+            image_series=image_series,
+            mask_series=mask_series,
+            slice_axis=slice_axis,
+        )
+    elif layout == "nifti":
+        result = scanner(root, strict=strict, slice_axis=slice_axis)
     else:
         result = scanner(root, strict=strict)
     result.samples = _regroup(result, group_by, phash_threshold)
@@ -739,6 +716,7 @@ def scan_from_config(data: DataConfig) -> ScanResult:
         phash_threshold=data.phash_threshold,
         image_series=data.image_series,
         mask_series=data.mask_series,
+        slice_axis=data.slice_axis,
     )
 
 
