@@ -35,7 +35,8 @@ NORMALIZATIONS = ("minmax", "percentile", "zscore", "window", "none")
 GROUP_BY = ("auto", "folder", "phash", "none")
 RESIZE_POLICIES = ("stretch", "pad")
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta", "nadam")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "cosine_restarts", "constant")
+DISTRIBUTE = ("auto", "none", "mirrored")
 MONITOR_MODES = ("min", "max")
 
 
@@ -129,10 +130,20 @@ class ModelConfig:
         dropout: dropout rate after each block (0 disables it).
         batch_norm: conv -> batch norm -> activation when true.
         upsampling: ``transpose`` (transposed conv) or ``resize`` (resize + conv).
-        l2: L2 weight decay on conv kernels (0 disables it).
+        l1: L1 penalty on the output layer's kernel (0 disables it).
+        l2: L2 penalty: on conv kernels (U-Net) or on the dense head (classifier); 0 disables it.
         bn_momentum: batch-norm momentum (Keras uses 0.99, keras.applications' MobileNetV2
             0.999: too slow to settle in short runs from scratch, so inference-mode outputs
             collapse).
+        hub_handle: MobileNetV2 models: a TF-Hub feature-vector module (URL or local
+            SavedModel folder, e.g. one written by ``medseg models make-hub-module``); empty
+            builds the backbone from ``keras.applications``.
+        weights: ``keras.applications`` backbone weights: empty (random initialisation) or the
+            path of a local weights file.
+        alpha: MobileNetV2 width multiplier (0.35, 0.5, 0.75, 1.0, 1.3, 1.4).
+        freeze_backbone: keep the pretrained backbone's weights fixed (head only).
+        fine_tune_after: with ``freeze_backbone``, unfreeze the backbone after this many epochs
+            (0: never).
     """
 
     name: str = "unet"
@@ -142,8 +153,14 @@ class ModelConfig:
     dropout: float = 0.1
     batch_norm: bool = True
     upsampling: str = "transpose"
+    l1: float = 0.0
     l2: float = 0.0
     bn_momentum: float = 0.9
+    hub_handle: str = ""
+    weights: str = ""
+    alpha: float = 1.0
+    freeze_backbone: bool = False
+    fine_tune_after: int = 0
 
 
 @dataclass
@@ -156,7 +173,14 @@ class TrainConfig:
         optimizer: one of ``OPTIMIZERS``.
         learning_rate: peak learning rate.
         lr_schedule: ``cosine`` (cosine decay to ``min_lr_fraction`` of the peak after a linear
-            warm-up) or ``constant``.
+            warm-up), ``cosine_restarts`` (SGDR: cosine cycles of ``restart_epochs``, each
+            restarting at the peak) or ``constant``.
+        restart_epochs: length of the first cycle of ``cosine_restarts``.
+        clipnorm: clip each gradient to this L2 norm (0: no clipping).
+        early_stopping: stop when ``monitor`` has not improved for this many epochs (0: off).
+        deterministic: seed Python/NumPy/TF and enable TensorFlow op determinism (slower).
+        distribute: ``auto`` (``MirroredStrategy`` when several GPUs are visible), ``mirrored``
+            (always, over all visible devices) or ``none``.
         warmup_epochs: epochs of linear warm-up (cosine only).
         min_lr_fraction: final learning rate as a fraction of the peak.
         loss: registered loss name (``bce_dice``, ``dice``, ``bce``, ``focal``, ``tversky``,
@@ -180,6 +204,11 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     min_lr_fraction: float = 0.01
+    restart_epochs: float = 5.0
+    clipnorm: float = 0.0
+    early_stopping: int = 0
+    deterministic: bool = False
+    distribute: str = "auto"
     loss: str = "bce_dice"
     label_smoothing: float = 0.0
     class_weights: bool = False
@@ -415,6 +444,9 @@ def validate(cfg: Config) -> Config:
     _check(1 <= m.depth <= 7, "model.depth", f"must be in [1, 7], got {m.depth}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(m.l2 >= 0.0, "model.l2", f"must be >= 0, got {m.l2}")
+    _check(m.l1 >= 0.0, "model.l1", f"must be >= 0, got {m.l1}")
+    _check(m.alpha > 0, "model.alpha", f"must be > 0, got {m.alpha}")
+    _check(m.fine_tune_after >= 0, "model.fine_tune_after", "must be >= 0")
     _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", "must be in (0, 1)")
     _check_choice("model.upsampling", m.upsampling, ("transpose", "resize"))
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
@@ -422,6 +454,10 @@ def validate(cfg: Config) -> Config:
     _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _check_choice("train.distribute", t.distribute, DISTRIBUTE)
+    _check(t.restart_epochs > 0, "train.restart_epochs", "must be > 0")
+    _check(t.clipnorm >= 0, "train.clipnorm", "must be >= 0 (0: no clipping)")
+    _check(t.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0: off)")
     _check(
         0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be >= 0 and < train.epochs"
     )
