@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--name", help="run name (default: <config name>-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an unfinished run folder with its own config (other options ignored)",
+    )
     _add_overwrite(p)
 
     p = sub.add_parser(
@@ -80,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="run folder (runs/<name>)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument(
+        "--data", metavar="FOLDER", help="evaluate on every sample of another dataset folder"
+    )
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
 
     p = sub.add_parser(
@@ -198,8 +206,13 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     from medseg.config import load_config
     from medseg.training.evaluate import headline
-    from medseg.training.train import train
+    from medseg.training.train import resume, train
 
+    if args.resume:
+        result = resume(args.resume)
+        print(f"run: {result.run.path}")
+        print(f"val: {headline(result.metrics)}")
+        return EXIT_OK
     overrides = list(args.overrides)
     if args.name:
         overrides.append(f"run.name={args.name}")
@@ -214,8 +227,8 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from medseg.training.evaluate import evaluate, headline
 
-    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint)
-    print(f"{args.split}: {headline(metrics)}")
+    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, data=args.data)
+    print(f"{metrics['split']}: {headline(metrics)}")
     return EXIT_OK
 
 

@@ -34,7 +34,17 @@ LAYOUTS = ("auto", "lgg", "pairs", "class_folders", "dicom_series", "nifti")
 NORMALIZATIONS = ("minmax", "percentile", "zscore", "window", "none")
 GROUP_BY = ("auto", "folder", "phash", "none")
 RESIZE_POLICIES = ("stretch", "pad")
-OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta", "nadam")
+OPTIMIZERS = (
+    "adam",
+    "adamw",
+    "sgd",
+    "momentum",
+    "nesterov",
+    "rmsprop",
+    "adagrad",
+    "adadelta",
+    "nadam",
+)
 LR_SCHEDULES = ("cosine", "cosine_restarts", "constant")
 DISTRIBUTE = ("auto", "none", "mirrored")
 MONITOR_MODES = ("min", "max")

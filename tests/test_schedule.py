@@ -150,6 +150,7 @@ EXPECTED_CLASS = {
     "adam": keras.optimizers.Adam,
     "adamw": keras.optimizers.AdamW,
     "sgd": keras.optimizers.SGD,
+    "momentum": keras.optimizers.SGD,
     "nesterov": keras.optimizers.SGD,
     "rmsprop": keras.optimizers.RMSprop,
     "adagrad": keras.optimizers.Adagrad,
@@ -186,3 +187,26 @@ def test_optimizer_schedule_follows_iterations():
     assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(PEAK, rel=1e-5)
     opt.iterations.assign(TOTAL)
     assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(FLOOR, rel=1e-5)
+
+
+def test_momentum_variants_and_clipping():
+    plain = build_optimizer(_cfg(optimizer="sgd"), STEPS_PER_EPOCH)
+    momentum = build_optimizer(_cfg(optimizer="momentum"), STEPS_PER_EPOCH)
+    assert plain.momentum == 0.0 and momentum.momentum == 0.9 and not momentum.nesterov
+    clipped = build_optimizer(_cfg(optimizer="adam", clipnorm=1.5), STEPS_PER_EPOCH)
+    assert clipped.clipnorm == 1.5
+    assert build_optimizer(_cfg(optimizer="adam"), STEPS_PER_EPOCH).clipnorm is None
+
+
+def test_cosine_restarts_restart_at_the_peak():
+    # First cycle: 2 epochs x 10 steps = 20 steps; the second is twice as long (t_mul 2).
+    sched = learning_rate_schedule(
+        _cfg(lr_schedule="cosine_restarts", restart_epochs=2.0), STEPS_PER_EPOCH
+    )
+    lr = [float(keras.ops.convert_to_numpy(sched(step))) for step in (0, 10, 19, 20, 40, 60)]
+    assert lr[0] == pytest.approx(PEAK)
+    assert lr[1] == pytest.approx((PEAK + FLOOR) / 2, rel=1e-5)  # middle of cycle 1
+    assert lr[2] < 0.2 * PEAK  # end of cycle 1
+    assert lr[3] == pytest.approx(PEAK)  # restart
+    assert lr[4] == pytest.approx((PEAK + FLOOR) / 2, rel=1e-5)  # middle of cycle 2 (40 steps)
+    assert lr[5] == pytest.approx(PEAK)  # second restart

@@ -267,6 +267,7 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     oversample_tumour: float = 0.0,
+    deterministic: bool = False,
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of (image, target).
 
@@ -280,6 +281,8 @@ def make_dataset(
         seed: shuffle seed.
         oversample_tumour: segmentation: expected fraction of each batch drawn from samples
             whose mask has foreground (0: the data's own mix).
+        deterministic: augment in one thread, in order, so that a seeded run repeats exactly
+            (slower; ``train.deterministic``).
     """
     if isinstance(data, ArrayData):
         h, w, c = data.images.shape[1:]
@@ -304,7 +307,10 @@ def make_dataset(
         y.set_shape(target_shape)
         return x, encode_targets(y, task, num_classes)
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if deterministic:
+        ds = ds.map(load)  # one call at a time, in order
+    else:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -46,18 +46,27 @@ class DiceScore(keras.metrics.Metric):
 
 
 def training_metrics(task: str, num_classes: int) -> list:
-    """Metrics reported every epoch."""
+    """Metrics reported every epoch.
+
+    Classification: accuracy, AUC, precision and recall. Binary segmentation: Dice and IoU of
+    the foreground. Label maps: mean IoU and the IoU of each foreground class (``iou_<k>``).
+    """
     if task == "classification":
         return [
             keras.metrics.CategoricalAccuracy(name="accuracy"),
-            keras.metrics.AUC(name="auc", multi_label=False),
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
         ]
     if num_classes == 1:
         return [
             DiceScore(name="dice"),
             keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou"),
         ]
-    return [keras.metrics.OneHotMeanIoU(num_classes=num_classes, name="iou")]
+    return [keras.metrics.OneHotMeanIoU(num_classes=num_classes, name="iou")] + [
+        keras.metrics.OneHotIoU(num_classes=num_classes, target_class_ids=[k], name=f"iou_{k}")
+        for k in range(1, num_classes)
+    ]
 
 
 def confusion_counts(pred: np.ndarray, true: np.ndarray) -> tuple[int, int, int]:

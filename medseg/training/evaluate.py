@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    roc_auc_score,
+)
 
 from medseg.data.overlay import overlay
 from medseg.data.pipeline import load_arrays
@@ -17,9 +23,9 @@ from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError, ModelError
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
 from medseg.models.metrics import segmentation_report
-from medseg.training.plots import plot_confusion, plot_overlays
+from medseg.training.plots import plot_confusion, plot_overlays, plot_roc
 from medseg.training.runs import RunDir, open_run
-from medseg.utils import atomic_write_json
+from medseg.utils import atomic_write_json, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -39,40 +45,61 @@ def load_run_model(run: RunDir, checkpoint: str = "best") -> keras.Model:
         raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
 
 
+def _folder_samples(cfg, folder: str | Path, class_names: list[str]):
+    """All samples of another dataset folder, read with the run's data settings."""
+    data_cfg = dataclasses.replace(cfg.data, root=str(folder))
+    scan = scan_from_config(data_cfg)
+    if cfg.data.task == "classification" and scan.class_names != class_names:
+        raise DataError(
+            f"{folder}: class folders {scan.class_names} differ from the run's classes "
+            f"{class_names}"
+        )
+    return scan.samples
+
+
 def evaluate(
     run_dir: str | Path,
     split: str = "val",
     checkpoint: str = "best",
     threshold: float | None = None,
+    data: str | Path | None = None,
 ) -> dict:
-    """Evaluate a run's model on ``split`` of its manifest and record it in ``metrics.json``.
+    """Evaluate a run's model on ``split`` of its manifest (or on another dataset folder) and
+    record the result in ``metrics.json``.
 
     Args:
         run_dir: the run folder.
         split: ``train``, ``val`` or ``test``.
         checkpoint: ``best`` or ``last``.
         threshold: foreground probability threshold; default ``predict.threshold`` of the run.
+        data: a dataset folder in the run's layout to evaluate on instead of a split (every
+            sample of it); recorded as ``folder:<name>``.
 
     Returns:
-        The metrics of this split (segmentation: Dice, IoU, per-image and per-patient Dice;
-        classification: accuracy, per-class precision/recall/F1, confusion matrix).
+        The metrics (segmentation: Dice, IoU, per-image and per-patient Dice, per class for
+        label maps; classification: accuracy, macro F1, per-class precision/recall/F1 and
+        ROC AUC, confusion matrix).
     """
     run = open_run(run_dir)
     cfg = run.config()
     threshold = cfg.predict.threshold if threshold is None else threshold
     manifest = load_manifest(run.splits_path)
-    scan = scan_from_config(cfg.data)
-    samples = select(scan.samples, manifest, split)
+    if data is not None:
+        samples = _folder_samples(cfg, data, manifest.get("class_names", []))
+        split = f"folder:{Path(data).name}"
+    else:
+        samples = select(scan_from_config(cfg.data).samples, manifest, split)
+        changed = check_manifest_files(samples, manifest)
+        if changed:
+            logger.warning(
+                "%d files of split '%s' changed since the split was made, e.g. %s",
+                len(changed),
+                split,
+                changed[0],
+            )
     if not samples:
         raise DataError(f"{run.splits_path}: split '{split}' is empty")
-    changed = check_manifest_files(samples, manifest)
-    if changed:
-        logger.warning(
-            "%d files of split '%s' changed since the split was made, e.g. %s",
-            len(changed),
-            split,
-            changed[0],
-        )
+    tag = safe_name(split)
     model = load_run_model(run, checkpoint)
     n_out = model.output_shape[-1]
     data = load_arrays(samples, cfg.data, n_out)
@@ -84,13 +111,19 @@ def evaluate(
         plot_confusion(
             np.array(result["confusion_matrix"]),
             result["class_names"],
-            run.plots / f"confusion_{split}.png",
+            run.plots / f"confusion_{tag}.png",
         )
+        plot_roc(probs, data.targets, result["class_names"], run.plots / f"roc_{tag}.png")
     else:
-        pred = probs[..., 0] > threshold if n_out == 1 else probs.argmax(-1) > 0
+        labels = (probs[..., 0] > threshold).astype(np.uint8) if n_out == 1 else probs.argmax(-1)
+        pred = labels > 0
         result = segmentation_report(pred, data.targets > 0, [s.group for s in data.samples])
         result["threshold"] = threshold
-        _overlay_grid(data, pred, run.plots / f"overlays_{split}.png")
+        if n_out >= 2:
+            result["per_class"] = {
+                str(k): segmentation_report(labels == k, data.targets == k) for k in range(1, n_out)
+            }
+        _overlay_grid(data, pred, run.plots / f"overlays_{tag}.png")
     result.update(
         split=split,
         checkpoint=checkpoint,
@@ -111,7 +144,9 @@ HEADLINE_KEYS = (
     "dice_per_group_mean",
     "dice_per_group_median",
     "accuracy",
+    "balanced_accuracy",
     "macro_f1",
+    "roc_auc_macro",
 )
 
 
@@ -129,9 +164,15 @@ def _classification_metrics(probs: np.ndarray, targets: np.ndarray, class_names:
     rep = classification_report(
         targets, pred, labels=labels, target_names=names, output_dict=True, zero_division=0
     )
+    onehot = np.eye(probs.shape[-1])[targets]
+    present = [k for k in labels if 0 < onehot[:, k].sum() < len(targets)]
+    auc = {names[k]: float(roc_auc_score(onehot[:, k], probs[:, k])) for k in present}
     return {
         "n_images": len(targets),
         "accuracy": float(rep["accuracy"]),
+        "balanced_accuracy": float(balanced_accuracy_score(targets, pred)),
+        "roc_auc": auc,
+        "roc_auc_macro": float(np.mean(list(auc.values()))) if auc else None,
         "macro_f1": float(rep["macro avg"]["f1-score"]),
         "per_class": {
             n: {k: float(rep[n][k]) for k in ("precision", "recall", "f1-score")} for n in names

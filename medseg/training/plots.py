@@ -66,3 +66,21 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], out: str | Path) 
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center")
     return _save(fig, Path(out))
+
+
+def plot_roc(probs: np.ndarray, targets: np.ndarray, class_names: list[str], out: str | Path):
+    """One-vs-rest ROC curves of a classifier, one per class present."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for k, name in enumerate(class_names):
+        truth = targets == k
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(truth, probs[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(out))

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -16,15 +17,15 @@ from medseg.data.augment import build_augment
 from medseg.data.pipeline import ArrayData, LazyData, class_weights, load_data, make_dataset
 from medseg.data.scan import ScanResult, scan_from_config
 from medseg.data.split import load_manifest, make_split, select, write_manifest
-from medseg.errors import DataError
+from medseg.errors import ConfigError, DataError, ModelError, RunExistsError
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
 from medseg.training.evaluate import evaluate
 from medseg.training.optim import build_optimizer
 from medseg.training.plots import plot_history
-from medseg.training.runs import RunDir, create_run
-from medseg.utils import atomic_write_json
+from medseg.training.runs import RunDir, create_run, open_run
+from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +82,67 @@ def _write_problems(run: RunDir, scan: ScanResult, data: dict[str, ArrayData | L
         )
 
 
-def train(cfg: Config) -> TrainResult:
+def get_strategy(cfg: Config) -> tf.distribute.Strategy:
+    """The distribution strategy of ``train.distribute``.
+
+    ``auto`` mirrors over the GPUs when more than one is visible, else uses the default strategy;
+    ``mirrored`` mirrors over every visible GPU, or every logical CPU device when there is no GPU
+    (how the tests exercise it on a CPU split into logical devices).
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if cfg.train.distribute == "none" or (cfg.train.distribute == "auto" and len(gpus) < 2):
+        return tf.distribute.get_strategy()
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    logger.info("MirroredStrategy over %d devices: %s", len(devices), ", ".join(devices))
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def _seed(cfg: Config) -> None:
+    keras.utils.set_random_seed(cfg.train.seed)  # Python, NumPy and TensorFlow
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
+    t = cfg.train
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run.checkpoints / "backup")),
+        keras.callbacks.ModelCheckpoint(str(run.last_model)),
+        keras.callbacks.ModelCheckpoint(
+            str(run.best_model), monitor=t.monitor, mode=t.monitor_mode, save_best_only=True
+        ),
+        keras.callbacks.CSVLogger(str(run.logs / "history.csv"), append=resumed),
+        keras.callbacks.TensorBoard(str(run.logs / "tensorboard"), write_graph=False),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if t.early_stopping:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping, verbose=1
+            )
+        )
+    if cfg.model.freeze_backbone and cfg.model.fine_tune_after:
+        from medseg.models.mobilenet import FineTuneAfter
+
+        callbacks.append(FineTuneAfter(cfg.model.fine_tune_after))
+    return callbacks + list(extra)
+
+
+def _write_summary(model: keras.Model, path) -> None:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=False)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     """Train the configured model into a run folder and evaluate it on the validation split.
 
-    Rerunning with the same config and ``run.name`` resumes an unfinished run from its last
-    completed epoch.
+    Rerunning with the same config and ``run.name`` (or :func:`resume`) continues an unfinished
+    run from its last completed epoch, with the optimizer state and epoch counter restored.
 
     Args:
         cfg: the resolved config.
+        callbacks: extra Keras callbacks (after medseg's own).
 
     Returns:
         The run folder, the Keras history and the validation metrics.
@@ -97,9 +151,11 @@ def train(cfg: Config) -> TrainResult:
         RunExistsError: the run folder exists (see :func:`medseg.training.runs.create_run`).
         DataError: the dataset is missing or unusable.
         ConfigError: the config names an unknown model, loss, ...
+        ModelError: the loss became NaN.
     """
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    _seed(cfg)
     run, resumed = create_run(cfg)
     logger.info("run folder: %s", run.path)
     scan, manifest = prepare_data(cfg, run, resumed)
@@ -120,6 +176,7 @@ def train(cfg: Config) -> TrainResult:
         shuffle=True,
         seed=cfg.train.seed,
         oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
+        deterministic=cfg.train.deterministic,
         **common,
     )
     val_ds = make_dataset(data["val"], **common)
@@ -130,31 +187,20 @@ def train(cfg: Config) -> TrainResult:
         weights = class_weights(targets, n_out)
         logger.info("class weights: %s", weights)
 
-    model = build_model(cfg, n_out)
-    model.compile(
-        optimizer=build_optimizer(cfg.train, steps),
-        loss=get_loss(cfg.train),
-        metrics=training_metrics(cfg.data.task, n_out),
-        jit_compile=cfg.train.jit_compile,
-        steps_per_execution=cfg.train.steps_per_execution,
-    )
-    monitor = cfg.train.monitor
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(run.checkpoints / "backup")),
-        keras.callbacks.ModelCheckpoint(str(run.last_model)),
-        keras.callbacks.ModelCheckpoint(
-            str(run.best_model),
-            monitor=monitor,
-            mode=cfg.train.monitor_mode,
-            save_best_only=True,
-        ),
-        keras.callbacks.CSVLogger(str(run.logs / "history.csv"), append=resumed),
-        keras.callbacks.TensorBoard(str(run.logs / "tensorboard"), write_graph=False),
-        keras.callbacks.TerminateOnNaN(),
-    ]
+    with get_strategy(cfg).scope():
+        model = build_model(cfg, n_out)
+        model.compile(
+            optimizer=build_optimizer(cfg.train, steps),
+            loss=get_loss(cfg.train),
+            metrics=training_metrics(cfg.data.task, n_out),
+            jit_compile=cfg.train.jit_compile,
+            steps_per_execution=cfg.train.steps_per_execution,
+        )
+    _write_summary(model, run.path / "model_summary.txt")
     logger.info(
-        "training %s on %d images (%d val), %d epochs x %d steps",
+        "training %s (%s parameters) on %d images (%d val), %d epochs x %d steps",
         cfg.model.name,
+        f"{model.count_params():,}",
         n_train,
         n_val,
         cfg.train.epochs,
@@ -165,7 +211,7 @@ def train(cfg: Config) -> TrainResult:
             train_ds,
             validation_data=val_ds,
             epochs=cfg.train.epochs,
-            callbacks=callbacks,
+            callbacks=_callbacks(cfg, run, resumed, callbacks or []),
             class_weight=weights,
             verbose=1 if sys.stdout.isatty() else 2,
             shuffle=False,  # the dataset reshuffles itself every epoch
@@ -175,12 +221,32 @@ def train(cfg: Config) -> TrainResult:
         if "DataError" not in e.message:
             raise
         raise DataError(f"while reading training data: {e.message.splitlines()[0]}") from None
+    losses = history.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        raise ModelError(
+            f"{run.path}: the training loss became {losses[-1]} in epoch {len(losses)} and "
+            "training stopped; lower train.learning_rate, set train.clipnorm, or check the data"
+        )
     if not run.best_model.exists():
-        raise DataError(
-            f"{run.path}: training produced no best model (monitor '{monitor}' "
-            "was never logged; check train.monitor)"
+        raise ConfigError(
+            f"train.monitor: '{cfg.train.monitor}' was never logged, so no best model was saved "
+            f"in {run.path}; logged: {', '.join(history.history)}"
         )
     plot_history(run.logs / "history.csv", run.plots / "curves.png")
     metrics = evaluate(run.path, split="val")
     run.set_state("done", cfg.hash())
     return TrainResult(run=run, history=history.history, metrics=metrics)
+
+
+def resume(run_dir: str | Path, callbacks: list | None = None) -> TrainResult:
+    """Continue an unfinished run with the config stored in it (``medseg train --resume``).
+
+    Raises:
+        RunExistsError: the run has already finished.
+    """
+    run = open_run(run_dir)
+    if run.state().get("status") == "done":
+        raise RunExistsError(f"{run.path}: the run has finished; nothing to resume")
+    cfg = run.config()
+    cfg.run.root, cfg.run.name, cfg.run.overwrite = str(run.path.parent), run.path.name, False
+    return train(cfg, callbacks)
