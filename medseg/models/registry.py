@@ -13,6 +13,7 @@ import keras
 from medseg.config import Config
 from medseg.errors import ConfigError
 from medseg.models.mobilenet import build_mobilenetv2_classifier
+from medseg.models.mobilenet_unet import MobileNetV2UNet
 from medseg.models.unet import UNet
 
 
@@ -51,8 +52,32 @@ def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
     )
 
 
+def _mobilenetv2_unet(cfg: Config, num_outputs: int) -> keras.Model:
+    m = cfg.model
+    if cfg.data.task != "segmentation":
+        raise ConfigError(
+            "model.name: 'mobilenetv2_unet' is a segmentation model; data.task is "
+            f"'{cfg.data.task}'"
+        )
+    return MobileNetV2UNet(
+        input_shape=(*cfg.data.image_size, cfg.data.channels),
+        num_classes=num_outputs,
+        alpha=m.alpha,
+        weights=m.weights or None,
+        freeze_backbone=m.freeze_backbone,
+        dropout=m.dropout,
+        batch_norm=m.batch_norm,
+        upsampling=m.upsampling,
+        l1=m.l1,
+        l2=m.l2,
+        bn_momentum=m.bn_momentum,
+        name="mobilenetv2_unet",
+    )
+
+
 MODELS: dict[str, Callable[[Config, int], keras.Model]] = {
     "unet": _unet,
+    "mobilenetv2_unet": _mobilenetv2_unet,
     "mobilenetv2_classifier": _mobilenetv2_classifier,
 }
 
