@@ -517,3 +517,13 @@ def test_segmentation_report_per_group_entry():
     pred, true, groups = _report_example()
     r = segmentation_report(pred, true, groups)
     assert r["per_group"] == pytest.approx({"p1": 0.5, "p2": 1.0, "p3": 0.4})
+
+
+def test_unet_l1_regularises_the_output_layer_only():
+    from medseg.models.unet import UNet
+
+    model = UNet(input_shape=(16, 16, 1), base_filters=2, depth=1, l1=0.01)
+    assert len(model.losses) == 1
+    head = model.get_layer("head")
+    expected = 0.01 * float(np.abs(np.asarray(head.kernel)).sum())
+    assert float(model.losses[0]) == pytest.approx(expected, rel=1e-5)

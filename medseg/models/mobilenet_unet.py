@@ -15,6 +15,7 @@ import keras
 from keras import layers
 
 from medseg.errors import ModelError
+from medseg.models.blocks import bn_relu_dropout
 
 #: encoder layers giving the skip connections (1/2, 1/4, 1/8, 1/16) and the bottleneck (1/32).
 SKIP_LAYERS = (
@@ -81,12 +82,9 @@ def up_block(
     else:
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
         x = layers.Conv2D(filters, 3, **conv)(x)
-    if batch_norm:
-        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
-    x = layers.Activation("relu", name=f"{name}_relu")(x)
-    if dropout > 0:
-        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
-    return x
+    return bn_relu_dropout(
+        x, batch_norm=batch_norm, bn_momentum=bn_momentum, dropout=dropout, name=name
+    )
 
 
 @keras.saving.register_keras_serializable(package="medseg")

@@ -32,6 +32,7 @@ def _unet(cfg: Config, num_outputs: int) -> keras.Model:
         batch_norm=m.batch_norm,
         upsampling=m.upsampling,
         l2=m.l2,
+        l1=m.l1,
         bn_momentum=m.bn_momentum,
         name="unet",
     )

@@ -8,6 +8,7 @@ import keras
 from keras import layers
 
 from medseg.errors import ModelError
+from medseg.models.blocks import bn_relu_dropout
 
 
 def conv_block(
@@ -32,11 +33,13 @@ def conv_block(
             kernel_regularizer=reg,
             name=f"{name}_conv{i}",
         )(x)
-        if batch_norm:
-            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn{i}")(x)
-        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
-    if dropout > 0:
-        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+        x = bn_relu_dropout(
+            x,
+            batch_norm=batch_norm,
+            bn_momentum=bn_momentum,
+            dropout=dropout if i == 2 else 0.0,
+            name=f"{name}_{i}",
+        )
     return x
 
 
@@ -54,6 +57,7 @@ class UNet(keras.Model):
         batch_norm: conv -> batch norm -> ReLU when true, conv(+bias) -> ReLU when false.
         upsampling: ``transpose`` (2x2 transposed conv) or ``resize`` (bilinear resize + 3x3 conv).
         l2: L2 weight decay on conv kernels.
+        l1: L1 penalty on the output layer's kernel (regularisation near the output).
         bn_momentum: batch-norm momentum. Keras' default 0.99 leaves the moving statistics far
             from the data after a few hundred steps, so inference-mode outputs are wrong in short
             runs; 0.9 settles in tens of steps.
@@ -79,6 +83,7 @@ class UNet(keras.Model):
         batch_norm: bool = True,
         upsampling: str = "transpose",
         l2: float = 0.0,
+        l1: float = 0.0,
         bn_momentum: float = 0.9,
         foreground_prior: float | None = 0.01,
         input_name: str = "image",
@@ -128,6 +133,7 @@ class UNet(keras.Model):
             1,
             activation=activation,
             bias_initializer=bias,
+            kernel_regularizer=keras.regularizers.L1(l1) if l1 > 0 else None,
             dtype="float32",
             name="head",
         )(x)
@@ -142,6 +148,7 @@ class UNet(keras.Model):
         self.batch_norm = batch_norm
         self.upsampling = upsampling
         self.l2 = l2
+        self.l1 = l1
         self.bn_momentum = bn_momentum
         self.foreground_prior = foreground_prior
         self.input_name = input_name
@@ -158,6 +165,7 @@ class UNet(keras.Model):
             "batch_norm": self.batch_norm,
             "upsampling": self.upsampling,
             "l2": self.l2,
+            "l1": self.l1,
             "bn_momentum": self.bn_momentum,
             "foreground_prior": self.foreground_prior,
             "input_name": self.input_name,
