@@ -117,6 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
     _add_overwrite(p)
 
+    models = sub.add_parser("models", help="model tools").add_subparsers(
+        dest="models_verb", metavar="MODELS_VERB", required=True
+    )
+    p = models.add_parser(
+        "make-hub-module",
+        help="write a MobileNetV2 TF-Hub feature-vector module",
+        description="Write a TF-Hub reusable SavedModel (images in [0, 1] -> pooled features) "
+        "from keras.applications' MobileNetV2, for model.hub_handle, without network access.",
+    )
+    p.add_argument("--out", required=True, help="module folder")
+    p.add_argument("--input-size", type=_positive_int, default=224, help="square input size")
+    p.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
+    p.add_argument(
+        "--weights", metavar="FILE", help="local MobileNetV2 no-top weights file (default: random)"
+    )
+    p.add_argument("--bn-momentum", type=float, default=0.9, help="batch-norm momentum")
+    _add_overwrite(p)
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(
         dest="data_verb", metavar="DATA_VERB", required=True
     )
@@ -304,7 +322,23 @@ def _cmd_data(args) -> int:
     return EXIT_OK
 
 
+def _cmd_models(args) -> int:
+    from medseg.models.hub import make_hub_module
+
+    out = make_hub_module(
+        args.out,
+        input_size=args.input_size,
+        alpha=args.alpha,
+        weights=args.weights,
+        bn_momentum=args.bn_momentum,
+        overwrite=args.overwrite,
+    )
+    print(f"written: {out} (use --set model.hub_handle={out})")
+    return EXIT_OK
+
+
 COMMANDS = {
+    "models": _cmd_models,
     "demo": _cmd_demo,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,

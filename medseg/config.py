@@ -457,6 +457,11 @@ def validate(cfg: Config) -> Config:
     _check(m.l1 >= 0.0, "model.l1", f"must be >= 0, got {m.l1}")
     _check(m.alpha > 0, "model.alpha", f"must be > 0, got {m.alpha}")
     _check(m.fine_tune_after >= 0, "model.fine_tune_after", "must be >= 0")
+    _check(
+        not m.fine_tune_after or m.freeze_backbone,
+        "model.fine_tune_after",
+        "needs model.freeze_backbone: true (there is nothing to unfreeze)",
+    )
     _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", "must be in (0, 1)")
     _check_choice("model.upsampling", m.upsampling, ("transpose", "resize"))
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")

@@ -218,3 +218,65 @@ def test_data_audit_through_the_cli(workdir):
     assert "lgg" in proc.stdout
     missing = run_cli("data", "audit", "no/such/folder", cwd=workdir)
     assert missing.returncode == 2 and "no/such/folder" in missing.stderr
+
+
+def test_hub_classifier_through_the_cli(workdir):
+    """make-hub-module -> train the TF-Hub classifier -> export -> predict class probabilities."""
+    _ok(
+        run_cli(
+            "models",
+            "make-hub-module",
+            "--out",
+            "hub/mnv2",
+            "--input-size",
+            "32",
+            "--alpha",
+            "0.35",
+            cwd=workdir,
+        )
+    )
+    assert (workdir / "hub" / "mnv2" / "saved_model.pb").is_file()
+    _ok(
+        run_cli(
+            "train",
+            "-c",
+            "configs/brain-tumor-mobilenetv2.yaml",
+            "--name",
+            "cls",
+            "--set",
+            "data.root=data/synthetic/classification",
+            "--set",
+            "data.image_size=[32,32]",
+            "--set",
+            "model.hub_handle=hub/mnv2",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.warmup_epochs=0",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "data.val_fraction=0.25",
+            cwd=workdir,
+        )
+    )
+    run = workdir / "runs" / "cls"
+    metrics = json.loads((run / "metrics.json").read_text())["val"]
+    assert metrics["class_names"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert (run / "plots" / "confusion_val.png").is_file() and (
+        run / "plots" / "roc_val.png"
+    ).is_file()
+    assert "HubLayer" in (run / "model_summary.txt").read_text()
+
+    _ok(run_cli("export", str(run), "--out", "models/cls", cwd=workdir))
+    card = json.loads((workdir / "models" / "cls" / "medseg.json").read_text())
+    assert card["task"] == "classification" and card["classes"] == metrics["class_names"]
+    images = workdir / "data" / "synthetic" / "classification" / "Testing" / "glioma"
+    _ok(run_cli("predict", "--model", "models/cls", str(images), "--out", "cls_preds", cwd=workdir))
+    rows = list(
+        csv.DictReader((workdir / "cls_preds" / "predictions.csv").read_text().splitlines())
+    )
+    assert len(rows) == len(list(images.iterdir())) and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        p = [float(r[f"p_{c}"]) for c in card["classes"]]
+        assert abs(sum(p) - 1) < 1e-3 and r["class"] == card["classes"][int(np.argmax(p))]

@@ -39,17 +39,25 @@ def _unet(cfg: Config, num_outputs: int) -> keras.Model:
 
 
 def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
+    m = cfg.model
     if cfg.data.task != "classification":
         raise ConfigError(
-            "model.name: 'mobilenetv2_classifier' is a classification model; "
-            f"data.task is '{cfg.data.task}'"
+            "model.name: 'mobilenetv2_classifier' is a classification model; data.task is "
+            f"'{cfg.data.task}'"
         )
+    if m.hub_handle and m.weights:
+        raise ConfigError("model.hub_handle and model.weights: give one backbone source, not both")
     return build_mobilenetv2_classifier(
         (*cfg.data.image_size, cfg.data.channels),
         num_outputs,
-        dropout=cfg.model.dropout,
-        l2=cfg.model.l2,
-        bn_momentum=cfg.model.bn_momentum,
+        dropout=m.dropout,
+        l1=m.l1,
+        l2=m.l2,
+        bn_momentum=m.bn_momentum,
+        weights=m.weights or None,
+        alpha=m.alpha,
+        hub_handle=m.hub_handle or None,
+        freeze_backbone=m.freeze_backbone,
     )
 
 

@@ -196,6 +196,12 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
             jit_compile=cfg.train.jit_compile,
             steps_per_execution=cfg.train.steps_per_execution,
         )
+        if cfg.model.freeze_backbone and cfg.model.fine_tune_after:
+            from medseg.models.mobilenet import build_optimizer_for_fine_tuning
+
+            # Build the optimizer over the frozen backbone too, so that unfreezing it later
+            # keeps the optimizer state (and a resumed run restores it).
+            build_optimizer_for_fine_tuning(model)
     _write_summary(model, run.path / "model_summary.txt")
     logger.info(
         "training %s (%s parameters) on %d images (%d val), %d epochs x %d steps",
