@@ -46,7 +46,9 @@ LOSSES = {
     "dice": lambda cfg: keras.losses.Dice(),
     "bce": lambda cfg: keras.losses.BinaryCrossentropy(),
     "focal": lambda cfg: keras.losses.BinaryFocalCrossentropy(gamma=2.0),
-    "tversky": lambda cfg: keras.losses.Tversky(alpha=0.3, beta=0.7),
+    # Keras' alpha weighs false negatives and beta false positives: 0.7/0.3 favours recall of
+    # small lesions (Salehi et al. 2017).
+    "tversky": lambda cfg: keras.losses.Tversky(alpha=0.7, beta=0.3),
     "categorical_crossentropy": lambda cfg: keras.losses.CategoricalCrossentropy(
         label_smoothing=cfg.label_smoothing
     ),
