@@ -78,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
 
     p = sub.add_parser(
+        "cv",
+        help="K-fold cross-validation into runs/<name>/ (resumable)",
+        description="Split by group (patient or near-duplicate group) into K folds, train one "
+        "fresh model per fold into runs/<name>/fold_<k>/, save out-of-fold predictions, and "
+        "write cv_summary.json, report.md and report.html (mean +- std over folds, 95%% "
+        "bootstrap CIs by group). Rerunning the same command skips finished folds and resumes "
+        "an unfinished one.",
+    )
+    _add_config_args(p)
+    p.add_argument("--folds", type=_positive_int, help="number of folds (default: cv.folds)")
+    p.add_argument("--only", help="train only these folds now, e.g. 2,3 (1-based)")
+    p.add_argument("--name", help="run name (default: <config name>-<timestamp>)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    _add_overwrite(p)
+
+    p = sub.add_parser(
         "evaluate",
         help="evaluate a run on a split of its manifest",
         description="Compute Dice/IoU (segmentation) or accuracy/F1 (classification) of a run's "
@@ -242,6 +259,39 @@ def _cmd_train(args) -> int:
     return EXIT_OK
 
 
+def _cmd_cv(args) -> int:
+    from medseg.config import load_config
+    from medseg.errors import ConfigError
+    from medseg.training.cv import run_cv
+
+    overrides = list(args.overrides)
+    if args.folds:
+        overrides.append(f"cv.folds={args.folds}")
+    if args.name:
+        overrides.append(f"run.name={args.name}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    only = None
+    if args.only:
+        try:
+            only = [int(x) for x in args.only.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--only: expected fold numbers like 2,3, got {args.only!r}"
+            ) from None
+    result = run_cv(
+        load_config(args.config, overrides),
+        only=only,
+        executor=args.executor,
+        address=args.address,
+    )
+    print(f"cross-validation: {result.path} (folds done: {result.folds_done})")
+    for line in result.summary.get("headline", []):
+        print(f"  {line}")
+    print(f"  report: {result.path / 'report.md'}")
+    return EXIT_OK
+
+
 def _cmd_evaluate(args) -> int:
     from medseg.training.evaluate import evaluate, headline
 
@@ -338,6 +388,7 @@ def _cmd_models(args) -> int:
 
 
 COMMANDS = {
+    "cv": _cmd_cv,
     "models": _cmd_models,
     "demo": _cmd_demo,
     "train": _cmd_train,

@@ -356,6 +356,33 @@ def check_no_leak(manifest: dict, samples: list[Sample]) -> None:
             raise DataError(f"split manifest leaks: group '{g}' is in both '{a}' and '{b}'{more}")
 
 
+def fold_manifest(cv_manifest: dict, fold: int) -> dict:
+    """A plain train/val/test manifest for fold ``fold`` (0-based) of a k-fold manifest.
+
+    Each fold of ``medseg cv`` trains as an ordinary run on this manifest, so training,
+    evaluation and export need not know about folds. It records where it came from
+    (``cv_hash``, ``fold``) and is sealed with its own hash.
+    """
+    folds = cv_manifest.get("folds") or []
+    if not 0 <= fold < len(folds):
+        raise DataError(f"unknown fold {fold}; the manifest has {len(folds)} folds")
+    out = {
+        k: v
+        for k, v in cv_manifest.items()
+        if k not in ("folds", "fold_groups", "splits", "groups", "hash")
+    }
+    out["splits"] = {
+        "train": list(folds[fold]["train"]),
+        "val": list(folds[fold]["val"]),
+        "test": list(cv_manifest.get("splits", {}).get("test", [])),
+    }
+    out["method"] = f"{cv_manifest.get('method', 'kfold')}:fold{fold + 1}"
+    out["cv_hash"] = cv_manifest.get("hash")
+    out["fold"] = fold + 1
+    out["hash"] = _manifest_hash(out)
+    return out
+
+
 def write_manifest(path: str | Path, manifest: dict) -> Path:
     """Write the manifest atomically, resealing its hash (callers may have added fields)."""
     manifest["hash"] = _manifest_hash(manifest)

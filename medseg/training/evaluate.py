@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
 import time
 from pathlib import Path
@@ -17,15 +19,15 @@ from sklearn.metrics import (
 )
 
 from medseg.data.overlay import overlay
-from medseg.data.pipeline import load_arrays
+from medseg.data.pipeline import ArrayData, load_arrays
 from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError, ModelError
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
-from medseg.models.metrics import segmentation_report
+from medseg.models.metrics import confusion_counts, segmentation_report
 from medseg.training.plots import plot_confusion, plot_overlays, plot_roc
 from medseg.training.runs import RunDir, open_run
-from medseg.utils import atomic_write_json, safe_name
+from medseg.utils import atomic_write_json, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,10 @@ def evaluate(
     t0 = time.perf_counter()
     probs = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
     seconds = time.perf_counter() - t0
+    class_names = manifest.get("class_names", [])
+    result, cases = score(probs, data, cfg.data.task, threshold, class_names)
+    write_cases(run.path / f"cases_{tag}.csv", cases)
     if cfg.data.task == "classification":
-        result = _classification_metrics(probs, data.targets, manifest.get("class_names", []))
         plot_confusion(
             np.array(result["confusion_matrix"]),
             result["class_names"],
@@ -115,15 +119,7 @@ def evaluate(
         )
         plot_roc(probs, data.targets, result["class_names"], run.plots / f"roc_{tag}.png")
     else:
-        labels = (probs[..., 0] > threshold).astype(np.uint8) if n_out == 1 else probs.argmax(-1)
-        pred = labels > 0
-        result = segmentation_report(pred, data.targets > 0, [s.group for s in data.samples])
-        result["threshold"] = threshold
-        if n_out >= 2:
-            result["per_class"] = {
-                str(k): segmentation_report(labels == k, data.targets == k) for k in range(1, n_out)
-            }
-        _overlay_grid(data, pred, run.plots / f"overlays_{tag}.png")
+        _overlay_grid(data, _labels(probs, threshold) > 0, run.plots / f"overlays_{tag}.png")
     result.update(
         split=split,
         checkpoint=checkpoint,
@@ -135,6 +131,80 @@ def evaluate(
     atomic_write_json(run.metrics_path, metrics)
     logger.info("%s on %s: %s", run.path.name, split, headline(result))
     return result
+
+
+def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Label maps from segmentation probabilities (threshold for one channel, else argmax)."""
+    if probs.shape[-1] == 1:
+        return (probs[..., 0] > threshold).astype(np.uint8)
+    return probs.argmax(-1).astype(np.uint8)
+
+
+def score(
+    probs: np.ndarray, data: ArrayData, task: str, threshold: float, class_names: list[str]
+) -> tuple[dict, list[dict]]:
+    """Metrics of predictions ``probs`` on ``data``, and one row per case.
+
+    The rows (written as ``cases_<split>.csv``, and as ``oof.csv`` by cross-validation) carry
+    what the summary numbers are computed from: for segmentation the pixel counts ``tp``,
+    ``fp``, ``fn``, ``true_pixels``, ``pred_pixels`` of each image's thresholded mask (foreground
+    = any label > 0); for classification ``target``, ``pred`` and ``p_<class>``.
+    """
+    ids = [(s.id, s.group) for s in data.samples]
+    if task == "classification":
+        result = _classification_metrics(probs, data.targets, class_names)
+        names = result["class_names"]
+        rows = [
+            {
+                "id": i,
+                "group": g,
+                "target": int(t),
+                "pred": int(p.argmax()),
+                **{f"p_{n}": round(float(v), 6) for n, v in zip(names, p, strict=True)},
+            }
+            for (i, g), t, p in zip(ids, data.targets, probs, strict=True)
+        ]
+        return result, rows
+    labels = _labels(probs, threshold)
+    pred, truth = labels > 0, data.targets > 0
+    result = segmentation_report(pred, truth, [g for _, g in ids])
+    result["threshold"] = threshold
+    if probs.shape[-1] >= 2:
+        result["per_class"] = {
+            str(k): segmentation_report(labels == k, data.targets == k)
+            for k in range(1, probs.shape[-1])
+        }
+    rows = []
+    for (i, g), p, t in zip(ids, pred, truth, strict=True):
+        tp, fp, fn = confusion_counts(p, t)
+        rows.append(
+            {
+                "id": i,
+                "group": g,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "true_pixels": int(t.sum()),
+                "pred_pixels": int(p.sum()),
+            }
+        )
+    return result, rows
+
+
+def write_cases(path: Path, rows: list[dict], extra: dict | None = None) -> Path:
+    """Write per-case rows as CSV (atomically), with ``extra`` columns added to every row."""
+    rows = [{**r, **(extra or {})} for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_cases(path: Path) -> list[dict]:
+    """Rows of a per-case CSV written by :func:`write_cases` (values as strings)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 HEADLINE_KEYS = (

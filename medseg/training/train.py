@@ -46,12 +46,19 @@ def num_outputs(cfg: Config, scan: ScanResult) -> int:
     return cfg.model.num_classes
 
 
-def prepare_data(cfg: Config, run: RunDir, resumed: bool) -> tuple[ScanResult, dict]:
-    """Scan the dataset and write (or, when resuming, reload) the run's split manifest."""
+def prepare_data(
+    cfg: Config, run: RunDir, resumed: bool, manifest: dict | None = None
+) -> tuple[ScanResult, dict]:
+    """Scan the dataset and write (or, when resuming, reload) the run's split manifest.
+
+    ``manifest`` (e.g. one fold of a cross-validation) is used as given instead of a new split.
+    """
     scan = scan_from_config(cfg.data)
     scan.log_problems()
     if resumed and run.splits_path.exists():
         manifest = load_manifest(run.splits_path)
+    elif manifest is not None:
+        write_manifest(run.splits_path, manifest)
     else:
         manifest = make_split(
             scan.samples,
@@ -134,7 +141,9 @@ def _write_summary(model: keras.Model, path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
+def train(
+    cfg: Config, callbacks: list | None = None, *, manifest: dict | None = None
+) -> TrainResult:
     """Train the configured model into a run folder and evaluate it on the validation split.
 
     Rerunning with the same config and ``run.name`` (or :func:`resume`) continues an unfinished
@@ -143,6 +152,8 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     Args:
         cfg: the resolved config.
         callbacks: extra Keras callbacks (after medseg's own).
+        manifest: a split manifest to train on (train/val/test ids) instead of a new split;
+            cross-validation passes each fold's (:func:`medseg.data.split.fold_manifest`).
 
     Returns:
         The run folder, the Keras history and the validation metrics.
@@ -158,7 +169,7 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     _seed(cfg)
     run, resumed = create_run(cfg)
     logger.info("run folder: %s", run.path)
-    scan, manifest = prepare_data(cfg, run, resumed)
+    scan, manifest = prepare_data(cfg, run, resumed, manifest)
     n_out = num_outputs(cfg, scan)
     data = _datasets(cfg, scan, manifest, n_out)
     _write_problems(run, scan, data)

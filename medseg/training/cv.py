@@ -1,0 +1,231 @@
+"""K-fold cross-validation (``medseg cv``): one fresh model per fold, resumable, with a report.
+
+Layout of a cross-validation run::
+
+    runs/<name>/config.yaml          resolved config
+    runs/<name>/splits.json          k-fold manifest (no group in two folds; test groups apart)
+    runs/<name>/fold_<k>/            an ordinary run folder per fold (k = 1..K), trained on the
+                                     fold's own manifest, plus oof.csv (its out-of-fold cases)
+    runs/<name>/ensemble.json        the fold models, combined by mean probability
+    runs/<name>/test_metrics.json    the ensemble on the held-out test split (when there is one)
+    runs/<name>/cv_summary.json, report.md, report.html, plots/
+
+Rerunning the same command skips finished folds and resumes an unfinished one from its last
+completed epoch; nothing already finished is trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import medseg
+from medseg.config import Config, config_from_dict
+from medseg.data.pipeline import load_arrays
+from medseg.data.scan import scan_from_config
+from medseg.data.split import fold_manifest, load_manifest, make_kfold, select, write_manifest
+from medseg.errors import ConfigError, RunExistsError
+from medseg.training.evaluate import load_run_model, read_cases, score, write_cases
+from medseg.training.runs import RunDir, default_run_name, open_run
+from medseg.training.train import train
+from medseg.utils import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class CVResult:
+    """Where a cross-validation run is and what it found."""
+
+    path: Path
+    folds_done: list[int]
+    summary: dict
+
+
+def fold_dir(root: Path, k: int) -> Path:
+    """Folder of fold ``k`` (1-based)."""
+    return root / f"fold_{k}"
+
+
+def _open_cv_run(cfg: Config) -> Path:
+    """Create the CV run folder, or reopen it when its config is the same (resume)."""
+    name = cfg.run.name or default_run_name(cfg)
+    cfg.run.name = name
+    root = Path(cfg.run.root) / name
+    config_path = root / "config.yaml"
+    if root.exists() and cfg.run.overwrite:
+        logger.info("overwriting %s", root)
+        shutil.rmtree(root)
+    if config_path.exists():
+        stored = yaml.safe_load(config_path.read_text())
+        if stored.get("medseg", {}).get("config_hash") != cfg.hash():
+            raise RunExistsError(
+                f"{root}: holds a cross-validation run of another config; pick another "
+                "run.name or pass --overwrite"
+            )
+        logger.info("resuming cross-validation in %s", root)
+    elif root.exists() and any(root.iterdir()):
+        raise RunExistsError(f"{root}: folder exists and is not a cross-validation run")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        body = {
+            "medseg": {"version": medseg.__version__, "config_hash": cfg.hash(), "kind": "cv"},
+            **cfg.to_dict(),
+        }
+        atomic_write_text(config_path, yaml.safe_dump(body, sort_keys=False))
+    return root
+
+
+def _cv_manifest(cfg: Config, root: Path) -> dict:
+    path = root / "splits.json"
+    if path.exists():
+        return load_manifest(path)
+    scan = scan_from_config(cfg.data)
+    scan.log_problems()
+    manifest = make_kfold(
+        scan.samples,
+        cfg.cv.folds,
+        seed=cfg.train.seed,
+        test_fraction=cfg.data.test_fraction,
+        stratify=True,
+    )
+    manifest["class_names"] = scan.class_names
+    manifest["layout"] = scan.layout
+    write_manifest(path, manifest)
+    return load_manifest(path)
+
+
+def fold_config(cfg: Config, root: Path, k: int) -> Config:
+    """The config of fold ``k``: the CV config, with its run folder inside the CV run."""
+    fcfg = copy.deepcopy(cfg)
+    fcfg.run.root, fcfg.run.name, fcfg.run.overwrite = str(root), f"fold_{k}", False
+    return fcfg
+
+
+def fold_done(root: Path, k: int) -> bool:
+    """Has fold ``k`` finished training and written its out-of-fold cases?"""
+    run = RunDir(fold_dir(root, k))
+    return run.state().get("status") == "done" and (run.path / "oof.csv").is_file()
+
+
+def run_fold(cfg_dict: dict, root: str, k: int, callbacks: list | None = None) -> dict:
+    """Train (or resume) fold ``k`` and write its ``oof.csv``; returns the fold's val metrics.
+
+    Takes plain data (a config dict and paths) so that executors can ship it to other
+    processes or machines.
+    """
+    cfg = config_from_dict(cfg_dict)
+    root_path = Path(root)
+    manifest = load_manifest(root_path / "splits.json")
+    fdir = fold_dir(root_path, k)
+    run = RunDir(fdir)
+    if fdir.exists() and not run.state():
+        # killed before the fold wrote its state: nothing of it can be resumed
+        logger.warning("%s: incomplete fold folder without state, starting it again", fdir)
+        shutil.rmtree(fdir)
+    if run.state().get("status") != "done":
+        train(fold_config(cfg, root_path, k), callbacks, manifest=fold_manifest(manifest, k - 1))
+    write_cases(fdir / "oof.csv", read_cases(fdir / "cases_val.csv"), {"fold": k})
+    return open_run(fdir).metrics()["val"]
+
+
+def _ensemble_on_test(cfg: Config, root: Path, manifest: dict, folds: list[int]) -> dict | None:
+    """Evaluate the mean-probability ensemble of the fold models on the held-out test split."""
+    test_ids = manifest.get("splits", {}).get("test", [])
+    if not test_ids:
+        return None
+    samples = select(scan_from_config(cfg.data).samples, manifest, "test")
+    probs, data = None, None
+    for k in folds:
+        model = load_run_model(RunDir(fold_dir(root, k)))
+        if data is None:
+            data = load_arrays(samples, cfg.data, model.output_shape[-1])
+        p = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
+        probs = p if probs is None else probs + p
+    probs /= len(folds)
+    result, rows = score(
+        probs, data, cfg.data.task, cfg.predict.threshold, manifest.get("class_names", [])
+    )
+    result.update(split="test", ensemble=[f"fold_{k}" for k in folds])
+    write_cases(root / "test_cases.csv", rows)
+    atomic_write_json(root / "test_metrics.json", result)
+    return result
+
+
+def run_cv(
+    cfg: Config,
+    *,
+    only: list[int] | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    callbacks: list | None = None,
+    report: Callable[[Path], dict] | None = None,
+) -> CVResult:
+    """Run (or resume) K-fold cross-validation of ``cfg`` into ``runs/<name>/``.
+
+    Args:
+        cfg: the resolved config; ``cv.folds`` folds, ``cv.only`` restricts which are trained.
+        only: fold numbers (1-based) to train now, overriding ``cv.only``.
+        executor: ``local`` (folds one after another, in this process) or ``ray`` (folds as
+            tasks on a Ray cluster, see :mod:`medseg.training.ray_executor`).
+        address: Ray cluster address (``ray`` only; default: start a local Ray instance).
+        callbacks: extra Keras callbacks for every fold (local executor).
+        report: function writing the summary and report (default
+            :func:`medseg.training.report.write_report`).
+
+    Returns:
+        The run folder, the folds finished so far and the summary of those folds.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor: '{executor}' is not one of {', '.join(EXECUTORS)}")
+    root = _open_cv_run(cfg)
+    manifest = _cv_manifest(cfg, root)
+    k = len(manifest["folds"])
+    todo = only or cfg.cv.only or list(range(1, k + 1))
+    bad = [f for f in todo if not 1 <= f <= k]
+    if bad:
+        raise ConfigError(f"cv.only: fold {bad[0]} does not exist; folds are 1..{k}")
+    pending = [f for f in todo if not fold_done(root, f)]
+    for f in sorted(set(todo) - set(pending)):
+        logger.info("fold %d/%d already finished, skipped", f, k)
+    cfg_dict = cfg.to_dict()
+    if executor == "ray":
+        from medseg.training.ray_executor import run_folds_on_ray
+
+        run_folds_on_ray(cfg_dict, root, pending, address=address)
+    else:
+        for f in pending:
+            logger.info("fold %d/%d", f, k)
+            run_fold(cfg_dict, str(root), f, callbacks)
+    done = [f for f in range(1, k + 1) if fold_done(root, f)]
+    atomic_write_json(
+        root / "ensemble.json",
+        {
+            "combine": "mean_probability",
+            "folds": [{"fold": f, "model": f"fold_{f}/checkpoints/best.keras"} for f in done],
+        },
+    )
+    if len(done) == k:
+        _ensemble_on_test(cfg, root, manifest, done)
+    if report is None:
+        from medseg.training.report import write_report
+
+        report = write_report
+    summary = report(root)
+    return CVResult(root, done, summary)
+
+
+def load_ensemble(run_dir: str | Path) -> list[Path]:
+    """Paths of the fold models recorded in a CV run's ``ensemble.json``."""
+    root = Path(run_dir)
+    spec = json.loads((root / "ensemble.json").read_text())
+    return [root / f["model"] for f in spec["folds"]]
