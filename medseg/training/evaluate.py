@@ -24,7 +24,7 @@ from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError, ModelError
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
-from medseg.models.metrics import confusion_counts, segmentation_report
+from medseg.models.metrics import confusion_counts, hausdorff95, segmentation_report
 from medseg.training.plots import plot_confusion, plot_overlays, plot_roc
 from medseg.training.runs import RunDir, open_run
 from medseg.utils import atomic_write_json, atomic_write_text, safe_name
@@ -148,7 +148,8 @@ def score(
     The rows (written as ``cases_<split>.csv``, and as ``oof.csv`` by cross-validation) carry
     what the summary numbers are computed from: for segmentation the pixel counts ``tp``,
     ``fp``, ``fn``, ``true_pixels``, ``pred_pixels`` of each image's thresholded mask (foreground
-    = any label > 0); for classification ``target``, ``pred`` and ``p_<class>``.
+    = any label > 0) and ``hd95`` (pixels at the model's input size; empty when either mask is
+    empty); for classification ``target``, ``pred`` and ``p_<class>``.
     """
     ids = [(s.id, s.group) for s in data.samples]
     if task == "classification":
@@ -177,6 +178,7 @@ def score(
     rows = []
     for (i, g), p, t in zip(ids, pred, truth, strict=True):
         tp, fp, fn = confusion_counts(p, t)
+        hd = hausdorff95(p, t)
         rows.append(
             {
                 "id": i,
@@ -186,8 +188,11 @@ def score(
                 "fn": fn,
                 "true_pixels": int(t.sum()),
                 "pred_pixels": int(p.sum()),
+                "hd95": "" if np.isnan(hd) else round(hd, 3),
             }
         )
+    hds = [r["hd95"] for r in rows if r["hd95"] != ""]
+    result["hd95_per_image_mean"] = float(np.mean(hds)) if hds else None
     return result, rows
 
 

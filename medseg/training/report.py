@@ -53,6 +53,7 @@ SEG_METRICS = (
     "dice_per_group_mean",
     "dice_per_group_median",
     "dice_per_image_mean_nonempty",
+    "hd95_per_group_mean",
 )
 CLS_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "ece")
 PER_CLASS_METRICS = ("precision", "recall", "f1", "roc_auc")
@@ -65,6 +66,7 @@ LABELS = {
     "dice_per_group_mean": "Dice per patient/group, mean",
     "dice_per_group_median": "Dice per patient/group, median",
     "dice_per_image_mean_nonempty": "Dice per image, mean over images with foreground",
+    "hd95_per_group_mean": "HD95 per patient/group, mean (pixels; both masks non-empty)",
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced accuracy",
     "macro_f1": "Macro F1",
@@ -72,8 +74,8 @@ LABELS = {
     "ece": "Expected calibration error (10 bins; lower is better)",
 }
 HD95_NOTE = (
-    "HD95 (95th-percentile Hausdorff distance) is not reported: oof.csv holds pixel counts per "
-    "image, and a surface distance needs the predicted and true masks themselves."
+    "HD95 (95th-percentile Hausdorff distance) is not reported: these oof.csv files have no "
+    "hd95 column (written by medseg versions that stored pixel counts only)."
 )
 
 
@@ -97,6 +99,7 @@ class _CVData:
     fold: np.ndarray = None  # row -> fold number
     counts: np.ndarray = None  # segmentation: [N, 3] tp, fp, fn
     true_pixels: np.ndarray = None
+    hd95: np.ndarray = None  # segmentation: per image, NaN where undefined or not recorded
     target: np.ndarray = None  # classification
     pred: np.ndarray = None
     probs: np.ndarray = None
@@ -201,6 +204,11 @@ def _read_oof_file(path: Path, k: int, task: str | None) -> tuple[str, list[str]
         if task == "segmentation":
             for c in SEG_COLUMNS[3:]:
                 row[c] = _int(r[c], path, line, c)
+            hd = (r.get("hd95") or "").strip()
+            try:
+                row["hd95"] = float(hd) if hd else float("nan")
+            except ValueError:
+                raise DataError(f"{path}: line {line}: hd95={hd!r} is not a number") from None
             if row["true_pixels"] != row["tp"] + row["fn"] or (
                 row["pred_pixels"] != row["tp"] + row["fp"]
             ):
@@ -272,6 +280,7 @@ def _load(run_dir: str | Path) -> _CVData:
     if task == "segmentation":
         data.counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in rows], dtype=np.int64)
         data.true_pixels = np.array([r["true_pixels"] for r in rows], dtype=np.int64)
+        data.hd95 = np.array([r["hd95"] for r in rows], dtype=np.float64)
     else:
         data.target = np.array([r["target"] for r in rows], dtype=np.int64)
         data.pred = np.array([r["pred"] for r in rows], dtype=np.int64)
@@ -326,7 +335,21 @@ def _seg_metrics(d: _CVData, w: np.ndarray, group_mult: np.ndarray) -> dict:
         out["dice_per_image_mean_nonempty"] = float(np.average(per_image, weights=w[nonempty]))
     else:
         out["dice_per_image_mean_nonempty"] = None
+    out["hd95_per_group_mean"] = _hd95_per_group(d, w, group_mult)
     return out
+
+
+def _hd95_per_group(d: _CVData, w: np.ndarray, group_mult: np.ndarray) -> float | None:
+    """Mean over groups of each group's mean per-image HD95 (images where it is defined)."""
+    ok = (w > 0) & np.isfinite(d.hd95)
+    if not ok.any():
+        return None
+    g = d.gidx[ok]
+    sums = np.bincount(g, weights=w[ok] * d.hd95[ok], minlength=len(d.groups))
+    counts = np.bincount(g, weights=w[ok], minlength=len(d.groups))
+    present = np.unique(g)
+    mult = np.asarray(group_mult)[present].astype(float)
+    return float(np.average(sums[present] / counts[present], weights=mult))
 
 
 def _bin_index(confidence: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
@@ -559,7 +582,8 @@ def summarize(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict
     ones = np.ones(n)
     seg = d.task == "segmentation"
     if seg:
-        names = list(SEG_METRICS)
+        has_hd95 = bool(np.isfinite(d.hd95).any())
+        names = [m for m in SEG_METRICS if has_hd95 or not m.startswith("hd95")]
 
         def compute(w, gm):
             return _seg_metrics(d, w, gm)
@@ -616,11 +640,11 @@ def summarize(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict
             "level": CI_LEVEL,
             "method": "percentile",
         },
-        "metrics": {m: blocks[m] for m in (SEG_METRICS if seg else CLS_METRICS)},
+        "metrics": {m: blocks[m] for m in (names if seg else CLS_METRICS)},
     }
     if seg:
         summary["n_images_nonempty"] = int((d.true_pixels > 0).sum())
-        summary["not_available"] = {"hd95": HD95_NOTE}
+        summary["not_available"] = {} if np.isfinite(d.hd95).any() else {"hd95": HD95_NOTE}
     else:
         from sklearn.metrics import confusion_matrix
 
