@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=8, help="images/slices per model call"
     )
     p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
+    p.add_argument(
+        "--threshold", type=float, help="foreground probability threshold (binary segmentation)"
+    )
+    p.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="keep only the largest connected lesion (3D for volumes)",
+    )
+    p.add_argument(
+        "--min-lesion-voxels", type=int, default=0, help="remove lesions smaller than this"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_overwrite(p)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(
@@ -318,8 +330,15 @@ def _cmd_predict(args) -> int:
         batch_size=args.batch_size,
         overlays=not args.no_overlays,
         overwrite=args.overwrite,
+        threshold=args.threshold,
+        largest_component=args.largest_component,
+        min_lesion_voxels=args.min_lesion_voxels,
+        progress=not args.no_progress,
     )
-    print(f"{len(r.rows)} cases, {r.n_failed} failed -> {r.out_dir}/predictions.csv")
+    print(
+        f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "
+        f"{r.slices_per_second:.1f} slices/s -> {r.out_dir}/predictions.csv"
+    )
     for row in r.rows:
         if row["status"] != "ok":
             print(f"  failed: {row['case_id']}: {row['error']}", file=sys.stderr)

@@ -1,35 +1,94 @@
 """Batch inference on files and folders (``medseg predict``).
 
-Inputs are image files (PNG/JPEG/TIFF/BMP), DICOM files (single- or multi-frame) and folders of
-them (searched recursively; files named ``*_mask.*`` inside folders are masks of a dataset and are
-skipped, with a count in the log). Each input file is one case, written to ``<out>/<case-id>/``:
+Cases
+    :func:`collect_cases` turns the inputs (files and folders) into cases. A file given by name
+    is one case. A folder is walked (sub-folders too; hidden files and folders, ``DICOMDIR``
+    and obvious non-images such as ``.txt``/``.json`` are skipped; files named ``*_mask.*`` are
+    masks of a dataset and are skipped with a count in the log). In each folder:
+
+    * the single-frame DICOM files (``.dcm`` or the ``DICM`` marker; headers are read first)
+      are grouped by SeriesInstanceUID: a group of two or more files with image positions is a
+      DICOM series case, read with :func:`medseg.io.read_dicom_series` (several series in one
+      folder are several cases; a series is read within its own folder, a series spread over
+      sub-folders gives one case per folder). A group of one file, and the files of a group
+      without any ImagePositionPatient (projection images, secondary captures), are 2D cases;
+    * multi-frame DICOM files and NIfTI files are volume cases, plain images (PNG, JPEG, TIFF,
+      BMP) 2D cases (a multi-page TIFF is a volume);
+    * a file whose DICOM header cannot be read, or a ``.dcm`` file that is not DICOM, is an
+      error case: it gets a row with ``status`` ``error`` and the file in ``error``.
+
+    Case ids are file-name safe and unique (``_2``, ``_3``, ... on a clash): the file name
+    without its suffix for files; ``<folder>_<SeriesNumber>`` for a series (or
+    ``<folder>_<8 hex digits of the SHA-256 of the SeriesInstanceUID>`` when the series has no
+    number or shares it with another series of the folder). DICOM header values that identify
+    the patient (PatientName, PatientID, ...) are never used in names, tables or logs.
+
+Prediction
+    Volumes are predicted slice by slice (axis 0 of the ``(slice, row, col, C)`` array of
+    :mod:`medseg.io`), ``batch_size`` slices per model call, and stacked back in the source
+    geometry. Binary masks use the model's threshold, or ``threshold`` when given (applied to the
+    returned probabilities); multi-class masks are the argmax. ``min_lesion_voxels`` and
+    ``largest_component`` then post-process the mask (:mod:`medseg.inference.postprocess`:
+    connected components in 3D for volumes, in 2D for images).
+
+Outputs under ``<out>/<case-id>/`` (written into a hidden temporary folder that is renamed into
+place when the case succeeds, so a failed or killed case leaves no partial folder):
 
 * segmentation, 2D: ``mask.png`` (binary: 0/255; label maps: the labels) and ``overlay.png``;
-* segmentation, volumes: ``mask.nii.gz`` (x = column, y = row, z = slice, spacing in the header)
-  and ``overlay.png`` of the slice with the most foreground;
-* classification: the class probabilities, in the tables only.
+* segmentation, volumes: ``mask.nii.gz`` in the source geometry (NIfTI input: the input's own
+  voxel order and affine; DICOM: voxel order (col, row, slice) with the series' affine in RAS;
+  see :func:`medseg.inference.writers.write_mask_nifti`) and ``overlay.png`` of the slice with
+  the most foreground; for a DICOM series also ``seg.dcm``, a DICOM SEG (BINARY, segment
+  ``"tumour"`` for a binary model) referencing the source SOP instances;
+* classification: the class probabilities, in the tables only; for a volume (series, NIfTI,
+  multi-frame) the probabilities are the mean over its slices.
 
 ``predictions.csv`` and ``predictions.json`` hold one row per case with ``status`` ``ok`` or
-``error`` and the error message: a case that fails is reported, never dropped. Case ids come from
-the file name, made file-name safe (DICOM header ids are never used).
+``error`` and the error message: a case that fails (a :class:`~medseg.errors.MedsegError`, or any
+other exception, reported as ``<type>: <message>``) is reported, never dropped, and the batch goes
+on. Rows of segmentation cases carry ``foreground_pixels`` (voxels), ``foreground_fraction``,
+``foreground_mm2`` (2D, spacing known) or ``foreground_ml`` (volumes, spacing known) and, for
+volumes, ``slices_with_foreground``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image as PILImage
 
 from medseg.data.overlay import overlay
-from medseg.errors import DataError, MedsegError, ModelError, RunExistsError
-from medseg.io import list_image_files, read_image, to_channels
-from medseg.utils import atomic_path, atomic_write_json, atomic_write_text, safe_name
+from medseg.errors import ConfigError, DataError, MedsegError, ModelError, RunExistsError
+from medseg.inference.postprocess import apply_threshold, check_threshold, postprocess
+from medseg.inference.writers import (
+    write_mask_nifti,
+    write_mask_png,
+    write_png,
+    write_seg,
+    write_tables,
+)
+from medseg.io import (
+    IMAGE_SUFFIXES,
+    Image,
+    image_suffix,
+    is_dicom,
+    read_dicom_series,
+    read_image,
+    to_channels,
+)
+from medseg.io.dicom_series import NON_IMAGE_NAMES, NON_IMAGE_SUFFIXES
+from medseg.utils import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -88,173 +147,537 @@ class Predictor:
 
 @dataclass
 class PredictResult:
-    """Summary of a batch: the output folder and the rows of ``predictions.csv``."""
+    """Summary of a batch: the output folder, the rows of ``predictions.csv`` and the speed.
+
+    Attributes:
+        out_dir: the output folder.
+        rows: one dict per case (``status`` ``ok`` or ``error``).
+        n_slices: images and volume slices that went through the model.
+        model_seconds: time spent in model calls (reading and writing not included).
+    """
 
     out_dir: Path
     rows: list[dict]
+    n_slices: int = 0
+    model_seconds: float = 0.0
 
     @property
     def n_failed(self) -> int:
         return sum(r["status"] != "ok" for r in self.rows)
 
+    @property
+    def slices_per_second(self) -> float:
+        """Model throughput over the batch (0 when nothing was predicted)."""
+        return self.n_slices / self.model_seconds if self.model_seconds > 0 else 0.0
 
-def collect_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders into the list of input files, in order.
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One unit of prediction: an image file, a volume file, a DICOM series, or an error.
+
+    Attributes:
+        case_id: file-name safe, unique id; the case's outputs go to ``<out>/<case_id>/``.
+        source: the file, or the folder of a series, as the user gave it.
+        kind: ``"file"`` (read with :func:`medseg.io.read_image`), ``"series"`` (read with
+            :func:`medseg.io.read_dicom_series`) or ``"error"`` (could not be read at all).
+        paths: the file, or the files of the series (in file-name order).
+        error: why an ``"error"`` case cannot be read.
+        series_number: SeriesNumber of a series case.
+    """
+
+    case_id: str
+    source: str
+    kind: str
+    paths: tuple[Path, ...]
+    error: str = ""
+    series_number: int | None = None
+    series_uid: str | None = field(default=None, repr=False)
+    folder: Path | None = field(default=None, repr=False)
+    # The folder holds nothing but the DICOM series it was split into: read it whole.
+    folder_clean: bool = field(default=False, repr=False)
+
+
+@dataclass
+class _Header:
+    """What case discovery needs from a DICOM file's header (never patient data)."""
+
+    path: Path
+    series_uid: str | None
+    series_number: int | None
+    frames: int
+    positioned: bool
+
+
+def collect_cases(inputs: list[str | Path]) -> list[Case]:
+    """Expand files and folders into cases (see the module docstring), with unique ids.
 
     Raises:
         DataError: an input does not exist, or a folder holds no supported file.
     """
-    files: list[Path] = []
+    cases: list[Case] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = list_image_files(item)
-            masks = [f for f in found if f.stem.endswith("_mask")]
+            found, masks = _walk(item)
             if masks:
-                logger.info("%s: skipping %d mask files (*_mask.*)", item, len(masks))
-            found = [f for f in found if not f.stem.endswith("_mask")]
+                logger.info("%s: skipping %d mask files (*_mask.*)", item, masks)
             if not found:
                 raise DataError(f"{item}: folder holds no image or DICOM files")
-            files.extend(found)
+            cases.extend(found)
         elif item.is_file():
-            files.append(item)
+            cases.append(Case(_stem(item), str(item), "file", (item,)))
         else:
             raise DataError(f"{item}: input not found")
-    return files
-
-
-def _case_ids(files: list[Path]) -> list[str]:
-    ids, seen = [], set()
-    for f in files:
-        base = safe_name(f.stem)
-        case, n = base, 1
-        while case in seen:
+    seen: set[str] = set()
+    for case in cases:
+        base = safe_name(case.case_id)
+        case_id, n = base, 1
+        while case_id in seen:
             n += 1
-            case = f"{base}_{n}"
-        seen.add(case)
-        ids.append(case)
-    return ids
+            case_id = f"{base}_{n}"
+        seen.add(case_id)
+        case.case_id = case_id
+    return cases
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        PILImage.fromarray(array).save(tmp)
+def _walk(root: Path) -> tuple[list[Case], int]:
+    cases: list[Case] = []
+    masks = 0
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found, n = _folder_cases(Path(folder), sorted(files))
+        cases.extend(found)
+        masks += n
+    return cases, masks
 
 
-def _write_nifti(path: Path, mask: np.ndarray, spacing) -> None:
-    import nibabel as nib
+def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
+    """The cases directly in ``folder`` and the number of mask files skipped."""
+    singles: list[Case] = []  # files and errors, in file-name order
+    headers: list[_Header] = []
+    masks = 0
+    clean = True  # every file _scan of read_dicom_series would look at is a series slice
+    for name in names:
+        path = folder / name
+        if name.startswith(".") or name.lower() in NON_IMAGE_NAMES:
+            continue
+        suffix = image_suffix(path)
+        if suffix in NON_IMAGE_SUFFIXES:
+            continue
+        if _stem(path).endswith("_mask"):
+            masks += 1
+            clean = False
+            continue
+        dicom = suffix == ".dcm" or (suffix not in IMAGE_SUFFIXES and is_dicom(path))
+        if not dicom:
+            clean = False
+            if suffix in IMAGE_SUFFIXES:
+                singles.append(Case(_stem(path), str(path), "file", (path,)))
+            else:
+                logger.debug("%s: skipped (not an image)", path)
+            continue
+        try:
+            header = _read_header(path)
+        except DataError as e:
+            clean = False
+            singles.append(Case(_stem(path), str(path), "error", (path,), error=str(e)))
+            continue
+        if header is None:  # a DICOM object without an image (SR, ...); the reader skips it too
+            continue
+        if header.frames > 1 or header.series_uid is None:
+            clean = False
+            singles.append(Case(_stem(path), str(path), "file", (path,)))
+        else:
+            headers.append(header)
 
-    zooms = tuple(spacing) if spacing and len(spacing) == 3 else (1.0, 1.0, 1.0)
-    data = np.transpose(mask.astype(np.uint8), (2, 1, 0))  # (slice,row,col) -> (col,row,slice)
-    affine = np.diag([zooms[2], zooms[1], zooms[0], 1.0])
-    img = nib.Nifti1Image(data, affine)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+    groups: dict[str, list[_Header]] = {}
+    for header in headers:
+        groups.setdefault(header.series_uid, []).append(header)
+    series: list[list[_Header]] = []
+    for group in groups.values():
+        if len(group) > 1 and any(h.positioned for h in group):
+            series.append(group)
+        else:
+            if len(group) > 1:
+                logger.info(
+                    "%s: %d DICOM files of one series without ImagePositionPatient; predicted "
+                    "as separate 2D images",
+                    folder,
+                    len(group),
+                )
+                clean = False
+            singles.extend(Case(_stem(h.path), str(h.path), "file", (h.path,)) for h in group)
+    singles.sort(key=lambda c: c.paths[0].name)
+
+    numbers = [g[0].series_number for g in series]
+    series.sort(key=lambda g: (g[0].series_number is None, g[0].series_number or 0, g[0].path))
+    cases = []
+    folder_name = folder.resolve().name
+    for group in series:
+        uid, number = group[0].series_uid, group[0].series_number
+        if number is not None and numbers.count(number) == 1:
+            tag = str(number)
+        else:
+            tag = hashlib.sha256(str(uid).encode()).hexdigest()[:8]
+        cases.append(
+            Case(
+                f"{folder_name}_{tag}",
+                str(folder),
+                "series",
+                tuple(h.path for h in group),
+                series_number=number,
+                series_uid=uid,
+                folder=folder,
+                folder_clean=clean,
+            )
+        )
+    return cases + singles, masks
+
+
+def _read_header(path: Path) -> _Header | None:
+    """The header of a DICOM file (no pixel data); None for DICOM objects without an image.
+
+    Raises:
+        DataError: the file is empty, not DICOM, or its header is truncated or corrupt.
+    """
+    import pydicom
+    from pydicom.uid import UID
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    marker = is_dicom(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=not marker)
+            rows, columns = ds.get("Rows"), ds.get("Columns")
+            uid = ds.get("SeriesInstanceUID")
+            number = ds.get("SeriesNumber")
+            frames = ds.get("NumberOfFrames")
+            positioned = "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+            sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    except Exception as e:
+        reason = str(e).split("\n")[0].strip() or type(e).__name__
+        raise DataError(f"{path}: DICOM header is truncated or corrupt ({reason})") from None
+    if rows is None or columns is None:
+        if not marker:
+            raise DataError(f"{path}: not a DICOM image (no 'DICM' marker and no image size)")
+        kind = UID(str(sop)).name if sop else ""
+        if kind and kind != str(sop) and "Image" not in kind:
+            logger.warning("%s: skipped, a DICOM object without an image (%s)", path, kind)
+            return None
+        raise DataError(f"{path}: DICOM header is truncated or corrupt (no Rows/Columns)")
+    return _Header(
+        path=path,
+        series_uid=str(uid) if uid else None,
+        series_number=_int_or_none(number),
+        frames=max(_int_or_none(frames) or 1, 1),
+        positioned=positioned,
+    )
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value) if value is not None and str(value).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _stem(path: Path) -> str:
+    """File name without its suffix (both of ``.nii.gz``)."""
+    name = path.name
+    if image_suffix(path) == ".nii.gz":
+        return name[: -len(".nii.gz")]
+    return path.stem
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """Reads cases; the series of one folder are read together and handed out one by one."""
+
+    def __init__(self) -> None:
+        self._folder: Path | None = None
+        self._images: dict[str, Image] = {}
+
+    def read(self, case: Case) -> Image:
+        if case.kind != "series":
+            return read_image(case.paths[0])
+        if case.folder_clean:
+            if case.folder != self._folder:
+                self._folder, self._images = case.folder, {}
+                try:
+                    for image in read_dicom_series(case.folder):
+                        if image.meta.series_uid:
+                            self._images[image.meta.series_uid] = image
+                except MedsegError as e:
+                    logger.debug("%s: reading the series one by one (%s)", case.folder, e)
+                    self._images = {}
+            image = self._images.pop(str(case.series_uid), None)
+            if image is not None and len(image.meta.source) == len(case.paths):
+                return image
+        return _read_series_alone(case)
+
+
+def _read_series_alone(case: Case) -> Image:
+    """Read the files of one series on their own (linked into a temporary folder)."""
+    assert case.folder is not None
+    by_name = {p.name: p for p in case.paths}
+    with tempfile.TemporaryDirectory(prefix="medseg-series-") as tmp:
+        tmp_dir = Path(tmp)
+        for path in case.paths:
+            try:
+                os.symlink(path.resolve(), tmp_dir / path.name)
+            except OSError:
+                shutil.copy2(path, tmp_dir / path.name)
+        try:
+            images = read_dicom_series(tmp_dir)
+        except MedsegError as e:
+            raise DataError(str(e).replace(str(tmp_dir), str(case.folder))) from None
+    if len(images) != 1:
+        raise DataError(f"{case.folder}: the files of series {case.series_number} split apart")
+    image = images[0]
+    image.meta.source = tuple(str(by_name[Path(s).name]) for s in image.meta.source)
+    image.meta.extra["folder"] = str(case.folder)
+    return image
+
+
+# --------------------------------------------------------------------------- predicting
+
+
+@dataclass
+class _Options:
+    batch_size: int
+    overlays: bool
+    threshold: float | None
+    largest_component: bool
+    min_lesion_voxels: int
+
+
+@dataclass
+class _Clock:
+    slices: int = 0
+    seconds: float = 0.0
+
+
+def _run_model(predictor: Predictor, volume: np.ndarray, opts: _Options, clock: _Clock):
+    """Yield the model outputs for ``volume`` ([N, H, W, C] raw pixels), in batches."""
+    for i in range(0, len(volume), opts.batch_size):
+        batch = to_channels(volume[i : i + opts.batch_size], predictor.channels)
+        t0 = time.perf_counter()
+        out = predictor(batch)
+        clock.seconds += time.perf_counter() - t0
+        clock.slices += len(batch)
+        yield out
 
 
 def _predict_case(
-    predictor: Predictor, path: Path, case_dir: Path, batch_size: int, write_overlays: bool
+    predictor: Predictor, image: Image, case: Case, case_dir: Path, opts: _Options, clock: _Clock
 ) -> dict:
-    image = read_image(path)
-    arr = to_channels(image.array, predictor.channels)
-    volume = arr if image.is_volume else arr[np.newaxis]
-    outputs = [predictor(volume[i : i + batch_size]) for i in range(0, len(volume), batch_size)]
+    volume = image.array if image.is_volume else image.array[np.newaxis]
     row: dict = {"slices": len(volume), "height": volume.shape[1], "width": volume.shape[2]}
     if predictor.task == "classification":
-        probs = np.concatenate([o["probabilities"] for o in outputs]).mean(axis=0)
-        names = predictor.classes or [str(i) for i in range(len(probs))]
-        row.update(label=int(probs.argmax()), **{"class": names[int(probs.argmax())]})
-        row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, probs, strict=True)})
+        probs = [o["probabilities"] for o in _run_model(predictor, volume, opts, clock)]
+        mean = np.concatenate(probs).mean(axis=0)  # a volume: the mean over its slices
+        names = predictor.classes or [str(i) for i in range(len(mean))]
+        row.update(label=int(mean.argmax()), **{"class": names[int(mean.argmax())]})
+        row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, mean, strict=True)})
         return row
-    mask = np.concatenate([o["mask"] for o in outputs]).astype(np.uint8)
-    binary = predictor.card.get("num_outputs", 1) == 1
-    fg = int((mask > 0).sum())
+
+    n_out = int(predictor.card.get("num_outputs", 1))
+    binary = n_out == 1
+    dtype = np.uint8 if n_out <= 256 else np.int32
+    parts = []
+    for out in _run_model(predictor, volume, opts, clock):
+        if binary and opts.threshold is not None:
+            parts.append(apply_threshold(out["probabilities"], opts.threshold))
+        else:
+            parts.append(out["mask"].astype(dtype))
+    mask = np.concatenate(parts).astype(dtype)
+    if image.is_volume:
+        mask = postprocess(
+            mask,
+            min_size_voxels=opts.min_lesion_voxels,
+            largest_component=opts.largest_component,
+        )
+    else:
+        mask[0] = postprocess(
+            mask[0],
+            min_size_voxels=opts.min_lesion_voxels,
+            largest_component=opts.largest_component,
+        )
+
+    per_slice = (mask > 0).reshape(len(mask), -1).sum(axis=1)
+    fg = int(per_slice.sum())
     row.update(foreground_pixels=fg, foreground_fraction=round(fg / mask.size, 6))
     spacing = image.meta.spacing
-    if spacing and len(spacing) == 3:
-        row["foreground_ml"] = round(fg * float(np.prod(spacing)) / 1000.0, 4)
-    elif spacing:
-        row["foreground_mm2"] = round(fg * float(np.prod(spacing)), 3)
     case_dir.mkdir(parents=True, exist_ok=True)
     if image.is_volume:
-        _write_nifti(case_dir / "mask.nii.gz", mask, spacing)
-        row["mask"] = f"{case_dir.name}/mask.nii.gz"
+        row["slices_with_foreground"] = int((per_slice > 0).sum())
+        if spacing and len(spacing) == 3:
+            row["foreground_ml"] = round(fg * float(np.prod(spacing)) / 1000.0, 4)
+        row["mask_geometry"] = write_mask_nifti(case_dir / "mask.nii.gz", mask, image.meta)
+        row["mask"] = f"{case.case_id}/mask.nii.gz"
+        if case.kind == "series":
+            write_seg(
+                case_dir / "seg.dcm",
+                mask,
+                image.meta.source,
+                segment_names=_segment_names(predictor, n_out),
+                series_number=case.series_number,
+            )
+            row["seg"] = f"{case.case_id}/seg.dcm"
     else:
-        _write_png(case_dir / "mask.png", mask[0] * 255 if binary else mask[0])
-        row["mask"] = f"{case_dir.name}/mask.png"
-    if write_overlays:
-        k = int((mask > 0).reshape(len(mask), -1).sum(1).argmax())
-        _write_png(case_dir / "overlay.png", overlay(volume[k], mask[k]))
+        if spacing:
+            row["foreground_mm2"] = round(fg * float(np.prod(spacing)), 3)
+        write_mask_png(case_dir / "mask.png", mask[0], binary)
+        row["mask"] = f"{case.case_id}/mask.png"
+    if opts.overlays:
+        k = int(per_slice.argmax()) if fg else len(mask) // 2
+        write_png(case_dir / "overlay.png", overlay(volume[k], mask[k]))
+        if image.is_volume:
+            row["overlay_slice"] = k
     return row
 
 
-FIELDS = [
-    "case_id",
-    "source",
-    "status",
-    "error",
-    "slices",
-    "height",
-    "width",
-    "foreground_pixels",
-    "foreground_fraction",
-    "foreground_mm2",
-    "foreground_ml",
-    "mask",
-    "label",
-    "class",
-]
+def _segment_names(predictor: Predictor, n_out: int) -> dict[int, str]:
+    if n_out == 1:
+        return {1: "tumour"}
+    classes = predictor.classes
+    return {k: classes[k] if k < len(classes) else f"label {k}" for k in range(1, n_out)}
 
 
-def _write_tables(out: Path, rows: list[dict]) -> None:
-    fields = FIELDS + sorted({k for r in rows for k in r if k not in FIELDS})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(r)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
-    atomic_write_json(out / "predictions.json", rows)
+def _commit(tmp_dir: Path, case_dir: Path) -> None:
+    """Move a finished case's temporary folder into place (nothing when it holds nothing)."""
+    if not tmp_dir.is_dir():
+        return
+    if not any(tmp_dir.iterdir()):
+        tmp_dir.rmdir()
+        return
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    os.replace(tmp_dir, case_dir)
+
+
+def _run_case(
+    predictor: Predictor, case: Case, reader: _Reader, out: Path, opts: _Options, clock: _Clock
+) -> dict:
+    row: dict = {"case_id": case.case_id, "source": case.source, "status": "ok", "error": ""}
+    if case.kind == "series":
+        row.update(input_type="dicom_series", series_number=case.series_number)
+    if case.kind == "error":
+        row.update(status="error", error=case.error)
+        logger.error("%s", case.error)
+        return row
+    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        image = reader.read(case)
+        if case.kind != "series":
+            row["input_type"] = "volume" if image.is_volume else "image"
+        row.update(_predict_case(predictor, image, case, tmp_dir, opts, clock))
+        _commit(tmp_dir, out / case.case_id)
+    except MedsegError as e:
+        row.update(status="error", error=str(e))
+        logger.error("%s", e)
+    except Exception as e:  # one bad case must not stop the batch
+        message = f"{type(e).__name__}: {e}"
+        row.update(status="error", error=f"{case.source}: {message}")
+        logger.error("%s: unexpected error: %s", case.case_id, message)
+        logger.debug("%s: traceback", case.case_id, exc_info=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0)
+    return row
 
 
 def predict(
-    model: str | Path,
+    model: str | Path | Predictor,
     inputs: list[str | Path],
     out_dir: str | Path,
     *,
     batch_size: int = 8,
     overlays: bool = True,
     overwrite: bool = False,
+    threshold: float | None = None,
+    largest_component: bool = False,
+    min_lesion_voxels: int = 0,
+    progress: bool = True,
 ) -> PredictResult:
-    """Predict every input with ``model`` and write per-case outputs and the tables.
+    """Predict every case of ``inputs`` with ``model``; write per-case outputs and the tables.
 
     Args:
-        model: export folder or run folder.
-        inputs: files and folders.
+        model: export folder or run folder (or a loaded :class:`Predictor`).
+        inputs: files and folders (see :func:`collect_cases`).
         out_dir: output folder; must be new or empty unless ``overwrite``.
-        batch_size: images or slices per model call.
+        batch_size: images or volume slices per model call.
         overlays: write overlay PNGs.
-        overwrite: allow writing into a non-empty ``out_dir``.
+        overwrite: allow writing into a non-empty ``out_dir`` (a case folder of the same id is
+            replaced).
+        threshold: foreground threshold in (0, 1) for binary segmentation models, applied to
+            the probabilities instead of the model's own (``medseg.json`` / run config);
+            ignored, with a warning, for multi-class and classification models.
+        largest_component: keep only the largest connected foreground component of each case
+            (3D for volumes).
+        min_lesion_voxels: remove connected foreground components smaller than this (voxels,
+            pixels for 2D images).
+        progress: show a progress bar over the cases on stderr (only when it is a terminal).
 
     Returns:
-        The output folder and the per-case rows (failed cases have ``status == "error"``).
+        The output folder, the per-case rows (failed cases have ``status == "error"``) and the
+        model throughput.
+
+    Raises:
+        RunExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+        ConfigError: a bad ``batch_size``, ``threshold`` or ``min_lesion_voxels``.
+        DataError: an input does not exist, or a folder holds no supported file.
+        ModelError: the model cannot be loaded.
     """
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if min_lesion_voxels < 0:
+        raise ConfigError(f"min_lesion_voxels must be >= 0, got {min_lesion_voxels}")
+    if threshold is not None:
+        try:
+            threshold = check_threshold(threshold)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunExistsError(f"{out}: output folder is not empty; pass --overwrite to write there")
-    files = collect_inputs(inputs)
-    predictor = Predictor(model)
+    cases = collect_cases(inputs)
+    predictor = model if isinstance(model, Predictor) else Predictor(model)
+    if threshold is not None and (
+        predictor.task != "segmentation" or int(predictor.card.get("num_outputs", 1)) != 1
+    ):
+        logger.warning(
+            "threshold %.3g ignored: it applies to binary segmentation models", threshold
+        )
+        threshold = None
+    opts = _Options(batch_size, overlays, threshold, largest_component, int(min_lesion_voxels))
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case_id, path in zip(_case_ids(files), files, strict=True):
-        row = {"case_id": case_id, "source": str(path), "status": "ok", "error": ""}
-        try:
-            row.update(_predict_case(predictor, path, out / case_id, batch_size, overlays))
-        except MedsegError as e:
-            row.update(status="error", error=str(e))
-            logger.error("%s", e)
-        rows.append(row)
-        logger.info("%s: %s", case_id, row["status"])
-    _write_tables(out, rows)
-    result = PredictResult(out, rows)
-    logger.info("predicted %d cases (%d failed) -> %s", len(rows), result.n_failed, out)
+    reader, clock, rows = _Reader(), _Clock(), []
+    show = progress and sys.stderr.isatty()
+    bar = tqdm(cases, desc="predict", unit="case", file=sys.stderr, disable=not show)
+    redirect = logging_redirect_tqdm() if show else contextlib.nullcontext()
+    with redirect, bar:
+        for case in bar:
+            rows.append(_run_case(predictor, case, reader, out, opts, clock))
+    write_tables(out, rows)
+    result = PredictResult(out, rows, clock.slices, clock.seconds)
+    logger.info(
+        "predicted %d cases (%d failed), %d slices at %.1f slices/s -> %s",
+        len(rows),
+        result.n_failed,
+        clock.slices,
+        result.slices_per_second,
+        out,
+    )
     return result

@@ -1,0 +1,215 @@
+"""Writers for ``medseg predict`` outputs: PNG masks and overlays, NIfTI label volumes, DICOM SEG
+and the ``predictions.csv`` / ``predictions.json`` tables.
+
+Every file goes through a temporary name and a rename (:func:`medseg.utils.atomic_path`,
+:func:`medseg.io.write_nifti_like`, :func:`medseg.utils.atomic_write_text`), so a killed process
+never leaves a half-written file under its final name.
+
+DICOM SEG (:func:`write_seg`) is written with highdicom: a BINARY segmentation whose frames
+reference the source SOP instances (one segment per label, ``"tumour"`` for a binary model). The
+SEG necessarily repeats the source's patient and study module (that is what makes it attach to the
+right study in a PACS); it is the only output that holds patient data, and only inside the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+import medseg
+from medseg.io import ImageMeta, write_nifti_like
+from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+#: Columns of ``predictions.csv`` in this order; any other keys of the rows follow, sorted.
+FIELDS = [
+    "case_id",
+    "source",
+    "input_type",
+    "series_number",
+    "status",
+    "error",
+    "slices",
+    "height",
+    "width",
+    "foreground_pixels",
+    "foreground_fraction",
+    "slices_with_foreground",
+    "foreground_mm2",
+    "foreground_ml",
+    "mask",
+    "seg",
+    "label",
+    "class",
+]
+
+#: Series number given to a DICOM SEG: this plus the source's SeriesNumber (or this alone).
+SEG_SERIES_NUMBER_OFFSET = 1000
+
+
+def write_png(path: str | Path, array: np.ndarray) -> Path:
+    """Write a uint8 HxW or HxWx3 array as PNG, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        PILImage.fromarray(np.ascontiguousarray(array)).save(tmp)
+    return path
+
+
+def write_mask_png(path: str | Path, mask: np.ndarray, binary: bool) -> Path:
+    """Write a 2D mask: binary masks as 0/255, label maps as their labels (uint8)."""
+    mask = np.asarray(mask)
+    if binary:
+        return write_png(path, ((mask > 0) * 255).astype(np.uint8))
+    if mask.size and int(mask.max()) > 255:
+        raise ValueError(f"{path}: label {int(mask.max())} does not fit an 8-bit PNG")
+    return write_png(path, mask.astype(np.uint8))
+
+
+def write_mask_nifti(path: str | Path, labels: np.ndarray, meta: ImageMeta) -> str:
+    """Write a DxHxW label volume as NIfTI in the source geometry; return how it was placed.
+
+    * NIfTI source: its own voxel order and affine (:func:`medseg.io.write_nifti_like`);
+    * DICOM series (or multi-frame file) with a known affine: voxel order (col, row, slice) and
+      the series' affine converted to RAS (:func:`medseg.io.write_nifti_like`);
+    * otherwise (multi-page TIFF, a series ordered by InstanceNumber): the same voxel order
+      with a diagonal affine from the spacing (1 mm when unknown) and a warning in the log.
+
+    Returns:
+        ``"source"`` when the source geometry was used, ``"spacing-only"`` otherwise.
+    """
+    path = Path(path)
+    labels = np.asarray(labels).astype(np.uint8 if _fits_uint8(labels) else np.int16)
+    if "nifti_original_affine" in meta.extra or meta.affine is not None:
+        write_nifti_like(path, labels, meta)
+        return "source"
+    import nibabel as nib
+
+    spacing = meta.spacing if meta.spacing and len(meta.spacing) == 3 else (1.0, 1.0, 1.0)
+    data = np.transpose(labels, (2, 1, 0))  # (slice, row, col) -> (col, row, slice)
+    affine = np.diag([float(spacing[2]), float(spacing[1]), float(spacing[0]), 1.0])
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    logger.warning(
+        "%s: the source has no position in space; mask written with voxel spacing only", path
+    )
+    return "spacing-only"
+
+
+def write_seg(
+    path: str | Path,
+    labels: np.ndarray,
+    source_files: Sequence[str | Path],
+    *,
+    segment_names: dict[int, str] | None = None,
+    series_number: int | None = None,
+) -> Path:
+    """Write a DICOM SEG (BINARY) for ``labels`` on the source series, atomically.
+
+    Args:
+        path: Output file (``seg.dcm``).
+        labels: DxHxW integer label volume; slice ``i`` lies on ``source_files[i]`` (the sorted
+            file list of :func:`medseg.io.read_dicom_series`, ``meta.source``).
+        source_files: The source DICOM files, in the slice order of ``labels``; their headers
+            are read with pydicom (no pixel data).
+        segment_names: Label -> segment label. Default ``{1: "tumour"}``; labels above 0 that
+            are missing get ``"label <k>"``.
+        series_number: SeriesNumber of the source, to derive the SEG's
+            (:data:`SEG_SERIES_NUMBER_OFFSET` + it).
+
+    Frames whose slice has no foreground are left out (highdicom ``omit_empty_frames``); an
+    all-empty mask is written with every frame empty. Each frame references its source SOP
+    instance, and ``ReferencedSeriesSequence`` lists every source instance.
+
+    Raises:
+        ValueError: ``labels`` does not fit the source files (count or size).
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or len(labels) != len(source_files):
+        raise ValueError(
+            f"{path}: labels of shape {labels.shape} do not fit {len(source_files)} source files"
+        )
+    sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in source_files]
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    if labels.shape[1:] != (rows, cols):
+        raise ValueError(
+            f"{path}: labels of slice size {labels.shape[1:]} do not fit the source's {rows}x{cols}"
+        )
+    names = dict(segment_names or {}) or {1: "tumour"}
+    numbers = sorted({int(v) for v in np.unique(labels) if v > 0} | set(names))
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="medseg",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=medseg.__version__,
+    )
+    descriptions = []
+    for number in numbers:
+        name = names.get(number, f"label {number}")
+        tumour = name.lower() in ("tumour", "tumor")
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name,
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure
+                if tumour
+                else codes.SCT.Tissue,
+                segmented_property_type=codes.SCT.Neoplasm if tumour else codes.SCT.Tissue,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    if len(numbers) != max(numbers):  # highdicom wants segments 1..n
+        raise ValueError(f"{path}: segment numbers {numbers} must run from 1 without gaps")
+    pixels = labels.astype(np.uint8 if max(numbers) <= 255 else np.uint16)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=SEG_SERIES_NUMBER_OFFSET + int(series_number or 0),
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="medseg",
+        manufacturer_model_name="medseg",
+        software_versions=medseg.__version__,
+        device_serial_number="0",
+        series_description="medseg segmentation",
+        content_label="MEDSEG",
+        content_description="Automatic segmentation by medseg",
+        omit_empty_frames=bool(pixels.any()),  # all empty: keep every frame, quietly
+    )
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def write_tables(out: str | Path, rows: list[dict]) -> None:
+    """Write ``predictions.csv`` (columns :data:`FIELDS`, then others) and ``predictions.json``."""
+    out = Path(out)
+    fields = FIELDS + sorted({k for r in rows for k in r if k not in FIELDS})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_json(out / "predictions.json", rows)
+
+
+def _fits_uint8(labels: np.ndarray) -> bool:
+    return labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) <= 255)
