@@ -110,13 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export a run as a SavedModel with in-graph preprocessing",
-        description="Write <out>/saved_model (serving signature 'serve': raw pixels in, "
-        "probabilities and masks out) and <out>/medseg.json, after checking that the reloaded "
-        "SavedModel matches the Keras model.",
+        description="Write <out>/saved_model (signature 'serve': raw pixels in, probabilities "
+        "and masks out; 'model': preprocessed input), <out>/medseg.json (model card), a Keras "
+        "copy (model.keras, or folds/ for a CV ensemble) and optionally model.tflite, after "
+        "checking that each reloaded format matches the Keras model. A CV run folder exports "
+        "the mean-probability ensemble of its folds.",
     )
     p.add_argument("run", help="run folder (runs/<name>)")
     p.add_argument("--out", help="export folder (default: <export.dir>/<run name>)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument(
+        "--format",
+        default="savedmodel",
+        choices=["savedmodel", "tflite", "both"],
+        help="savedmodel (default), tflite (preprocessed input, see medseg.json) or both",
+    )
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="mean-probability ensemble of a CV run's folds (automatic for a CV run folder)",
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="average with the horizontally flipped image, in-graph"
+    )
     _add_overwrite(p)
 
     p = sub.add_parser(
@@ -315,7 +331,15 @@ def _cmd_evaluate(args) -> int:
 def _cmd_export(args) -> int:
     from medseg.inference.export import export_run
 
-    out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    out = export_run(
+        args.run,
+        args.out,
+        checkpoint=args.checkpoint,
+        overwrite=args.overwrite,
+        ensemble=args.ensemble,
+        tta=args.tta,
+        formats=args.format,
+    )
     print(f"exported: {out}")
     return EXIT_OK
 

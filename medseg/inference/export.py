@@ -10,9 +10,42 @@ The serving signature ``serve`` takes raw pixels and repeats the training prepro
   ``[batch, height, width, K]``; classification: ``[batch, K]``), and ``mask`` int32
   ``[batch, height, width]`` (segmentation) or ``label`` int32 ``[batch]`` (classification).
 
-``medseg.json`` beside ``saved_model/`` records the task, classes, input spec, normalisation,
-config and split hashes, metrics and versions. The export is reloaded and compared with the Keras
-model before it is kept; if they disagree by more than ``export.tolerance`` the export fails.
+A second signature ``model`` takes the already preprocessed batch (``image`` float32
+``[batch, H, W, C]`` at the model size, normalised) and returns ``probabilities`` at the model
+size; it is what the TFLite file holds.
+
+What the graph computes from the preprocessed batch:
+
+* one run: the model's probabilities;
+* an ensemble (``ensemble=True``, automatic for a cross-validation run folder, i.e. one with
+  ``ensemble.json``): the mean of the fold models' probabilities (all fold models live in the one
+  SavedModel);
+* test-time augmentation (``tta=True``): the mean of the probabilities of the batch and of its
+  horizontal flip (segmentation outputs of the flipped batch are flipped back first); with an
+  ensemble, the mean over every fold and both views.
+
+Export folder::
+
+    saved_model/      SavedModel (signatures serve and model)     format "savedmodel"
+    model.tflite      TFLite, preprocessed input (see below)      format "tflite"
+    model.keras       copy of the Keras checkpoint (one run), or
+    folds/fold_<k>.keras  the fold checkpoints (ensemble), for tools that need the Keras graph
+    medseg.json       model card
+
+``medseg.json`` records the task, classes, input spec, normalisation, config and split hashes,
+metrics, ensemble (folds, CV summary, CV manifest hash), TTA, formats, Keras copies, TFLite input
+contract and versions. The SavedModel is reloaded and compared with the same computation done
+eagerly with the Keras models (on inputs at the model size and at another size); if they disagree
+by more than ``export.tolerance`` the export fails and nothing is written.
+
+TFLite: antialiased resizing (``ScaleAndTranslate``) has no TFLite builtin kernel, so in-graph
+preprocessing cannot be converted without TF select ops; the TFLite file therefore holds the
+``model`` signature only (preprocessed ``[batch, H, W, C]`` -> ``probabilities`` at the model
+size, builtin ops only, float32, dynamic batch) and callers normalise and resize as the card says
+(``tflite.input = "preprocessed"``), then threshold or argmax themselves. The file is run with the
+interpreter's default CPU delegate (XNNPACK) and compared with the Keras models; float32 kernels
+of TFLite differ from TensorFlow's in rounding, so its tolerance is ``TFLITE_TOLERANCE_FACTOR``
+times ``export.tolerance`` (1e-3 by default).
 """
 
 from __future__ import annotations
@@ -21,6 +54,9 @@ import json
 import logging
 import os
 import shutil
+import time
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import keras
@@ -30,15 +66,30 @@ import tensorflow as tf
 import medseg
 from medseg.config import Config
 from medseg.data.preprocess import preprocess_images, restore_size
-from medseg.errors import ModelError, RunExistsError
+from medseg.errors import ConfigError, ModelError, RunExistsError
 from medseg.training.evaluate import load_run_model
-from medseg.training.runs import open_run
+from medseg.training.runs import RunDir, open_run
 from medseg.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "medseg.json"
 SAVED_MODEL = "saved_model"
+TFLITE_NAME = "model.tflite"
+KERAS_NAME = "model.keras"
+FOLDS_DIR = "folds"
+ENSEMBLE_NAME = "ensemble.json"
+SERVE_SIGNATURE = "serve"
+MODEL_SIGNATURE = "model"
+FORMATS = ("savedmodel", "tflite")
+# TFLite float32 kernels (XNNPACK) round differently from TensorFlow's: allowed diff, relative to
+# export.tolerance.
+TFLITE_TOLERANCE_FACTOR = 10.0
+_FLIP_AXIS = 2  # width of NHWC
+TTA_NOTE = (
+    "applied to the preprocessed batch (model size); segmentation outputs of the flipped view "
+    "are flipped back before the mean"
+)
 
 
 def preprocessing(cfg: Config) -> dict:
@@ -52,24 +103,82 @@ def preprocessing(cfg: Config) -> dict:
     }
 
 
-def serving_function(model: keras.Model, task: str, prep: dict, threshold: float):
+def _as_list(models: keras.Model | Sequence[keras.Model]) -> list[keras.Model]:
+    models = [models] if isinstance(models, keras.Model) else list(models)
+    if not models:
+        raise ModelError("no model to export")
+    return models
+
+
+def _is_segmentation(model: keras.Model) -> bool:
+    return len(model.output_shape) == 4
+
+
+def model_probabilities(
+    models: keras.Model | Sequence[keras.Model], x: tf.Tensor, tta: bool = False
+) -> tf.Tensor:
+    """Mean probabilities of ``models`` on a preprocessed NHWC batch, as graph ops.
+
+    With ``tta`` each model also sees the horizontally flipped batch (stacked into one call);
+    segmentation outputs of the flipped half are flipped back before the mean.
+    """
+    models = _as_list(models)
+    seg = _is_segmentation(models[0])
+    n = tf.shape(x)[0]
+    xx = tf.concat([x, tf.reverse(x, [_FLIP_AXIS])], 0) if tta else x
+    total = None
+    for m in models:
+        p = tf.cast(m(xx, training=False), tf.float32)
+        if tta:
+            flipped = p[n:]
+            p = (p[:n] + (tf.reverse(flipped, [_FLIP_AXIS]) if seg else flipped)) / 2.0
+        total = p if total is None else total + p
+    return total / float(len(models))
+
+
+def reference_probabilities(
+    models: keras.Model | Sequence[keras.Model], x: np.ndarray, tta: bool = False
+) -> np.ndarray:
+    """What :func:`model_probabilities` computes, done eagerly: one Keras call per model and
+    view, flips and means in NumPy. Used to check exports."""
+    models = _as_list(models)
+    x = np.asarray(x, np.float32)
+    outs = []
+    for m in models:
+        outs.append(np.asarray(m(x, training=False), np.float32))
+        if tta:
+            p = np.asarray(m(np.ascontiguousarray(np.flip(x, _FLIP_AXIS)), training=False))
+            outs.append(np.flip(p, _FLIP_AXIS) if _is_segmentation(m) else p)
+    return np.mean(np.stack(outs).astype(np.float64), axis=0).astype(np.float32)
+
+
+def serving_function(
+    model: keras.Model | Sequence[keras.Model],
+    task: str,
+    prep: dict,
+    threshold: float,
+    *,
+    tta: bool = False,
+):
     """A ``tf.function`` from raw NHWC pixels to probabilities and masks/labels.
 
     Args:
-        model: the trained Keras model.
+        model: the trained Keras model, or the models of an ensemble (mean probability).
         task: ``segmentation`` or ``classification``.
         prep: :func:`preprocessing` of the run's config.
         threshold: foreground threshold of binary segmentation masks.
+        tta: average over the image and its horizontal flip.
     """
-    channels = model.input_shape[-1]
-    n_out = model.output_shape[-1]
+    models = _as_list(model)
+    channels = models[0].input_shape[-1]
+    n_out = models[0].output_shape[-1]
 
     @tf.function(
         input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="image")]
     )
     def serve(image):
         x = preprocess_images(image, **prep)
-        probs = tf.cast(model(x, training=False), tf.float32)
+        probs = model_probabilities(models, x, tta)
         if task == "classification":
             return {"probabilities": probs, "label": tf.argmax(probs, -1, output_type=tf.int32)}
         probs = restore_size(probs, tf.shape(image)[1:3], prep["size"], prep["policy"])
@@ -82,79 +191,216 @@ def serving_function(model: keras.Model, task: str, prep: dict, threshold: float
     return serve
 
 
+def model_function(
+    model: keras.Model | Sequence[keras.Model], size: Sequence[int], *, tta: bool = False
+):
+    """A ``tf.function`` from a preprocessed ``[batch, H, W, C]`` batch at the model size to
+    ``probabilities`` at the model size (the ``model`` signature, and the TFLite graph)."""
+    models = _as_list(model)
+    channels = models[0].input_shape[-1]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *size, channels], tf.float32, name="image")])
+    def model_fn(image):
+        return {"probabilities": model_probabilities(models, image, tta)}
+
+    return model_fn
+
+
+def _normalize_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
+    items = [formats] if isinstance(formats, str) else list(formats)
+    out: list[str] = []
+    for f in items:
+        for name in FORMATS if f == "both" else [f]:
+            if name not in FORMATS:
+                raise ConfigError(f"--format: '{f}' is not one of {', '.join(FORMATS)} (or 'both')")
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise ConfigError("--format: give at least one of " + ", ".join(FORMATS))
+    return tuple(out)
+
+
+def _load_model(path: Path) -> keras.Model:
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found (has the fold finished an epoch?)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # corrupt zip, unknown layer, ...
+        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ensemble_members(run: RunDir, checkpoint: str) -> list[dict]:
+    """The folds of a CV run's ``ensemble.json``: fold number and checkpoint path."""
+    spec = _read_json(run.path / ENSEMBLE_NAME)
+    if spec is None:
+        raise ConfigError(
+            f"{run.path}: --ensemble needs a cross-validation run folder (with {ENSEMBLE_NAME})"
+        )
+    if spec.get("combine", "mean_probability") != "mean_probability":
+        raise ModelError(f"{run.path / ENSEMBLE_NAME}: unknown combine '{spec.get('combine')}'")
+    members = []
+    for f in spec.get("folds", []):
+        path = run.path / f["model"]
+        if checkpoint != "best":
+            path = path.with_name("last.keras")
+        members.append({"fold": int(f["fold"]), "path": path})
+    if not members:
+        raise ModelError(f"{run.path / ENSEMBLE_NAME}: lists no finished fold to export")
+    return members
+
+
+def _cv_summary(run: RunDir) -> dict | None:
+    summary = _read_json(run.path / "cv_summary.json")
+    if summary is None:
+        return None
+    keys = ("k", "folds_done", "n_samples", "n_groups", "metrics", "test")
+    return {k: summary[k] for k in keys if k in summary}
+
+
 def export_run(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
     *,
     checkpoint: str = "best",
     overwrite: bool = False,
+    ensemble: bool = False,
+    tta: bool = False,
+    formats: str | Iterable[str] = ("savedmodel",),
 ) -> Path:
     """Export a run's model to ``out_dir`` (default ``<export.dir>/<run name>``).
 
+    Args:
+        run_dir: a run folder, or a cross-validation run folder (exported as an ensemble).
+        out_dir: the export folder.
+        checkpoint: ``best`` or ``last`` (of every fold, for an ensemble).
+        overwrite: replace an existing export folder.
+        ensemble: export the mean-probability ensemble of a CV run's folds (automatic when
+            ``run_dir`` holds ``ensemble.json``).
+        tta: horizontal-flip test-time augmentation in the graph.
+        formats: ``savedmodel`` and/or ``tflite`` (``both`` for the two).
+
     Returns:
-        The export folder (holding ``saved_model/`` and ``medseg.json``).
+        The export folder (holding ``medseg.json``, ``saved_model/`` and/or ``model.tflite``,
+        and the Keras checkpoint copies).
 
     Raises:
         RunExistsError: ``out_dir`` exists and ``overwrite`` is false.
-        ModelError: the reloaded export disagrees with the Keras model.
+        ConfigError: unknown format, or ``ensemble`` on a folder that is not a CV run.
+        ModelError: a checkpoint cannot be loaded, the TFLite conversion fails, or the reloaded
+            export disagrees with the Keras models.
     """
+    start = time.perf_counter()
+    formats = _normalize_formats(formats)
     run = open_run(run_dir)
     cfg = run.config()
     out = Path(out_dir) if out_dir else Path(cfg.export.dir) / run.path.name
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out}: export folder exists; pass --overwrite to replace it")
-    model = load_run_model(run, checkpoint)
+    ensemble = ensemble or (run.path / ENSEMBLE_NAME).is_file()
+    if ensemble:
+        members = _ensemble_members(run, checkpoint)
+        models = [_load_model(m["path"]) for m in members]
+    else:
+        members = []
+        models = [load_run_model(run, checkpoint)]
+    task = cfg.data.task
     prep = preprocessing(cfg)
-    serve = serving_function(model, cfg.data.task, prep, cfg.predict.threshold)
+    tol = cfg.export.tolerance
+    serve = serving_function(models, task, prep, cfg.predict.threshold, tta=tta)
+    model_fn = model_function(models, prep["size"], tta=tta)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint("serve", serve)
+        for m in models:
+            archive.track(m)
+        archive.add_endpoint(SERVE_SIGNATURE, serve)
+        archive.add_endpoint(MODEL_SIGNATURE, model_fn)
         archive.write_out(str(tmp / SAVED_MODEL), verbose=False)
-        max_diff = verify_export(tmp / SAVED_MODEL, model, prep)
-        if max_diff > cfg.export.tolerance:
-            raise ModelError(
-                f"{out}: reloaded SavedModel differs from the Keras model by {max_diff:.3g} "
-                f"(tolerance {cfg.export.tolerance}); export discarded"
-            )
+        verification = None
+        if "savedmodel" in formats:
+            max_diff = verify_export(tmp / SAVED_MODEL, models, prep, tta=tta)
+            if not max_diff <= tol:  # NaN fails too
+                raise ModelError(
+                    f"{out}: reloaded SavedModel differs from the Keras model(s) by "
+                    f"{max_diff:.3g} (tolerance {tol}); export discarded"
+                )
+            verification = {
+                "max_abs_diff": max_diff,
+                "tolerance": tol,
+                "against": "the Keras model(s) run eagerly on the same preprocessed inputs"
+                + (", mean over the folds" if ensemble else "")
+                + (" and the horizontal flip" if tta else ""),
+                "inputs": "random raw images at the model size and at another size",
+            }
+        tflite = None
+        if "tflite" in formats:
+            convert_tflite(tmp / SAVED_MODEL, tmp / TFLITE_NAME)
+            tfl_tol = tol * TFLITE_TOLERANCE_FACTOR
+            tfl_diff = verify_tflite(tmp / TFLITE_NAME, models, prep, tta=tta)
+            if not tfl_diff <= tfl_tol:
+                raise ModelError(
+                    f"{out}: TFLite model differs from the Keras model(s) by {tfl_diff:.3g} "
+                    f"(tolerance {tfl_tol:g}); export discarded"
+                )
+            tflite = _tflite_card(models[0], prep, task, tfl_diff, tfl_tol)
+        if "savedmodel" not in formats:
+            shutil.rmtree(tmp / SAVED_MODEL)
+        keras_files = _copy_checkpoints(run, checkpoint, members, tmp)
         manifest = json.loads(run.splits_path.read_text()) if run.splits_path.exists() else {}
-        card = {
-            "format": "medseg-export/1",
-            "task": cfg.data.task,
-            "model": cfg.model.name,
-            "run": run.path.name,
-            "checkpoint": checkpoint,
-            "classes": manifest.get("class_names", []),
-            "num_outputs": int(model.output_shape[-1]),
-            "input": {
-                "name": "image",
-                "dtype": "float32",
-                "layout": "NHWC",
-                "channels": int(model.input_shape[-1]),
-                "model_size": list(prep["size"]),
-                "resize": prep["policy"],
-                "resize_note": "any input size is brought to model_size in-graph (stretch: "
-                "bilinear antialiased resize; pad: fit keeping the aspect ratio, zero padding); "
-                "segmentation outputs are mapped back to the input size",
-            },
-            "normalization": cfg.data.normalization,
-            "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
-            "threshold": cfg.predict.threshold,
-            "outputs": ["probabilities", "label"]
-            if cfg.data.task == "classification"
-            else ["probabilities", "mask"],
-            "config_hash": cfg.hash(),
-            "split_hash": manifest.get("hash"),
-            "metrics": run.metrics(),
-            "verification": {"max_abs_diff": max_diff, "tolerance": cfg.export.tolerance},
-            "versions": {
-                "medseg": medseg.__version__,
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-            },
+        card = _card(cfg, run, checkpoint, manifest, models[0], prep, task, verification, tflite)
+        card["formats"] = list(formats)
+        card["signatures"] = (
+            {
+                SERVE_SIGNATURE: "raw pixels, any size -> probabilities and mask/label "
+                "(preprocessing in-graph)",
+                MODEL_SIGNATURE: "preprocessed [batch, *model_size, channels] -> probabilities "
+                "at the model size",
+            }
+            if "savedmodel" in formats
+            else {}
+        )
+        card["ensemble"] = (
+            {
+                "combine": "mean_probability",
+                "folds": [
+                    {
+                        "fold": m["fold"],
+                        "source": m["path"].relative_to(run.path).as_posix(),
+                        "keras": f,
+                    }
+                    for m, f in zip(members, keras_files, strict=True)
+                ],
+                "cv_summary": _cv_summary(run),
+                "cv_manifest_hash": manifest.get("hash"),
+            }
+            if ensemble
+            else None
+        )
+        card["tta"] = {
+            "enabled": bool(tta),
+            "transforms": ["identity", "horizontal_flip"] if tta else ["identity"],
+            "combine": "mean_probability",
+            "note": TTA_NOTE if tta else None,
+        }
+        card["keras"] = {
+            "files": keras_files,
+            "note": "copies of the Keras checkpoints"
+            + (" (one per fold; the export is their mean probability)" if ensemble else "")
+            + "; they take the preprocessed batch (see input) and hold no TTA"
+            + (
+                f"; loading them needs the TF-Hub module at {cfg.model.hub_handle}"
+                if cfg.model.hub_handle
+                else ""
+            ),
         }
         atomic_write_json(tmp / CARD_NAME, card)
         if out.exists():
@@ -163,20 +409,207 @@ def export_run(
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("exported %s -> %s (max abs diff %.2g)", run.path.name, out, max_diff)
+    logger.info(
+        "exported %s -> %s (%s%s%s; %.1fs)",
+        run.path.name,
+        out,
+        "+".join(formats),
+        f", ensemble of {len(models)}" if ensemble else "",
+        ", tta" if tta else "",
+        time.perf_counter() - start,
+    )
     return out
 
 
-def verify_export(saved_model: Path, model: keras.Model, prep: dict) -> float:
-    """Max abs difference between the reloaded SavedModel and the Keras model on test inputs.
+def _copy_checkpoints(run: RunDir, checkpoint: str, members: list[dict], dest: Path) -> list:
+    """Copy the Keras checkpoint(s) into the export; returns their paths relative to it."""
+    if not members:
+        src = run.best_model if checkpoint == "best" else run.last_model
+        shutil.copy2(src, dest / KERAS_NAME)
+        return [KERAS_NAME]
+    (dest / FOLDS_DIR).mkdir()
+    files = []
+    for m in members:
+        name = f"{FOLDS_DIR}/fold_{m['fold']}.keras"
+        shutil.copy2(m["path"], dest / name)
+        files.append(name)
+    return files
 
-    The inputs are deterministic random images at the model size (so no resize is involved) in
-    raw 0-255 range; both sides normalise with the same function.
-    """
+
+def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflite) -> dict:
+    metrics = run.metrics()
+    test = _read_json(run.path / "test_metrics.json")
+    if not metrics and test is not None:  # CV run: the ensemble on the held-out test split
+        metrics = {"test": test}
+    return {
+        "format": "medseg-export/1",
+        "task": task,
+        "model": cfg.model.name,
+        "run": run.path.name,
+        "checkpoint": checkpoint,
+        "classes": manifest.get("class_names", []),
+        "num_outputs": int(model.output_shape[-1]),
+        "input": {
+            "name": "image",
+            "dtype": "float32",
+            "layout": "NHWC",
+            "channels": int(model.input_shape[-1]),
+            "model_size": list(prep["size"]),
+            "resize": prep["policy"],
+            "resize_note": "any input size is brought to model_size in-graph (stretch: "
+            "bilinear antialiased resize; pad: fit keeping the aspect ratio, zero padding); "
+            "segmentation outputs are mapped back to the input size",
+        },
+        "normalization": cfg.data.normalization,
+        "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
+        "threshold": cfg.predict.threshold,
+        "outputs": ["probabilities", "label"]
+        if task == "classification"
+        else ["probabilities", "mask"],
+        "config_hash": cfg.hash(),
+        "split_hash": manifest.get("hash"),
+        "metrics": metrics,
+        "verification": verification,
+        "tflite": tflite,
+        "versions": {
+            "medseg": medseg.__version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+    }
+
+
+def _tflite_card(model, prep, task, max_diff, tol) -> dict:
+    size, channels, k = list(prep["size"]), int(model.input_shape[-1]), model.output_shape[-1]
+    return {
+        "file": TFLITE_NAME,
+        "input": "preprocessed",
+        "input_name": "image",
+        "input_shape": [-1, *size, channels],
+        "output": "probabilities",
+        "output_shape": [-1, *size, int(k)] if task == "segmentation" else [-1, int(k)],
+        "signature": MODEL_SIGNATURE,
+        "preprocessing": f"normalise each image ({prep['method']}), then resize to "
+        f"{size[0]}x{size[1]} ({prep['policy']}), as medseg.data.preprocess.preprocess_images; "
+        "map segmentation outputs back with restore_size and threshold/argmax them yourself",
+        "ops": "TFLITE_BUILTINS",
+        "dtype": "float32",
+        "delegate": "XNNPACK (the TF Lite interpreter's default CPU delegate)",
+        "why_preprocessed": "antialiased resize (ScaleAndTranslate) has no TFLite builtin kernel",
+        "verification": {"max_abs_diff": max_diff, "tolerance": tol},
+    }
+
+
+def _verification_inputs(size: Sequence[int], channels: int) -> list[np.ndarray]:
+    """Raw 0-255 test batches: one at the model size (no resize), one at another size."""
     rng = np.random.default_rng(0)
-    raw = rng.uniform(0, 255, (2, *prep["size"], model.input_shape[-1])).astype(np.float32)
+    h, w = int(size[0]), int(size[1])
+    other = (h + h // 2 + 1, max(1, (3 * w) // 4 + 1))
+    return [
+        rng.uniform(0, 255, (2, h, w, channels)).astype(np.float32),
+        rng.uniform(0, 255, (2, *other, channels)).astype(np.float32),
+    ]
+
+
+def verify_export(
+    saved_model: Path,
+    model: keras.Model | Sequence[keras.Model],
+    prep: dict,
+    *,
+    tta: bool = False,
+) -> float:
+    """Max abs difference between the reloaded SavedModel and the Keras model(s).
+
+    Both sides normalise and resize with the same function; the reference then runs each Keras
+    model eagerly (and on the flipped batch with ``tta``) and averages in NumPy
+    (:func:`reference_probabilities`). Inputs are deterministic random raw images at the model
+    size and at another size (segmentation references are mapped back with ``restore_size``).
+    The ``model`` signature is checked on the preprocessed batch as well.
+    """
+    models = _as_list(model)
     loaded = tf.saved_model.load(str(saved_model))
-    got = loaded.signatures["serve"](image=tf.constant(raw))["probabilities"].numpy()
-    x = preprocess_images(tf.constant(raw), **prep)
-    want = np.asarray(model(x, training=False), np.float32)
-    return float(np.max(np.abs(got - want)))
+    serve = loaded.signatures[SERVE_SIGNATURE]
+    model_sig = loaded.signatures.get(MODEL_SIGNATURE)
+    seg = _is_segmentation(models[0])
+    diff = 0.0
+    for raw in _verification_inputs(prep["size"], models[0].input_shape[-1]):
+        got = serve(image=tf.constant(raw))["probabilities"].numpy()
+        x = preprocess_images(tf.constant(raw), **prep).numpy()
+        want = reference_probabilities(models, x, tta)
+        if model_sig is not None:
+            got_m = model_sig(image=tf.constant(x))["probabilities"].numpy()
+            diff = max(diff, _max_abs_diff(got_m, want))
+        if seg:
+            want = restore_size(tf.constant(want), raw.shape[1:3], prep["size"], prep["policy"])
+        diff = max(diff, _max_abs_diff(got, np.asarray(want)))
+    return diff
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        raise ModelError(f"export output shape {a.shape} differs from the Keras model's {b.shape}")
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float("nan") if np.isnan(d).any() else float(d.max())
+
+
+def convert_tflite(saved_model: Path, out: Path) -> Path:
+    """Convert the ``model`` signature of an export's SavedModel to a float32 TFLite file.
+
+    Only TFLite builtin ops are allowed (no TF select ops), so the file runs on the plain TFLite
+    runtime. Converting from the SavedModel (rather than a concrete function) freezes the
+    variables into constants; the concrete-function path keeps resource variables that the
+    interpreter silently reads as garbage.
+
+    Raises:
+        ModelError: the conversion fails (e.g. an op without a builtin kernel).
+    """
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model), signature_keys=[MODEL_SIGNATURE]
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        blob = converter.convert()
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise ModelError(
+            f"{saved_model}: TFLite conversion failed ({type(e).__name__}: {msg[0] if msg else ''})"
+        ) from None
+    out.write_bytes(blob)
+    return out
+
+
+def tflite_interpreter(path: str | Path):
+    """A TFLite interpreter for ``path`` with the default delegates (XNNPACK on CPU): LiteRT's
+    when ``ai_edge_litert`` is installed, else ``tf.lite.Interpreter``."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        return Interpreter(model_path=str(path))
+
+
+def run_tflite(path: str | Path, x: np.ndarray) -> np.ndarray:
+    """Run an exported ``model.tflite`` on a preprocessed ``[batch, H, W, C]`` batch."""
+    runner = tflite_interpreter(path).get_signature_runner(MODEL_SIGNATURE)
+    return np.asarray(runner(image=np.ascontiguousarray(x, np.float32))["probabilities"])
+
+
+def verify_tflite(
+    path: Path,
+    model: keras.Model | Sequence[keras.Model],
+    prep: dict,
+    *,
+    tta: bool = False,
+) -> float:
+    """Max abs difference between the TFLite file and the Keras model(s) on preprocessed
+    batches of 1 and 2 images (the second exercises the dynamic batch size)."""
+    models = _as_list(model)
+    diff = 0.0
+    for raw in _verification_inputs(prep["size"], models[0].input_shape[-1]):
+        x = preprocess_images(tf.constant(raw), **prep).numpy()
+        for batch in (x[:1], x):
+            got = run_tflite(path, batch)
+            diff = max(diff, _max_abs_diff(got, reference_probabilities(models, batch, tta)))
+    return diff
