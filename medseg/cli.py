@@ -160,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-lesion-voxels", type=int, default=0, help="remove lesions smaller than this"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--mc-samples",
+        type=int,
+        default=0,
+        help="MC-dropout passes per case for an uncertainty score and map (0: off)",
+    )
+    p.add_argument(
+        "--explain", action="store_true", help="classifiers: write a Grad-CAM heatmap per case"
+    )
     _add_overwrite(p)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(
@@ -358,6 +367,8 @@ def _cmd_predict(args) -> int:
         largest_component=args.largest_component,
         min_lesion_voxels=args.min_lesion_voxels,
         progress=not args.no_progress,
+        mc_samples=args.mc_samples,
+        explain=args.explain,
     )
     print(
         f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "

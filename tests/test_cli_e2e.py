@@ -280,3 +280,17 @@ def test_hub_classifier_through_the_cli(workdir):
     for r in rows:
         p = [float(r[f"p_{c}"]) for c in card["classes"]]
         assert abs(sum(p) - 1) < 1e-3 and r["class"] == card["classes"][int(np.argmax(p))]
+    # Grad-CAM needs an inner feature map, which a TF-Hub module does not expose: the run
+    # fails up front with one line, before writing any case.
+    explain = run_cli(
+        "predict",
+        "--model",
+        "models/cls",
+        str(images),
+        "--out",
+        "cls_explain",
+        "--explain",
+        cwd=workdir,
+    )
+    assert explain.returncode == 2 and "TF-Hub" in explain.stderr
+    assert not (workdir / "cls_explain" / "predictions.csv").exists()

@@ -497,3 +497,25 @@ def test_predict_with_a_trained_unet_run_folder(tiny_run, tmp_path):
     assert (result.out_dir / "img0" / "mask.png").is_file()
     assert result.n_slices == 6 + 4 + 5 + 1
     no_secret_anywhere(result.out_dir)
+
+
+@pytest.mark.slow
+def test_mc_dropout_uncertainty_through_predict(tmp_path, tiny_synth):
+    from medseg.config import load_config
+    from medseg.inference.predict import predict
+    from medseg.training.train import train
+
+    run = train(load_config(None, [
+        "data.image_size=[32,32]", "model.base_filters=4", "model.depth=2", "model.dropout=0.3",
+        "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=8",
+        f"data.root={tiny_synth / 'segmentation'}", f"run.root={tmp_path}", "run.name=mc",
+    ])).run.path
+    patient = sorted((tiny_synth / "segmentation").iterdir())[0]
+    r = predict(run, [patient], tmp_path / "out", mc_samples=4, progress=False)
+    assert r.n_failed == 0
+    for row in r.rows:
+        assert float(row["uncertainty"]) >= 0
+        assert (tmp_path / "out" / row["uncertainty_map"]).is_file()
+    assert any(float(row["uncertainty"]) > 0 for row in r.rows)
+    with pytest.raises(ConfigError, match="mc_samples"):
+        predict(run, [patient], tmp_path / "out2", mc_samples=1)

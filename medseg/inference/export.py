@@ -152,6 +152,17 @@ def reference_probabilities(
     return np.mean(np.stack(outs).astype(np.float64), axis=0).astype(np.float32)
 
 
+def prep_from_card(card: dict) -> dict:
+    """The preprocessing keyword arguments recorded in an export's ``medseg.json``."""
+    window = card.get("window")
+    return {
+        "size": tuple(card["input"]["model_size"]),
+        "method": card["normalization"],
+        "window": tuple(window) if window else (40.0, 400.0),
+        "policy": card["input"].get("resize", "stretch"),
+    }
+
+
 def serving_function(
     model: keras.Model | Sequence[keras.Model],
     task: str,

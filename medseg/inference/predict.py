@@ -70,7 +70,14 @@ import numpy as np
 
 from medseg.data.overlay import overlay
 from medseg.errors import ConfigError, DataError, MedsegError, ModelError, RunExistsError
+from medseg.inference.explain import heatmap_overlay
 from medseg.inference.postprocess import apply_threshold, check_threshold, postprocess
+from medseg.inference.uncertainty import (
+    mc_predict,
+    predictive_entropy,
+    segmentation_uncertainty,
+    uncertainty_display,
+)
 from medseg.inference.writers import (
     write_mask_nifti,
     write_mask_png,
@@ -104,6 +111,9 @@ class Predictor:
         import tensorflow as tf
 
         path = Path(path)
+        self.path = path
+        self._keras: list | None = None
+        self._gradcam = None
         if (path / "medseg.json").is_file() and (path / "saved_model").is_dir():
             self.card = json.loads((path / "medseg.json").read_text())
             try:
@@ -112,6 +122,9 @@ class Predictor:
             except Exception as e:
                 raise ModelError(f"{path}: cannot load the SavedModel ({e})") from None
             self._loaded = loaded
+            from medseg.inference.export import prep_from_card
+
+            self.prep = prep_from_card(self.card)
         elif (path / "config.yaml").is_file():
             from medseg.inference.export import preprocessing, serving_function
             from medseg.training.evaluate import load_run_model
@@ -128,9 +141,9 @@ class Predictor:
                 "threshold": cfg.predict.threshold,
                 "num_outputs": int(model.output_shape[-1]),
             }
-            self._fn = serving_function(
-                model, cfg.data.task, preprocessing(cfg), cfg.predict.threshold
-            )
+            self.prep = preprocessing(cfg)
+            self._keras = [model]
+            self._fn = serving_function(model, cfg.data.task, self.prep, cfg.predict.threshold)
         else:
             raise ModelError(
                 f"{path}: not a medseg export (saved_model/ + medseg.json) or run folder"
@@ -138,6 +151,34 @@ class Predictor:
         self.task: str = self.card["task"]
         self.channels: int = int(self.card["input"]["channels"])
         self.classes: list[str] = list(self.card.get("classes") or [])
+
+    def keras_models(self) -> list:
+        """The Keras model(s) behind this predictor (one per fold for an ensemble export), for
+        the tools that need the Keras graph: MC-dropout and Grad-CAM."""
+        if self._keras is None:
+            import keras
+
+            import medseg.models  # noqa: F401  (registers medseg's layers for loading)
+
+            files = (self.card.get("keras") or {}).get("files") or []
+            if not files:
+                raise ModelError(
+                    f"{self.path}: this export has no Keras copy (model.keras); re-export it, "
+                    "or pass the run folder as --model"
+                )
+            try:
+                self._keras = [keras.models.load_model(self.path / f, compile=False) for f in files]
+            except Exception as e:
+                raise ModelError(f"{self.path}: cannot load the Keras copy ({e})") from None
+        return self._keras
+
+    def gradcam(self):
+        """A Grad-CAM explainer of the (first) Keras model, built once."""
+        if self._gradcam is None:
+            from medseg.inference.explain import GradCAM
+
+            self._gradcam = GradCAM(self.keras_models()[0])
+        return self._gradcam
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run the model on float32 ``[N, H, W, C]`` raw pixels."""
@@ -455,6 +496,8 @@ class _Options:
     threshold: float | None
     largest_component: bool
     min_lesion_voxels: int
+    mc_samples: int = 0
+    explain: bool = False
 
 
 @dataclass
@@ -485,6 +528,24 @@ def _predict_case(
         names = predictor.classes or [str(i) for i in range(len(mean))]
         row.update(label=int(mean.argmax()), **{"class": names[int(mean.argmax())]})
         row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, mean, strict=True)})
+        images = to_channels(volume, predictor.channels)
+        if opts.mc_samples:
+            r = mc_predict(
+                predictor.keras_models(),
+                images,
+                opts.mc_samples,
+                prep=predictor.prep,
+                batch_size=opts.batch_size,
+            )
+            row["uncertainty"] = round(float(predictive_entropy(r["mean"].mean(axis=0))), 6)
+        if opts.explain:
+            k = len(volume) // 2
+            heat = predictor.gradcam()(
+                images[k : k + 1], class_index=row["label"], prep=predictor.prep
+            )
+            case_dir.mkdir(parents=True, exist_ok=True)
+            write_png(case_dir / "gradcam.png", heatmap_overlay(volume[k], heat[0]))
+            row["gradcam"] = f"{case.case_id}/gradcam.png"
         return row
 
     n_out = int(predictor.card.get("num_outputs", 1))
@@ -535,11 +596,23 @@ def _predict_case(
             row["foreground_mm2"] = round(fg * float(np.prod(spacing)), 3)
         write_mask_png(case_dir / "mask.png", mask[0], binary)
         row["mask"] = f"{case.case_id}/mask.png"
+    k = int(per_slice.argmax()) if fg else len(mask) // 2
     if opts.overlays:
-        k = int(per_slice.argmax()) if fg else len(mask) // 2
         write_png(case_dir / "overlay.png", overlay(volume[k], mask[k]))
         if image.is_volume:
             row["overlay_slice"] = k
+    if opts.mc_samples:
+        r = mc_predict(
+            predictor.keras_models(),
+            to_channels(volume, predictor.channels),
+            opts.mc_samples,
+            prep=predictor.prep,
+            batch_size=opts.batch_size,
+        )
+        row["uncertainty"] = round(float(segmentation_uncertainty(r["variance_map"], mask > 0)), 6)
+        display = uncertainty_display(r["variance_map"][k])
+        write_png(case_dir / "uncertainty.png", heatmap_overlay(volume[k], display))
+        row["uncertainty_map"] = f"{case.case_id}/uncertainty.png"
     return row
 
 
@@ -607,6 +680,8 @@ def predict(
     largest_component: bool = False,
     min_lesion_voxels: int = 0,
     progress: bool = True,
+    mc_samples: int = 0,
+    explain: bool = False,
 ) -> PredictResult:
     """Predict every case of ``inputs`` with ``model``; write per-case outputs and the tables.
 
@@ -626,6 +701,10 @@ def predict(
         min_lesion_voxels: remove connected foreground components smaller than this (voxels,
             pixels for 2D images).
         progress: show a progress bar over the cases on stderr (only when it is a terminal).
+        mc_samples: MC-dropout passes per case (0: off): adds an ``uncertainty`` column (mean
+            voxel variance over the predicted lesion, or the predictive entropy of a
+            classifier) and ``uncertainty.png`` (segmentation); needs a model with dropout.
+        explain: classifiers: write ``gradcam.png`` (Grad-CAM of the predicted class).
 
     Returns:
         The output folder, the per-case rows (failed cases have ``status == "error"``) and the
@@ -661,7 +740,30 @@ def predict(
             "threshold %.3g ignored: it applies to binary segmentation models", threshold
         )
         threshold = None
-    opts = _Options(batch_size, overlays, threshold, largest_component, int(min_lesion_voxels))
+    if mc_samples == 1 or mc_samples < 0:
+        raise ConfigError(f"mc_samples must be 0 (off) or >= 2, got {mc_samples}")
+    # Problems of the model with these options fail the run before any case is written.
+    if explain and predictor.task != "classification":
+        logger.warning(
+            "--explain applies to classifiers; ignored for this %s model", predictor.task
+        )
+        explain = False
+    elif explain:
+        predictor.gradcam()
+    if mc_samples:
+        from medseg.inference.uncertainty import mc_dropout_model
+
+        for m in predictor.keras_models():
+            mc_dropout_model(m)
+    opts = _Options(
+        batch_size,
+        overlays,
+        threshold,
+        largest_component,
+        int(min_lesion_voxels),
+        int(mc_samples),
+        explain,
+    )
     out.mkdir(parents=True, exist_ok=True)
     reader, clock, rows = _Reader(), _Clock(), []
     show = progress and sys.stderr.isatty()
