@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,7 +136,6 @@ def write_seg(
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     path = Path(path)
     labels = np.asarray(labels)
@@ -175,7 +175,20 @@ def write_seg(
     if len(numbers) != max(numbers):  # highdicom wants segments 1..n
         raise ValueError(f"{path}: segment numbers {numbers} must run from 1 without gaps")
     pixels = labels.astype(np.uint8 if max(numbers) <= 255 else np.uint16)
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings():
+        # highdicom warns about unusual PatientName values by quoting them: keep names out of
+        # the logs (the SEG itself must carry the source's patient module).
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        seg = _segmentation(hd, sources, pixels, descriptions, series_number)
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def _segmentation(hd, sources, pixels, descriptions, series_number):
+    from pydicom.uid import generate_uid
+
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -193,9 +206,6 @@ def write_seg(
         content_description="Automatic segmentation by medseg",
         omit_empty_frames=bool(pixels.any()),  # all empty: keep every frame, quietly
     )
-    with atomic_path(path) as tmp:
-        seg.save_as(tmp)
-    return path
 
 
 def write_tables(out: str | Path, rows: list[dict]) -> None:
