@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import sys
@@ -21,6 +23,7 @@ from medseg.errors import ConfigError, DataError, ModelError, RunExistsError
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
+from medseg.training.callbacks import AtomicBackupAndRestore, AtomicModelCheckpoint
 from medseg.training.evaluate import evaluate
 from medseg.training.optim import build_optimizer
 from medseg.training.plots import plot_history
@@ -110,16 +113,56 @@ def _seed(cfg: Config) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def _history_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _best_so_far(path: Path, monitor: str, mode: str) -> float | None:
+    """The best ``monitor`` value logged before a resume (so ``best.keras`` is not replaced by
+    a worse epoch after it)."""
+    values = [float(r[monitor]) for r in _history_rows(path) if r.get(monitor)]
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
+
+
+def _dedupe_history(path: Path) -> None:
+    """Keep one row per epoch (the last one): an epoch that was interrupted after its row was
+    written and then run again after a resume is logged twice."""
+    rows = _history_rows(path)
+    by_epoch = {int(r["epoch"]): r for r in rows}
+    if len(by_epoch) == len(rows):
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(by_epoch[e] for e in sorted(by_epoch))
+    atomic_write_text(path, buf.getvalue())
+
+
 def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
     t = cfg.train
+    history = run.logs / "history.csv"
+    prior = None
+    if resumed and run.best_model.exists():
+        prior = _best_so_far(history, t.monitor, t.monitor_mode)
+    # Everything an epoch writes (log row, checkpoints) comes before BackupAndRestore saves the
+    # epoch as done: a kill in between then repeats the epoch instead of losing its records.
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run.checkpoints / "backup")),
-        keras.callbacks.ModelCheckpoint(str(run.last_model)),
-        keras.callbacks.ModelCheckpoint(
-            str(run.best_model), monitor=t.monitor, mode=t.monitor_mode, save_best_only=True
+        keras.callbacks.CSVLogger(str(history), append=resumed),
+        AtomicModelCheckpoint(str(run.last_model)),
+        AtomicModelCheckpoint(
+            str(run.best_model),
+            monitor=t.monitor,
+            mode=t.monitor_mode,
+            save_best_only=True,
+            initial_value_threshold=prior,
         ),
-        keras.callbacks.CSVLogger(str(run.logs / "history.csv"), append=resumed),
         keras.callbacks.TensorBoard(str(run.logs / "tensorboard"), write_graph=False),
+        AtomicBackupAndRestore(str(run.checkpoints / "backup")),
         keras.callbacks.TerminateOnNaN(),
     ]
     if t.early_stopping:
@@ -238,6 +281,7 @@ def train(
         if "DataError" not in e.message:
             raise
         raise DataError(f"while reading training data: {e.message.splitlines()[0]}") from None
+    _dedupe_history(run.logs / "history.csv")
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
         raise ModelError(
