@@ -236,26 +236,6 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow and probe devices with C++ stderr muted.
-
-    TensorFlow's C++ runtime writes start-up lines (oneDNN notes, "could not find CUDA drivers",
-    cuInit failures on machines without a GPU) straight to file descriptor 2, before any Python
-    logging setting applies. Python-level errors still surface as exceptions.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _cmd_demo(args) -> int:
     from medseg.demo import run_demo
 
@@ -458,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet, args.debug)
     if not args.debug and args.verb != "data":
-        _import_tensorflow_quietly()
+        from medseg.utils import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     from medseg.errors import MedsegError
 
     try:

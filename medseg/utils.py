@@ -83,3 +83,27 @@ def safe_name(text: str, max_len: int = 64) -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         name = f"{name[: max_len - 9]}_{digest}"
     return name
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and probe its devices with C++ stderr muted.
+
+    TensorFlow's C++ runtime writes start-up lines (oneDNN notes, "could not find CUDA drivers",
+    cuInit failures on machines without a GPU) straight to file descriptor 2, before any Python
+    logging setting applies. Python-level errors still surface as exceptions.
+    """
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -86,23 +85,6 @@ def _worker_logging(level: int) -> None:
     log.setLevel(level)
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with C++ stderr muted (its start-up lines, as the CLI does)."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _fold_task(cfg_dict: dict, root: str, k: int, cwd: str, log_level: int) -> dict:
     """Body of the Ray task of fold ``k``: runs in a worker process, possibly on another host."""
     _worker_logging(log_level)
@@ -114,7 +96,9 @@ def _fold_task(cfg_dict: dict, root: str, k: int, cwd: str, log_level: int) -> d
             "(a shared filesystem on a cluster)"
         )
     if log_level > logging.DEBUG:
-        _import_tensorflow_quietly()
+        from medseg.utils import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     from medseg.training.cv import run_fold
 
     start = time.monotonic()
