@@ -255,6 +255,16 @@ def _cmd_demo(args) -> int:
     return EXIT_PARTIAL if r.predictions.n_failed else EXIT_OK
 
 
+def _run_overrides(args) -> list[str]:
+    """``--set`` values plus what ``--name`` and ``--overwrite`` say about the run folder."""
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"run.name={args.name}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    return overrides
+
+
 def _cmd_train(args) -> int:
     from medseg.config import load_config
     from medseg.training.evaluate import headline
@@ -265,12 +275,7 @@ def _cmd_train(args) -> int:
         print(f"run: {result.run.path}")
         print(f"val: {headline(result.metrics)}")
         return EXIT_OK
-    overrides = list(args.overrides)
-    if args.name:
-        overrides.append(f"run.name={args.name}")
-    if args.overwrite:
-        overrides.append("run.overwrite=true")
-    result = train(load_config(args.config, overrides))
+    result = train(load_config(args.config, _run_overrides(args)))
     print(f"run: {result.run.path}")
     print(f"val: {headline(result.metrics)}")
     return EXIT_OK
@@ -281,13 +286,9 @@ def _cmd_cv(args) -> int:
     from medseg.errors import ConfigError
     from medseg.training.cv import run_cv
 
-    overrides = list(args.overrides)
+    overrides = _run_overrides(args)
     if args.folds:
         overrides.append(f"cv.folds={args.folds}")
-    if args.name:
-        overrides.append(f"run.name={args.name}")
-    if args.overwrite:
-        overrides.append("run.overwrite=true")
     only = None
     if args.only:
         try:

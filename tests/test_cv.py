@@ -44,27 +44,21 @@ def workdir(tmp_path_factory, tiny_synth):
     return work
 
 
+def _cv(workdir, name, *sets):
+    """``medseg cv`` on the tiny data: 3 folds, run ``name``, extra ``--set`` values."""
+    extra = [a for v in sets for a in ("--set", v)]
+    return run_cli(
+        "cv", "-c", "configs/demo.yaml", "--folds", "3", "--name", name, *TINY, *extra, cwd=workdir
+    )
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_three_folds_through_the_cli(workdir):
-    proc = run_cli(
-        "cv",
-        "-c",
-        "configs/demo.yaml",
-        "--folds",
-        "3",
-        "--name",
-        "cv3",
-        *TINY,
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "data.test_fraction=0.2",
-        cwd=workdir,
-    )
+    proc = _cv(workdir, "cv3", "train.epochs=1", "data.test_fraction=0.2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = workdir / "runs" / "cv3"
     manifest = json.loads((root / "splits.json").read_text())
@@ -94,21 +88,7 @@ def test_three_folds_through_the_cli(workdir):
 
     # Rerunning the finished command trains nothing and keeps every file.
     before = (root / "fold_1" / "checkpoints" / "best.keras").stat().st_mtime_ns
-    again = run_cli(
-        "cv",
-        "-c",
-        "configs/demo.yaml",
-        "--folds",
-        "3",
-        "--name",
-        "cv3",
-        *TINY,
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "data.test_fraction=0.2",
-        cwd=workdir,
-    )
+    again = _cv(workdir, "cv3", "train.epochs=1", "data.test_fraction=0.2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already finished" in again.stderr
     assert (root / "fold_1" / "checkpoints" / "best.keras").stat().st_mtime_ns == before
@@ -161,19 +141,7 @@ def test_sigkill_during_fold_2_then_rerun_loses_nothing(workdir):
         and json.loads((root / "fold_2" / "state.json").read_text())["status"] == "running"
     )
 
-    again = run_cli(
-        "cv",
-        "-c",
-        "configs/demo.yaml",
-        "--folds",
-        "3",
-        "--name",
-        "killed",
-        *TINY,
-        "--set",
-        "train.epochs=4",
-        cwd=workdir,
-    )
+    again = _cv(workdir, "killed", "train.epochs=4")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in (root / "fold_1").iterdir() if p.is_file()} == fold1
     history = _rows(root / "fold_2" / "logs" / "history.csv")
