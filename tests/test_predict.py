@@ -505,11 +505,23 @@ def test_mc_dropout_uncertainty_through_predict(tmp_path, tiny_synth):
     from medseg.inference.predict import predict
     from medseg.training.train import train
 
-    run = train(load_config(None, [
-        "data.image_size=[32,32]", "model.base_filters=4", "model.depth=2", "model.dropout=0.3",
-        "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=8",
-        f"data.root={tiny_synth / 'segmentation'}", f"run.root={tmp_path}", "run.name=mc",
-    ])).run.path
+    run = train(
+        load_config(
+            None,
+            [
+                "data.image_size=[32,32]",
+                "model.base_filters=4",
+                "model.depth=2",
+                "model.dropout=0.3",
+                "train.epochs=1",
+                "train.warmup_epochs=0",
+                "train.batch_size=8",
+                f"data.root={tiny_synth / 'segmentation'}",
+                f"run.root={tmp_path}",
+                "run.name=mc",
+            ],
+        )
+    ).run.path
     patient = sorted((tiny_synth / "segmentation").iterdir())[0]
     r = predict(run, [patient], tmp_path / "out", mc_samples=4, progress=False)
     assert r.n_failed == 0
