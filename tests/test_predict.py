@@ -531,3 +531,17 @@ def test_mc_dropout_uncertainty_through_predict(tmp_path, tiny_synth):
     assert any(float(row["uncertainty"]) > 0 for row in r.rows)
     with pytest.raises(ConfigError, match="mc_samples"):
         predict(run, [patient], tmp_path / "out2", mc_samples=1)
+
+    # A volume gets its per-voxel variance as a float NIfTI in the source geometry.
+    import nibabel as nib
+
+    affine = np.array([[0.0, 0, 2, 5], [1.2, 0, 0, -3], [0, 1.2, 0, 7], [0, 0, 0, 1]])
+    vol = np.random.default_rng(0).uniform(0, 300, (40, 40, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "vol.nii.gz")
+    r = predict(run, [tmp_path / "vol.nii.gz"], tmp_path / "out3", mc_samples=3, progress=False)
+    row = r.rows[0]
+    assert row["status"] == "ok", row["error"]
+    unc = nib.load(tmp_path / "out3" / row["uncertainty_volume"])
+    np.testing.assert_allclose(unc.affine, affine, atol=1e-5)
+    assert unc.shape == vol.shape and unc.get_data_dtype() == np.float32
+    assert float(np.asarray(unc.dataobj).min()) >= 0

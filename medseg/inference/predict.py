@@ -610,6 +610,11 @@ def _predict_case(
             batch_size=opts.batch_size,
         )
         row["uncertainty"] = round(float(segmentation_uncertainty(r["variance_map"], mask > 0)), 6)
+        if image.is_volume:
+            write_mask_nifti(
+                case_dir / "uncertainty.nii.gz", r["variance_map"], image.meta, continuous=True
+            )
+            row["uncertainty_volume"] = f"{case.case_id}/uncertainty.nii.gz"
         display = uncertainty_display(r["variance_map"][k])
         write_png(case_dir / "uncertainty.png", heatmap_overlay(volume[k], display))
         row["uncertainty_map"] = f"{case.case_id}/uncertainty.png"

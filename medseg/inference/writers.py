@@ -73,8 +73,11 @@ def write_mask_png(path: str | Path, mask: np.ndarray, binary: bool) -> Path:
     return write_png(path, mask.astype(np.uint8))
 
 
-def write_mask_nifti(path: str | Path, labels: np.ndarray, meta: ImageMeta) -> str:
-    """Write a DxHxW label volume as NIfTI in the source geometry; return how it was placed.
+def write_mask_nifti(
+    path: str | Path, labels: np.ndarray, meta: ImageMeta, *, continuous: bool = False
+) -> str:
+    """Write a DxHxW label volume (or, ``continuous``, a float32 map such as an uncertainty
+    map) as NIfTI in the source geometry; return how it was placed.
 
     * NIfTI source: its own voxel order and affine (:func:`medseg.io.write_nifti_like`);
     * DICOM series (or multi-frame file) with a known affine: voxel order (col, row, slice) and
@@ -86,9 +89,12 @@ def write_mask_nifti(path: str | Path, labels: np.ndarray, meta: ImageMeta) -> s
         ``"source"`` when the source geometry was used, ``"spacing-only"`` otherwise.
     """
     path = Path(path)
-    labels = np.asarray(labels).astype(np.uint8 if _fits_uint8(labels) else np.int16)
+    if continuous:
+        labels = np.asarray(labels, np.float32)
+    else:
+        labels = np.asarray(labels).astype(np.uint8 if _fits_uint8(labels) else np.int16)
     if "nifti_original_affine" in meta.extra or meta.affine is not None:
-        write_nifti_like(path, labels, meta)
+        write_nifti_like(path, labels, meta, continuous=continuous)
         return "source"
     import nibabel as nib
 

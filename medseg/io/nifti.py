@@ -116,7 +116,9 @@ def read_nifti_mask(path: Path) -> np.ndarray:
     return np.ascontiguousarray(_canonical_to_array(values))
 
 
-def write_nifti_like(path: str | Path, labels: np.ndarray, reference: ImageMeta) -> Path:
+def write_nifti_like(
+    path: str | Path, labels: np.ndarray, reference: ImageMeta, *, continuous: bool = False
+) -> Path:
     """Write a DxHxW label volume so that it overlays ``reference``'s source in a viewer.
 
     * ``reference`` from a NIfTI file (:func:`medseg.io.read_image`): the labels are put back
@@ -133,6 +135,7 @@ def write_nifti_like(path: str | Path, labels: np.ndarray, reference: ImageMeta)
         labels: Integer (or boolean) label volume, DxHxW in the array convention of
             :func:`medseg.io.read_image` and of the same shape as the reference image.
         reference: ``meta`` of the image the labels were computed on.
+        continuous: write a float32 map (probabilities, uncertainty) instead of integer labels.
 
     Returns:
         ``path`` as a Path.
@@ -145,7 +148,7 @@ def write_nifti_like(path: str | Path, labels: np.ndarray, reference: ImageMeta)
     suffix = image_suffix(path)
     if suffix not in NIFTI_SUFFIXES:
         raise ValueError(f"{path}: output must end in .nii or .nii.gz")
-    labels = _as_labels(labels)
+    labels = np.asarray(labels, np.float32) if continuous else _as_labels(labels)
     extra = reference.extra
     qform_code = sform_code = 1  # scanner-based coordinates
     if "nifti_original_affine" in extra:
@@ -176,7 +179,7 @@ def write_nifti_like(path: str | Path, labels: np.ndarray, reference: ImageMeta)
         raise ValueError("reference has no affine; cannot place the labels in space")
 
     image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    image.set_data_dtype(_label_dtype(labels))
+    image.set_data_dtype(np.float32 if continuous else _label_dtype(labels))
     image.set_qform(affine, code=qform_code)
     image.set_sform(affine, code=sform_code)
     image.header.set_xyzt_units("mm")
