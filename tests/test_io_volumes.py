@@ -613,3 +613,28 @@ def test_real_two_series_in_one_folder(tmp_path: Path) -> None:
         read_image(tmp_path)
     assert "'T1post'" in str(info.value) and "'T2_reg'" in str(info.value)
     assert "PGBM" not in str(info.value)
+
+
+def test_read_dicom_files_reads_a_chosen_subset_of_a_folder(tmp_path):
+    """A folder whose other files are broken: the chosen series' files still read as one volume."""
+    import pydicom
+
+    from medseg.io import read_dicom_files, read_dicom_series
+
+    src = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm")
+    files = []
+    for i in range(3):
+        ds = src.copy()
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * i]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = 3 - i
+        path = tmp_path / f"s{2 - i}.dcm"  # file-name order opposite to position order
+        ds.save_as(path)
+        files.append(path)
+    (tmp_path / "broken.dcm").write_bytes(b"DICM but not really")
+    with pytest.raises(DataError, match="broken.dcm"):
+        read_dicom_series(tmp_path)
+    (image,) = read_dicom_files(files, folder=tmp_path)
+    assert image.array.shape == (3, 64, 64, 1)
+    assert [Path(s).name for s in image.meta.source] == ["s2.dcm", "s1.dcm", "s0.dcm"]

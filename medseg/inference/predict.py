@@ -60,7 +60,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -90,6 +89,7 @@ from medseg.io import (
     Image,
     image_suffix,
     is_dicom,
+    read_dicom_files,
     read_dicom_series,
     read_image,
     to_channels,
@@ -464,24 +464,12 @@ class _Reader:
 
 
 def _read_series_alone(case: Case) -> Image:
-    """Read the files of one series on their own (linked into a temporary folder)."""
+    """Read the files of one series on their own (its folder may hold other, broken files)."""
     assert case.folder is not None
-    by_name = {p.name: p for p in case.paths}
-    with tempfile.TemporaryDirectory(prefix="medseg-series-") as tmp:
-        tmp_dir = Path(tmp)
-        for path in case.paths:
-            try:
-                os.symlink(path.resolve(), tmp_dir / path.name)
-            except OSError:
-                shutil.copy2(path, tmp_dir / path.name)
-        try:
-            images = read_dicom_series(tmp_dir)
-        except MedsegError as e:
-            raise DataError(str(e).replace(str(tmp_dir), str(case.folder))) from None
+    images = read_dicom_files(case.paths, folder=case.folder)
     if len(images) != 1:
         raise DataError(f"{case.folder}: the files of series {case.series_number} split apart")
     image = images[0]
-    image.meta.source = tuple(str(by_name[Path(s).name]) for s in image.meta.source)
     image.meta.extra["folder"] = str(case.folder)
     return image
 

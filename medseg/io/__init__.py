@@ -98,7 +98,12 @@ Errors
 
 from medseg.io.base import IMAGE_SUFFIXES, Image, ImageMeta, image_suffix, to_channels
 from medseg.io.dicom import is_dicom
-from medseg.io.dicom_series import match_slice_positions, read_dicom_series, slice_positions
+from medseg.io.dicom_series import (
+    match_slice_positions,
+    read_dicom_files,
+    read_dicom_series,
+    slice_positions,
+)
 from medseg.io.nifti import write_nifti_like
 from medseg.io.readers import list_image_files, read_image, read_mask
 
@@ -110,6 +115,7 @@ __all__ = [
     "is_dicom",
     "list_image_files",
     "match_slice_positions",
+    "read_dicom_files",
     "read_dicom_series",
     "read_image",
     "read_mask",

@@ -232,6 +232,31 @@ def read_series_mask(folder: Path, *, allow_gaps: bool = False) -> tuple[np.ndar
 # --------------------------------------------------------------------------- scanning
 
 
+def read_dicom_files(
+    files: list[str | Path], *, folder: str | Path | None = None, allow_gaps: bool = False
+) -> list[Image]:
+    """Read the given DICOM files as :func:`read_dicom_series` reads a folder's files.
+
+    For callers that have already chosen the files of a series (e.g. to leave out a broken
+    file of the same folder). Files are split by SeriesInstanceUID, one volume per series.
+
+    Args:
+        files: DICOM files.
+        folder: the folder named in error messages (default: the first file's folder).
+        allow_gaps: Read series with a missing slice anyway (see :func:`read_image`).
+
+    Raises:
+        DataError: as :func:`read_dicom_series`.
+    """
+    paths = [Path(f) for f in files]
+    where = Path(folder) if folder is not None else (paths[0].parent if paths else Path("."))
+    headers = [h for h in (_read_header(p) for p in paths) if h is not None]
+    groups = _split(headers)
+    if not groups:
+        raise DataError(f"{where}: no DICOM image files among the {len(paths)} given")
+    return [_read_group_image(where, group, allow_gaps) for group in groups]
+
+
 def _scan(folder: Path, recursive: bool) -> list[_Header]:
     """Headers of the DICOM image files in ``folder``, in file name order."""
     headers: list[_Header] = []
