@@ -98,15 +98,12 @@ def load_samples(
     else:
         images = _preprocess(image, cfg)[np.newaxis]
         masks = mask[np.newaxis] if mask is not None else None
-    out = []
-    for k, s in enumerate(samples):
-        if masks is None:
-            out.append((images[k], np.int32(s.target)))
-        else:
-            size = tuple(cfg.image_size)
-            y = resize_masks(tf.convert_to_tensor(masks[k].astype(np.uint8)), size, cfg.resize)
-            out.append((images[k], y.numpy()))
-    return out
+    if masks is None:
+        return [(images[k], np.int32(s.target)) for k, s in enumerate(samples)]
+    # all slices of the volume in one resize call, not one eager op per slice
+    size = tuple(cfg.image_size)
+    resized = resize_masks(tf.convert_to_tensor(masks.astype(np.uint8)), size, cfg.resize).numpy()
+    return list(zip(images, resized, strict=True))
 
 
 def _by_source(samples: list[Sample]) -> list[list[int]]:

@@ -17,12 +17,17 @@ from medseg.models.mobilenet_unet import MobileNetV2UNet
 from medseg.models.unet import UNet
 
 
+def _require_task(cfg: Config, task: str) -> None:
+    """Reject a model built for another task than ``data.task``."""
+    if cfg.data.task != task:
+        raise ConfigError(
+            f"model.name: '{cfg.model.name}' is a {task} model; data.task is '{cfg.data.task}'"
+        )
+
+
 def _unet(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
-    if cfg.data.task != "segmentation":
-        raise ConfigError(
-            f"model.name: 'unet' is a segmentation model; data.task is '{cfg.data.task}'"
-        )
+    _require_task(cfg, "segmentation")
     return UNet(
         input_shape=(*cfg.data.image_size, cfg.data.channels),
         num_classes=num_outputs,
@@ -40,11 +45,7 @@ def _unet(cfg: Config, num_outputs: int) -> keras.Model:
 
 def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
-    if cfg.data.task != "classification":
-        raise ConfigError(
-            "model.name: 'mobilenetv2_classifier' is a classification model; data.task is "
-            f"'{cfg.data.task}'"
-        )
+    _require_task(cfg, "classification")
     if m.hub_handle and m.weights:
         raise ConfigError("model.hub_handle and model.weights: give one backbone source, not both")
     return build_mobilenetv2_classifier(
@@ -63,11 +64,7 @@ def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
 
 def _mobilenetv2_unet(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
-    if cfg.data.task != "segmentation":
-        raise ConfigError(
-            "model.name: 'mobilenetv2_unet' is a segmentation model; data.task is "
-            f"'{cfg.data.task}'"
-        )
+    _require_task(cfg, "segmentation")
     return MobileNetV2UNet(
         input_shape=(*cfg.data.image_size, cfg.data.channels),
         num_classes=num_outputs,
