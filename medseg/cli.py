@@ -171,6 +171,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overwrite(p)
 
+    p = sub.add_parser(
+        "bench",
+        help="measure training, inference and input-pipeline speed on this machine",
+        description="Benchmark the reference U-Net and the MobileNetV2 classifier (or the given "
+        "configs): input pipeline, training steps and inference (Keras, folded batch norm, "
+        "SavedModel, TFLite) in images/s, FLOPs, peak memory and the fraction of a measured "
+        "matmul peak; beside a PyTorch reference U-Net when torch is available. The last line "
+        "printed is one JSON object (docs/performance.md).",
+    )
+    p.add_argument(
+        "--only", choices=["unet", "classifier"], action="append", help="benchmark only this"
+    )
+    p.add_argument("--unet-config", help="config of the U-Net benchmark (default: bench-unet)")
+    p.add_argument(
+        "--classifier-config", help="config of the classifier benchmark (default: bench-classifier)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of every benchmarked config, e.g. train.steps_per_execution=4",
+    )
+    p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per model")
+    p.add_argument(
+        "--infer-paths",
+        default="keras,keras_folded,savedmodel,tflite",
+        help="inference paths to time (comma-separated)",
+    )
+    p.add_argument("--torch-python", help="interpreter with torch for the PyTorch reference")
+    p.add_argument("--torch-script", help="reference script printing the same JSON keys")
+    p.add_argument("--torch-seconds", type=float, default=8.0, help="reference training seconds")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--out", help="also write the JSON to this file")
+
     models = sub.add_parser("models", help="model tools").add_subparsers(
         dest="models_verb", metavar="MODELS_VERB", required=True
     )
@@ -234,6 +270,41 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
         # pydicom logs a traceback of its own before medseg reports a failed decode in one line.
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _cmd_bench(args) -> int:
+    import json
+
+    from medseg.bench import INFER_PATHS, load_bench_config, run_bench
+    from medseg.errors import ConfigError
+    from medseg.utils import atomic_write_text
+
+    paths = tuple(p.strip() for p in args.infer_paths.split(",") if p.strip())
+    unknown = sorted(set(paths) - set(INFER_PATHS))
+    if unknown or not paths:
+        raise ConfigError(
+            f"--infer-paths: unknown path(s) {', '.join(unknown) or '(none given)'}; expected "
+            f"some of {', '.join(INFER_PATHS)}"
+        )
+    given = {"unet": args.unet_config, "classifier": args.classifier_config}
+    configs = {
+        name: load_bench_config(name, given[name], args.overrides)
+        for name in (args.only or ["unet", "classifier"])
+    }
+    result = run_bench(
+        configs,
+        seconds=args.seconds,
+        infer_paths=paths,
+        torch_python=args.torch_python,
+        torch_script=args.torch_script,
+        torch_seconds=args.torch_seconds,
+        torch=not args.no_torch,
+    )
+    text = json.dumps(result)
+    if args.out:
+        atomic_write_text(Path(args.out), text + "\n")
+    print(text)
+    return EXIT_OK
 
 
 def _cmd_demo(args) -> int:
@@ -353,7 +424,8 @@ def _cmd_predict(args) -> int:
     )
     print(
         f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "
-        f"{r.slices_per_second:.1f} slices/s -> {r.out_dir}/predictions.csv"
+        f"{r.end_to_end_slices_per_second:.1f} slices/s end to end "
+        f"({r.slices_per_second:.1f} in the model) -> {r.out_dir}/predictions.csv"
     )
     for row in r.rows:
         if row["status"] != "ok":
@@ -431,6 +503,7 @@ COMMANDS = {
     "export": _cmd_export,
     "predict": _cmd_predict,
     "data": _cmd_data,
+    "bench": _cmd_bench,
 }
 
 

@@ -21,6 +21,7 @@ from keras import layers  # noqa: E402
 import medseg.models  # noqa: E402, F401  (registers the custom objects)
 from medseg.config import TrainConfig, load_config  # noqa: E402
 from medseg.errors import ConfigError, ModelError  # noqa: E402
+from medseg.models.fold import FoldedBatchNorm, fold_batch_norm  # noqa: E402
 from medseg.models.losses import LOSSES, BCEDice, get_loss  # noqa: E402
 from medseg.models.metrics import (  # noqa: E402
     DiceScore,
@@ -169,6 +170,19 @@ class ModelTester:
 
     def test_built_model_checks(self, model):
         self.check_model(model)
+
+    def test_fold_batch_norm_same_outputs(self, model, inputs):
+        """Export folds every batch norm into its conv: the folded copy has none left, computes
+        the same function in inference mode, and leaves the original untouched."""
+        bns = [la for la in _all_layers(model) if isinstance(la, layers.BatchNormalization)]
+        before = [_np(w).copy() for w in model.weights]
+        folded = fold_batch_norm(model)
+        assert not [la for la in _all_layers(folded) if isinstance(la, layers.BatchNormalization)]
+        n_folded = sum(isinstance(la, FoldedBatchNorm) for la in _all_layers(folded))
+        assert n_folded == len(bns)
+        expected = _np(model(inputs, training=False))
+        np.testing.assert_allclose(_np(folded(inputs, training=False)), expected, atol=1e-4)
+        assert all(np.array_equal(_np(a), b) for a, b in zip(model.weights, before, strict=True))
 
     def test_fit_step_changes_weights(self):
         model = self.build()  # not the shared one: fitting changes it

@@ -190,3 +190,18 @@ def test_coronal_slices_of_a_nifti_dataset(tmp_path):
     data = load_arrays(samples, cfg, 1)
     coronal = reslice(read_image(tmp_path / "images" / "c1.nii.gz").array, 1)
     np.testing.assert_allclose(data.images[4], coronal[samples[4].index], atol=1e-5)
+
+
+def test_prefetch_to_device_keeps_the_batches():
+    """On this CPU-only machine no GPU is visible: the dataset is unchanged; prefetching to an
+    explicit device (the CPU here, a GPU in training) yields the same batches."""
+    import tensorflow as tf
+
+    from medseg.data.pipeline import prefetch_to_device
+
+    ds = tf.data.Dataset.range(10).batch(3)
+    if not tf.config.list_logical_devices("GPU"):
+        assert prefetch_to_device(ds) is ds
+    moved = prefetch_to_device(ds, "/cpu:0")
+    assert moved is not ds
+    assert [b.numpy().tolist() for b in moved] == [b.numpy().tolist() for b in ds]

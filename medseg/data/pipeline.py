@@ -311,6 +311,21 @@ def make_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def prefetch_to_device(ds: tf.data.Dataset, device: str | None = None) -> tf.data.Dataset:
+    """Let ``ds`` copy its next batches to ``device`` while the current step runs.
+
+    With one GPU (``device`` None: the first visible GPU) the host-to-device copy then overlaps
+    the step instead of starting it. Without a GPU, or with several (a distribution strategy
+    distributes and prefetches the batches itself), ``ds`` is returned unchanged.
+    """
+    if device is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) != 1:
+            return ds
+        device = gpus[0].name
+    return ds.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=2))
+
+
 def class_weights(targets: np.ndarray, num_classes: int) -> dict[int, float]:
     """Inverse-frequency class weights (sklearn's ``balanced``) for ``model.fit``."""
     from sklearn.utils.class_weight import compute_class_weight

@@ -143,7 +143,11 @@ class Predictor:
             }
             self.prep = preprocessing(cfg)
             self._keras = [model]
-            self._fn = serving_function(model, cfg.data.task, self.prep, cfg.predict.threshold)
+            from medseg.models.fold import fold_batch_norm
+
+            self._fn = serving_function(
+                fold_batch_norm(model), cfg.data.task, self.prep, cfg.predict.threshold
+            )
         else:
             raise ModelError(
                 f"{path}: not a medseg export (saved_model/ + medseg.json) or run folder"
@@ -195,12 +199,14 @@ class PredictResult:
         rows: one dict per case (``status`` ``ok`` or ``error``).
         n_slices: images and volume slices that went through the model.
         model_seconds: time spent in model calls (reading and writing not included).
+        wall_seconds: the whole batch, end to end (read + preprocess + predict + write).
     """
 
     out_dir: Path
     rows: list[dict]
     n_slices: int = 0
     model_seconds: float = 0.0
+    wall_seconds: float = 0.0
 
     @property
     def n_failed(self) -> int:
@@ -210,6 +216,11 @@ class PredictResult:
     def slices_per_second(self) -> float:
         """Model throughput over the batch (0 when nothing was predicted)."""
         return self.n_slices / self.model_seconds if self.model_seconds > 0 else 0.0
+
+    @property
+    def end_to_end_slices_per_second(self) -> float:
+        """Slices/s of the whole batch: reading, preprocessing, the model and writing."""
+        return self.n_slices / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- cases
@@ -757,6 +768,7 @@ def predict(
         int(mc_samples),
         explain,
     )
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     reader, clock, rows = _Reader(), _Clock(), []
     show = progress and sys.stderr.isatty()
@@ -766,12 +778,14 @@ def predict(
         for case in bar:
             rows.append(_run_case(predictor, case, reader, out, opts, clock))
     write_tables(out, rows)
-    result = PredictResult(out, rows, clock.slices, clock.seconds)
+    result = PredictResult(out, rows, clock.slices, clock.seconds, time.perf_counter() - start)
     logger.info(
-        "predicted %d cases (%d failed), %d slices at %.1f slices/s -> %s",
+        "predicted %d cases (%d failed), %d slices: %.1f slices/s end to end (read, predict, "
+        "write), %.1f slices/s in the model -> %s",
         len(rows),
         result.n_failed,
         clock.slices,
+        result.end_to_end_slices_per_second,
         result.slices_per_second,
         out,
     )

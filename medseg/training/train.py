@@ -16,7 +16,14 @@ import tensorflow as tf
 
 from medseg.config import Config
 from medseg.data.augment import build_augment
-from medseg.data.pipeline import ArrayData, LazyData, class_weights, load_data, make_dataset
+from medseg.data.pipeline import (
+    ArrayData,
+    LazyData,
+    class_weights,
+    load_data,
+    make_dataset,
+    prefetch_to_device,
+)
 from medseg.data.scan import ScanResult, scan_from_config
 from medseg.data.split import load_manifest, make_split, select, write_manifest
 from medseg.errors import ConfigError, DataError, ModelError, RunExistsError
@@ -233,6 +240,7 @@ def train(
         deterministic=cfg.train.deterministic,
         **common,
     )
+    train_ds = prefetch_to_device(train_ds)
     val_ds = make_dataset(data["val"], **common)
     steps = math.ceil(n_train / cfg.train.batch_size)
     weights = None
