@@ -18,6 +18,8 @@ LAYERS = {
     "training": 4,
     "inference": 5,
     "demo": 6,
+    "bench": 6,
+    "bench_torch_reference": 6,  # standalone: imports torch, never medseg
     "cli": 7,
 }
 # config and io are both foundations, but neither may import the other.
