@@ -73,6 +73,32 @@ def _import_ray():
     return ray
 
 
+def init_ray(ray, address: str | None, verbose: bool) -> bool:
+    """Connect to the cluster at ``address``, or start a local Ray instance over this machine's
+    CPUs; an instance already initialised in this process is used as it is.
+
+    Returns:
+        Whether this call started (or connected) Ray, i.e. whether the caller shuts it down.
+    """
+    if ray.is_initialized():
+        if address:
+            logger.warning(
+                "Ray is already initialised in this process; ignoring address %s", address
+            )
+        return False
+    init_args = {"log_to_driver": verbose, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **init_args)
+    else:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            **init_args,
+        )
+    return True
+
+
 def _worker_logging(level: int) -> None:
     """Send medseg's log records in a Ray worker to stderr (Ray forwards it to the driver)."""
     log = logging.getLogger("medseg")
@@ -166,21 +192,7 @@ def run_folds_on_ray(
 
     log_level = logging.getLogger("medseg").getEffectiveLevel()
     verbose = log_level <= logging.INFO
-    started = False
-    if not ray.is_initialized():
-        init_args = {"log_to_driver": verbose, "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **init_args)
-        else:
-            ray.init(
-                num_cpus=os.cpu_count(),
-                include_dashboard=False,
-                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                **init_args,
-            )
-        started = True
-    elif address:
-        logger.warning("Ray is already initialised in this process; ignoring address %s", address)
+    started = init_ray(ray, address, verbose)
     try:
         if num_gpus_per_fold is None:
             num_gpus_per_fold = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
