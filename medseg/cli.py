@@ -1,8 +1,9 @@
 """The ``medseg`` command line: thin wrappers around one library function per verb.
 
 Exit codes: 0 success; 1 the job ran but some cases failed (they are listed); 2 bad usage,
-configuration or input (one readable line naming the file or key); 3 an unexpected internal
-error (a bug: rerun with ``--debug`` for the traceback and report it).
+configuration or input, or an output that cannot be written because the disk is full (one
+readable line naming the file or key); 3 an unexpected internal error (a bug: rerun with
+``--debug`` for the traceback and report it).
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
     p.add_argument(
         "--config", "-c", default=default, help=f"YAML config file (default: {default or 'none'})"
     )
+    _add_set(p, "override one config value, e.g. --set train.epochs=5 (repeatable)")
+
+
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set train.epochs=5 (repeatable)",
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 
@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an unfinished run folder with its own config (other options ignored)",
     )
     _add_overwrite(p)
+    p.add_argument(
+        "--workers",
+        metavar="HOST:PORT,...",
+        help="multi-worker training: every worker's address, the same list on each worker "
+        "(worker 0 is the chief and writes the run folder); sets TF_CONFIG",
+    )
+    p.add_argument(
+        "--worker-index",
+        type=int,
+        metavar="N",
+        help="this worker's position in --workers (0-based)",
+    )
 
     p = sub.add_parser(
         "cv",
@@ -169,6 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--explain", action="store_true", help="classifiers: write a Grad-CAM heatmap per case"
     )
+    p.add_argument(
+        "--keep-identifiers",
+        action="store_true",
+        help="name DICOM cases after the PatientID (made file-name safe) and add patient_id, "
+        "patient_name and study_date to the tables; off by default: no patient or study data "
+        "in names, tables or logs",
+    )
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local: in this process; ray: over a pool of Ray workers that each load the model "
+        "once (needs medseg[ray]; --out, inputs and model on storage every worker sees)",
+    )
+    p.add_argument(
+        "--address",
+        help="Ray cluster address, e.g. auto or ray://head:10001 (default: a local Ray instance)",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        help="Ray workers (default: one per GPU of the cluster, else one per CPU)",
+    )
     _add_overwrite(p)
 
     p = sub.add_parser(
@@ -187,14 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--classifier-config", help="config of the classifier benchmark (default: bench-classifier)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a value of every benchmarked config, e.g. train.steps_per_execution=4",
-    )
+    _add_set(p, "override a value of every benchmarked config, e.g. train.steps_per_execution=4")
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per model")
     p.add_argument(
         "--infer-paths",
@@ -269,6 +297,8 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     if not debug:
         # pydicom logs a traceback of its own before medseg reports a failed decode in one line.
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        # highdicom logs the source's SOP instance UIDs at INFO level
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -338,15 +368,27 @@ def _run_overrides(args) -> list[str]:
 
 def _cmd_train(args) -> int:
     from medseg.config import load_config
+    from medseg.errors import ConfigError
+    from medseg.training.cluster import tf_config_for
     from medseg.training.evaluate import headline
     from medseg.training.train import resume, train
 
+    if (args.workers is None) != (args.worker_index is None):
+        given = "--workers" if args.workers is not None else "--worker-index"
+        raise ConfigError(f"{given}: give both --workers and --worker-index (or set TF_CONFIG)")
+    if args.workers is not None:
+        os.environ["TF_CONFIG"] = tf_config_for(args.workers, args.worker_index)
+    if not args.debug:
+        # tf.distribute logs every collective it builds at INFO level
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     if args.resume:
         result = resume(args.resume)
-        print(f"run: {result.run.path}")
-        print(f"val: {headline(result.metrics)}")
+    else:
+        result = train(load_config(args.config, _run_overrides(args)))
+    if not result.is_chief:
+        print(f"worker finished; the chief writes the run folder: {result.run.path}")
+        print(f"final weights: {result.weights}")
         return EXIT_OK
-    result = train(load_config(args.config, _run_overrides(args)))
     print(f"run: {result.run.path}")
     print(f"val: {headline(result.metrics)}")
     return EXIT_OK
@@ -421,6 +463,10 @@ def _cmd_predict(args) -> int:
         progress=not args.no_progress,
         mc_samples=args.mc_samples,
         explain=args.explain,
+        keep_identifiers=args.keep_identifiers,
+        executor=args.executor,
+        address=args.address,
+        ray_workers=args.ray_workers,
     )
     print(
         f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "
@@ -530,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        from medseg.utils import is_disk_full
+
+        if is_disk_full(e):  # a full disk outside medseg's own writers (TensorFlow, Keras)
+            where = getattr(e, "filename", None) or "output"
+            print(f"medseg: error: {where}: no space left on the output disk", file=sys.stderr)
+            return EXIT_USAGE
         print(
             f"medseg: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
             "traceback)",

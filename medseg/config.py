@@ -17,8 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import hashlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,7 +49,8 @@ OPTIMIZERS = (
     "nadam",
 )
 LR_SCHEDULES = ("cosine", "cosine_restarts", "constant")
-DISTRIBUTE = ("auto", "none", "mirrored")
+DISTRIBUTE = ("auto", "none", "mirrored", "multiworker")
+LR_SCALINGS = ("linear", "none")
 MONITOR_MODES = ("min", "max")
 
 
@@ -179,9 +183,15 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training split.
-        batch_size: images per step.
+        batch_size: images per step on one machine (split across its GPUs). With ``N``
+            workers (multi-worker training) each worker takes ``batch_size`` images per step,
+            so a step sees ``N * batch_size`` images.
         optimizer: one of ``OPTIMIZERS``.
-        learning_rate: peak learning rate.
+        learning_rate: peak learning rate for a step of ``batch_size`` images (see
+            ``lr_scaling``).
+        lr_scaling: ``linear``: with ``N`` workers the peak learning rate is ``N *
+            learning_rate`` (the step sees ``N`` times the images; set ``warmup_epochs`` so that
+            the warm-up ramps up to it); ``none``: ``learning_rate`` whatever the cluster.
         lr_schedule: ``cosine`` (cosine decay to ``min_lr_fraction`` of the peak after a linear
             warm-up), ``cosine_restarts`` (SGDR: cosine cycles of ``restart_epochs``, each
             restarting at the peak) or ``constant``.
@@ -189,8 +199,11 @@ class TrainConfig:
         clipnorm: clip each gradient to this L2 norm (0: no clipping).
         early_stopping: stop when ``monitor`` has not improved for this many epochs (0: off).
         deterministic: seed Python/NumPy/TF and enable TensorFlow op determinism (slower).
-        distribute: ``auto`` (``MirroredStrategy`` when several GPUs are visible), ``mirrored``
-            (always, over all visible devices) or ``none``.
+        distribute: ``auto`` (``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` names
+            several workers, else ``MirroredStrategy`` when several GPUs are visible),
+            ``mirrored`` (always, over all visible devices of this machine), ``multiworker``
+            (``MultiWorkerMirroredStrategy``; needs ``TF_CONFIG`` or ``medseg train --workers``)
+            or ``none``. ``none`` and ``mirrored`` refuse a ``TF_CONFIG`` of several workers.
         warmup_epochs: epochs of linear warm-up (cosine only).
         min_lr_fraction: final learning rate as a fraction of the peak.
         loss: registered loss name (``bce_dice``, ``dice``, ``bce``, ``focal``, ``tversky``,
@@ -211,6 +224,7 @@ class TrainConfig:
     batch_size: int = 16
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    lr_scaling: str = "linear"
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     min_lr_fraction: float = 0.01
@@ -347,14 +361,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no decimal point) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no decimal point) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -372,8 +389,10 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean '{name}.{close[0]}'? " if close else ""
             raise ConfigError(
-                f"unknown key '{name}.{key}'; valid keys in '{name}': {', '.join(valid)}"
+                f"unknown key '{name}.{key}'; {hint}valid keys in '{name}': {', '.join(valid)}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
     return cls(**kwargs)
@@ -470,6 +489,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _check_choice("train.distribute", t.distribute, DISTRIBUTE)
+    _check_choice("train.lr_scaling", t.lr_scaling, LR_SCALINGS)
     _check(t.restart_epochs > 0, "train.restart_epochs", "must be > 0")
     _check(t.clipnorm >= 0, "train.clipnorm", "must be >= 0 (0: no clipping)")
     _check(t.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0: off)")
@@ -506,12 +526,23 @@ def config_from_dict(raw: dict[str, Any] | None, source: str = "") -> Config:
     sections = {}
     for name, value in raw.items():
         if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(
                 f"unknown section '{name}'{f' in {source}' if source else ''}; "
-                f"valid sections: {', '.join(SECTIONS)}"
+                f"{hint}valid sections: {', '.join(SECTIONS)}"
             )
         sections[name] = _build_section(name, SECTIONS[name], value)
     return validate(Config(**sections, source=source))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where it is (PyYAML's text spans lines)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -523,7 +554,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({_yaml_problem(e)})") from None
     return parts, parsed
 
 
@@ -548,13 +579,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+            raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save "
+                f"the config as UTF-8"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    overridden: set[str] = set()
     for text in overrides or []:
         (section, key), value = parse_override(text)
+        overridden.add(f"{section}.{key}")
         if section not in SECTIONS:
             raise ConfigError(
                 f"--set {text!r}: unknown section '{section}'; "
@@ -567,4 +607,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             )
         sec[key] = value
         raw[section] = sec
-    return config_from_dict(raw, source=source)
+    try:
+        return config_from_dict(raw, source=source)
+    except ConfigError as e:
+        # Name the file too, unless the bad key came from --set or the message already does.
+        message = str(e)
+        from_set = any(message.startswith(k) or f"'{k}'" in message for k in overridden)
+        if source and source not in message and not from_set:
+            raise ConfigError(f"{source}: {message}") from None
+        raise

@@ -25,3 +25,8 @@ class ModelError(MedsegError):
 
 class RunExistsError(MedsegError):
     """An output folder already exists and ``--overwrite`` was not given."""
+
+
+class OutputError(MedsegError):
+    """An output file cannot be written (the disk is full, a quota is exceeded); the message
+    names the file."""

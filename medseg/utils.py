@@ -2,36 +2,88 @@
 
 Every file medseg writes goes through :func:`atomic_write_bytes` (or a wrapper): the data is written
 to a temporary name in the same folder and renamed into place, so a killed process never leaves a
-half-written file under the final name.
+half-written file under the final name. Temporary names start with a dot and contain ``.tmp``
+(:data:`TEMP_NAME`); :func:`remove_stale_temps` sweeps the ones a killed process left behind.
+
+A full disk (``ENOSPC``) or an exceeded quota (``EDQUOT``) while writing becomes an
+:class:`~medseg.errors.OutputError` naming the file, and the temporary file is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medseg.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+#: errno values that mean "the output disk (or the user's quota) is full".
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+#: Names of medseg's temporary files and folders: ``.<name>.<random>.tmp`` (atomic writes),
+#: ``.<stem>.tmp-<pid>[.<suffix>]`` (writers with a file name of their own, checkpoints, case
+#: folders, exports).
+TEMP_NAME = re.compile(r"^\..+\.tmp(-\d+(\..+)?)?$")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Is ``error`` (or an error it was raised from) an ``OSError`` for a full disk or quota?"""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(error, OutputError):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def disk_full_error(path: str | Path) -> OutputError:
+    """The one-line error for a full disk while writing ``path``."""
+    return OutputError(
+        f"{path}: no space left on the output disk (or quota exceeded); nothing partial was "
+        "kept under this name. Free some space or choose another output folder, then run the "
+        "same command again"
+    )
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename.
+
+    Raises:
+        OutputError: the disk is full (the temporary file is removed, ``path`` is untouched).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(path) from e
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(path) from e
         raise
     return path
 
@@ -59,9 +111,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:
+        if is_disk_full(e) and not isinstance(e, OutputError):
+            raise disk_full_error(path) from e
+        raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def remove_stale_temps(folder: str | Path, recursive: bool = True) -> int:
+    """Remove the temporary files and folders (:data:`TEMP_NAME`) that a killed medseg process
+    left in ``folder``; returns how many were removed.
+
+    Call it only on medseg's own output folders (a run folder, a prediction output folder),
+    before writing there again.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    stale = sorted((p for p in found if TEMP_NAME.match(p.name)), key=lambda p: len(p.parts))
+    removed = 0
+    for p in stale:
+        if not p.exists() and not p.is_symlink():
+            continue  # inside a folder removed just before
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed += 1
+    if removed:
+        logger.info("%s: removed %d temporary files left by an interrupted run", folder, removed)
+    return removed
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -25,6 +25,34 @@ def tiny_synth(tmp_path_factory) -> Path:
     return root
 
 
+#: The tiny U-Net of the fast tests (32x32, 4 base filters, depth 2), as config overrides.
+TINY_UNET = [
+    "data.image_size=[32,32]",
+    "model.base_filters=4",
+    "model.depth=2",
+    "train.batch_size=8",
+    "train.warmup_epochs=0",
+    "augment.enabled=false",
+]
+
+
+def as_cli_sets(overrides: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` (CLI arguments)."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_run(tiny_synth, tmp_path_factory) -> Path:
+    """A run folder of the tiny U-Net trained for one epoch on ``tiny_synth`` (with a test split),
+    shared by the prediction tests of the session: use it, do not change it."""
+    from medseg.config import load_config
+    from medseg.training.train import train
+
+    overrides = [f"data.root={tiny_synth / 'segmentation'}", *TINY_UNET, "train.epochs=1"]
+    overrides += ["data.test_fraction=0.2", f"run.root={tmp_path_factory.mktemp('runs')}"]
+    return train(load_config(None, [*overrides, "run.name=tiny"])).run.path
+
+
 @pytest.fixture(scope="session")
 def pydicom_files() -> Path:
     """pydicom's bundled test files (globbed on disk: get_testdata_files() tries the network)."""

@@ -15,24 +15,11 @@ import time
 import pytest
 
 from medseg.models.metrics import dice_from_counts
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--set",
-    "data.image_size=[32,32]",
-    "--set",
-    "model.base_filters=4",
-    "--set",
-    "model.depth=2",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.warmup_epochs=0",
-    "--set",
-    "augment.enabled=false",
-]
+TINY = as_cli_sets(TINY_UNET)
 
 
 @pytest.fixture(scope="module")

@@ -440,28 +440,9 @@ def test_classification_of_a_series_is_the_mean_over_slices(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_synth, tmp_path_factory):
-    from medseg.config import load_config
-    from medseg.training.train import train
-
-    root = tmp_path_factory.mktemp("predict_runs")
-    cfg = load_config(
-        None,
-        [
-            f"data.root={tiny_synth / 'segmentation'}",
-            "data.image_size=[32,32]",
-            "data.test_fraction=0.2",
-            "model.base_filters=4",
-            "model.depth=2",
-            "train.epochs=1",
-            "train.warmup_epochs=0",
-            "train.batch_size=8",
-            "augment.enabled=false",
-            f"run.root={root}",
-            "run.name=tiny",
-        ],
-    )
-    return train(cfg).run.path
+def tiny_run(tiny_unet_run) -> Path:
+    """The session's tiny U-Net run folder (tests/conftest.py)."""
+    return tiny_unet_run
 
 
 @pytest.mark.slow

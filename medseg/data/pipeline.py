@@ -265,6 +265,7 @@ def make_dataset(
     seed: int = 0,
     oversample_tumour: float = 0.0,
     deterministic: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of (image, target).
 
@@ -280,6 +281,14 @@ def make_dataset(
             whose mask has foreground (0: the data's own mix).
         deterministic: augment in one thread, in order, so that a seeded run repeats exactly
             (slower; ``train.deterministic``).
+        shard: ``(num_workers, worker_index)`` for multi-worker training: every worker builds
+            the same epoch order (same seed), keeps the first ``num_workers * (n //
+            num_workers)`` indices of it (a different few samples are left out each epoch) and
+            takes every ``num_workers``-th one from ``worker_index``, before any image is read.
+            The workers' parts are disjoint, equally long, and together cover the epoch.
+            ``batch_size`` is then the global batch (``tf.distribute`` splits each batch across
+            the replicas of all workers), TensorFlow's own auto-sharding is switched off, and
+            the dataset's length is unknown (see the code).
     """
     if isinstance(data, ArrayData):
         h, w, c = data.images.shape[1:]
@@ -287,7 +296,10 @@ def make_dataset(
     else:
         h, w, c = data.shape
         target_dtype = data.target_dtype
-    ds, _ = _index_dataset(data, shuffle, seed, oversample_tumour)
+    ds, n = _index_dataset(data, shuffle, seed, oversample_tumour)
+    if shard is not None:
+        num_shards, index = shard
+        ds = ds.take(shard_length(n, num_shards) * num_shards).shard(num_shards, index)
 
     def fetch(i):
         x, y = data.fetch(int(i))
@@ -308,7 +320,23 @@ def make_dataset(
         ds = ds.map(load)  # one call at a time, in order
     else:
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if shard is not None:
+        # tf.distribute splits each global batch over the replicas of *all* workers, and with
+        # its own sharding off this worker's replicas take all the pieces, one step each: the
+        # dataset then lasts num_workers times as many steps as its length says. An unknown
+        # length makes Keras run until the data ends (the same step on every worker).
+        ds = ds.filter(lambda x, y: True)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
+    return ds
+
+
+def shard_length(n: int, num_shards: int) -> int:
+    """Samples per worker and epoch when ``n`` samples are sharded over ``num_shards`` workers
+    (see ``shard`` in :func:`make_dataset`)."""
+    return n // num_shards
 
 
 def prefetch_to_device(ds: tf.data.Dataset, device: str | None = None) -> tf.data.Dataset:

@@ -113,6 +113,17 @@ def _require_dir(root: Path) -> None:
         raise DataError(f"{root}: dataset folder not found")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
+    _entries(root)
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted; a folder that cannot be listed is an error, not empty."""
+    try:
+        return sorted(folder.iterdir())
+    except PermissionError:
+        raise DataError(f"{folder}: permission denied; cannot list the folder") from None
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
 
 
 def scan_lgg(root: str | Path, strict: bool = False) -> ScanResult:
@@ -120,7 +131,7 @@ def scan_lgg(root: str | Path, strict: bool = False) -> ScanResult:
     root = Path(root)
     _require_dir(root)
     result = ScanResult(root=root, layout="lgg", samples=[])
-    patients = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    patients = [p for p in _entries(root) if p.is_dir() and not p.name.startswith(".")]
     for patient in patients:
         files = list_image_files(patient, recursive=False)
         masks = {f.stem[: -len(MASK_SUFFIX)]: f for f in files if f.stem.endswith(MASK_SUFFIX)}
@@ -186,7 +197,7 @@ def scan_class_folders(root: str | Path, strict: bool = False) -> ScanResult:
     split_dirs = [root / s for s in SPLIT_FOLDERS if (root / s).is_dir()]
     bases = [(d, d.name) for d in split_dirs] or [(root, None)]
     class_names = sorted(
-        {c.name for base, _ in bases for c in base.iterdir() if c.is_dir() and c.name[0] != "."}
+        {c.name for base, _ in bases for c in _entries(base) if c.is_dir() and c.name[0] != "."}
     )
     if len(class_names) < 2:
         raise DataError(
@@ -238,7 +249,7 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in _entries(folder) if p.is_dir() and not p.name.startswith(".")]
 
 
 def _read_header(path: Path) -> Any:
@@ -489,7 +500,7 @@ def _nifti_stem(path: Path) -> str | None:
 
 def _nifti_files(folder: Path) -> dict[str, Path]:
     out = {}
-    for f in sorted(folder.iterdir()):
+    for f in _entries(folder):
         stem = _nifti_stem(f)
         if stem and f.is_file() and not f.name.startswith("."):
             out[stem] = f
@@ -502,17 +513,26 @@ def _canonical_shape(path: Path) -> tuple[int, ...]:
 
     try:
         img = nib.load(str(path))
+        shape = tuple(int(d) for d in img.shape)
     except Exception as e:  # nibabel raises several types for broken files
-        raise _SeriesError(f"{path}: unreadable NIfTI header ({type(e).__name__})") from None
-    shape = tuple(int(d) for d in img.shape)
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise _SeriesError(f"{path}: unreadable NIfTI header ({reason})") from None
     if len(shape) == 4 and shape[3] == 1 or len(shape) == 5 and shape[3:] == (1, 1):
         shape = shape[:3]
     if len(shape) not in (3, 4):
         raise _SeriesError(f"{path}: expected a 3D volume (or 3D + channels), shape is {shape}")
-    ornt = nib.io_orientation(img.affine)
+    if 0 in shape:
+        raise _SeriesError(f"{path}: NIfTI image is empty (shape {shape})")
+    try:
+        ornt = nib.io_orientation(img.affine)
+        targets = [int(target) for target, _flip in ornt[:3]]
+    except Exception:  # NaN or singular affine
+        raise _SeriesError(
+            f"{path}: NIfTI affine is singular or not finite; the header is corrupt"
+        ) from None
     canonical = [0, 0, 0]
-    for axis, (target, _flip) in enumerate(ornt[:3]):
-        canonical[int(target)] = shape[axis]
+    for axis, target in enumerate(targets):
+        canonical[target] = shape[axis]
     return tuple(canonical)
 
 
@@ -602,7 +622,7 @@ GROUP_BY = ("auto", "folder", "phash", "none")
 
 def _has_dicom(folder: Path, limit: int = 5) -> bool:
     checked = 0
-    for f in sorted(folder.iterdir()):
+    for f in _entries(folder):
         if not f.is_file() or f.name.startswith("."):
             continue
         if f.suffix.lower() == ".dcm" or is_dicom(f):

@@ -689,7 +689,8 @@ def generate(
             )
     started = time.perf_counter()
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    for stale in root.parent.glob(f"{root.name}.tmp-*"):  # left by a killed run
+        _remove(stale)
     tmp.mkdir(parents=True)
     try:
         counts = _write_dataset(tmp, spec)

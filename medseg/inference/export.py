@@ -66,11 +66,13 @@ import tensorflow as tf
 import medseg
 from medseg.config import Config
 from medseg.data.preprocess import preprocess_images, restore_size
+from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, ModelError, RunExistsError
 from medseg.models.fold import FoldedBatchNorm, fold_batch_norm
+from medseg.models.loading import load_keras_model
 from medseg.training.evaluate import load_run_model
 from medseg.training.runs import RunDir, open_run
-from medseg.utils import atomic_write_json
+from medseg.utils import atomic_write_bytes, atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +237,7 @@ def _normalize_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
 def _load_model(path: Path) -> keras.Model:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found (has the fold finished an epoch?)")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as e:  # corrupt zip, unknown layer, ...
-        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+    return load_keras_model(path)  # checksum, safe mode
 
 
 def _read_json(path: Path) -> dict | None:
@@ -331,7 +330,8 @@ def export_run(
     serve = serving_function(served, task, prep, cfg.predict.threshold, tta=tta)
     model_fn = model_function(served, prep["size"], tta=tta)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         archive = keras.export.ExportArchive()
@@ -370,7 +370,7 @@ def export_run(
         if "savedmodel" not in formats:
             shutil.rmtree(tmp / SAVED_MODEL)
         keras_files = _copy_checkpoints(run, checkpoint, members, tmp)
-        manifest = json.loads(run.splits_path.read_text()) if run.splits_path.exists() else {}
+        manifest = load_manifest(run.splits_path) if run.splits_path.exists() else {}
         card = _card(cfg, run, checkpoint, manifest, models[0], prep, task, verification, tflite)
         card["formats"] = list(formats)
         card["batch_norm_folded"] = sum(
@@ -413,6 +413,7 @@ def export_run(
         }
         card["keras"] = {
             "files": keras_files,
+            "sha256": {f: file_sha256(tmp / f) for f in keras_files},  # checked when loaded
             "note": "copies of the Keras checkpoints"
             + (" (one per fold; the export is their mean probability)" if ensemble else "")
             + "; they take the preprocessed batch (see input) and hold no TTA"
@@ -594,7 +595,7 @@ def convert_tflite(saved_model: Path, out: Path) -> Path:
         raise ModelError(
             f"{saved_model}: TFLite conversion failed ({type(e).__name__}: {msg[0] if msg else ''})"
         ) from None
-    out.write_bytes(blob)
+    atomic_write_bytes(out, blob)
     return out
 
 

@@ -21,7 +21,9 @@ Cases
     without its suffix for files; ``<folder>_<SeriesNumber>`` for a series (or
     ``<folder>_<8 hex digits of the SHA-256 of the SeriesInstanceUID>`` when the series has no
     number or shares it with another series of the folder). DICOM header values that identify
-    the patient (PatientName, PatientID, ...) are never used in names, tables or logs.
+    the patient (PatientName, PatientID, birth and study dates, ...) are never used in names,
+    tables or logs, unless ``keep_identifiers`` asks for DICOM cases named after the PatientID
+    (still file-name safe) and ``patient_id``/``patient_name``/``study_date`` columns.
 
 Prediction
     Volumes are predicted slice by slice (axis 0 of the ``(slice, row, col, C)`` array of
@@ -43,6 +45,12 @@ place when the case succeeds, so a failed or killed case leaves no partial folde
 * classification: the class probabilities, in the tables only; for a volume (series, NIfTI,
   multi-frame) the probabilities are the mean over its slices.
 
+Cases are read and predicted one at a time (a series reads only its own files), so memory holds
+one case whatever the size of the batch. A batch that is interrupted (``kill -9``, a full disk)
+is continued by the same call: finished cases are recorded in ``<out>/.medseg-predict/`` and not
+predicted again (:class:`_Batch`); a full disk stops the batch with an
+:class:`~medseg.errors.OutputError` naming the case folder, leaving no partial file.
+
 ``predictions.csv`` and ``predictions.json`` hold one row per case with ``status`` ``ok`` or
 ``error`` and the error message: a case that fails (a :class:`~medseg.errors.MedsegError`, or any
 other exception, reported as ``<type>: <message>``) is reported, never dropped, and the batch goes
@@ -54,6 +62,7 @@ volumes, ``slices_with_foreground``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -68,7 +77,14 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.overlay import overlay
-from medseg.errors import ConfigError, DataError, MedsegError, ModelError, RunExistsError
+from medseg.errors import (
+    ConfigError,
+    DataError,
+    MedsegError,
+    ModelError,
+    OutputError,
+    RunExistsError,
+)
 from medseg.inference.explain import heatmap_overlay
 from medseg.inference.postprocess import apply_threshold, check_threshold, postprocess
 from medseg.inference.uncertainty import (
@@ -90,12 +106,18 @@ from medseg.io import (
     image_suffix,
     is_dicom,
     read_dicom_files,
-    read_dicom_series,
     read_image,
     to_channels,
 )
+from medseg.io.base import raise_walk_error
 from medseg.io.dicom_series import NON_IMAGE_NAMES, NON_IMAGE_SUFFIXES
-from medseg.utils import safe_name
+from medseg.utils import (
+    atomic_write_json,
+    disk_full_error,
+    is_disk_full,
+    remove_stale_temps,
+    safe_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +137,14 @@ class Predictor:
         self._keras: list | None = None
         self._gradcam = None
         if (path / "medseg.json").is_file() and (path / "saved_model").is_dir():
-            self.card = json.loads((path / "medseg.json").read_text())
+            try:
+                self.card = json.loads((path / "medseg.json").read_text())
+                if "task" not in self.card or "channels" not in self.card["input"]:
+                    raise ValueError("no 'task' or 'input.channels'")
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                reason = " ".join(str(e).split())[:200]
+                card = path / "medseg.json"
+                raise ModelError(f"{card}: not a readable medseg model card ({reason})") from None
             try:
                 loaded = tf.saved_model.load(str(path / "saved_model"))
                 self._fn = loaded.signatures["serve"]
@@ -126,6 +155,7 @@ class Predictor:
 
             self.prep = prep_from_card(self.card)
         elif (path / "config.yaml").is_file():
+            from medseg.data.split import load_manifest
             from medseg.inference.export import preprocessing, serving_function
             from medseg.training.evaluate import load_run_model
             from medseg.training.runs import open_run
@@ -133,7 +163,7 @@ class Predictor:
             run = open_run(path)
             cfg = run.config()
             model = load_run_model(run)
-            splits = json.loads(run.splits_path.read_text()) if run.splits_path.exists() else {}
+            splits = load_manifest(run.splits_path) if run.splits_path.exists() else {}
             self.card = {
                 "task": cfg.data.task,
                 "classes": splits.get("class_names", []),
@@ -160,21 +190,28 @@ class Predictor:
         """The Keras model(s) behind this predictor (one per fold for an ensemble export), for
         the tools that need the Keras graph: MC-dropout and Grad-CAM."""
         if self._keras is None:
-            import keras
+            from medseg.models.loading import load_keras_model
 
-            import medseg.models  # noqa: F401  (registers medseg's layers for loading)
-
-            files = (self.card.get("keras") or {}).get("files") or []
+            keras_card = self.card.get("keras") or {}
+            files = keras_card.get("files") or []
             if not files:
                 raise ModelError(
                     f"{self.path}: this export has no Keras copy (model.keras); re-export it, "
                     "or pass the run folder as --model"
                 )
-            try:
-                self._keras = [keras.models.load_model(self.path / f, compile=False) for f in files]
-            except Exception as e:
-                raise ModelError(f"{self.path}: cannot load the Keras copy ({e})") from None
+            hashes = keras_card.get("sha256") or {}
+            # only files inside the export folder; checksum from the card; safe mode
+            self._keras = [load_keras_model(self._inside(f), hashes.get(f) or None) for f in files]
         return self._keras
+
+    def _inside(self, name: str) -> Path:
+        """``name`` (from the model card) as a file inside the export folder, never outside."""
+        path = (self.path / name).resolve()
+        if not path.is_relative_to(self.path.resolve()):
+            raise ModelError(
+                f"{self.path / 'medseg.json'}: names a file outside the export folder: {name}"
+            )
+        return path
 
     def gradcam(self):
         """A Grad-CAM explainer of the (first) Keras model, built once."""
@@ -248,8 +285,10 @@ class Case:
     series_number: int | None = None
     series_uid: str | None = field(default=None, repr=False)
     folder: Path | None = field(default=None, repr=False)
-    # The folder holds nothing but the DICOM series it was split into: read it whole.
+    # The folder holds nothing but the DICOM series it was split into.
     folder_clean: bool = field(default=False, repr=False)
+    # PatientID, PatientName, StudyDate: only with keep_identifiers (see collect_cases)
+    identifiers: dict | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -263,8 +302,15 @@ class _Header:
     positioned: bool
 
 
-def collect_cases(inputs: list[str | Path]) -> list[Case]:
+def collect_cases(inputs: list[str | Path], *, keep_identifiers: bool = False) -> list[Case]:
     """Expand files and folders into cases (see the module docstring), with unique ids.
+
+    Args:
+        inputs: files and folders.
+        keep_identifiers: name DICOM cases after the patient, ``<PatientID>_<usual id>``
+            (made file-name safe: no separators, at most 64 characters), and carry
+            ``patient_id``, ``patient_name`` and ``study_date`` into the rows. Off by default:
+            case ids, tables and logs then hold no DICOM patient or study data.
 
     Raises:
         DataError: an input does not exist, or a folder holds no supported file.
@@ -282,6 +328,8 @@ def collect_cases(inputs: list[str | Path]) -> list[Case]:
             cases.append(Case(_stem(item), str(item), "file", (item,)))
         else:
             raise DataError(f"{item}: input not found")
+    if keep_identifiers:
+        _name_after_patients(cases)
     seen: set[str] = set()
     for case in cases:
         base = safe_name(case.case_id)
@@ -297,7 +345,7 @@ def collect_cases(inputs: list[str | Path]) -> list[Case]:
 def _walk(root: Path) -> tuple[list[Case], int]:
     cases: list[Case] = []
     masks = 0
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, onerror=raise_walk_error):  # never skip silently
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found, n = _folder_cases(Path(folder), sorted(files))
         cases.extend(found)
@@ -445,32 +493,46 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _name_after_patients(cases: list[Case]) -> None:
+    """``keep_identifiers``: prefix the ids of DICOM cases with their PatientID and attach the
+    patient's identifiers (the ids are made file-name safe afterwards)."""
+    import pydicom
+
+    for case in cases:
+        if case.kind not in ("series", "file") or not (
+            case.kind == "series" or is_dicom(case.paths[0])
+        ):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(
+                    case.paths[0],
+                    stop_before_pixels=True,
+                    specific_tags=["PatientID", "PatientName", "StudyDate"],
+                )
+        except Exception:  # the reader reports unreadable files in the case's row
+            continue
+        ids = {
+            "patient_id": str(ds.get("PatientID") or ""),
+            "patient_name": str(ds.get("PatientName") or ""),
+            "study_date": str(ds.get("StudyDate") or ""),
+        }
+        case.identifiers = ids
+        if ids["patient_id"]:
+            case.case_id = f"{ids['patient_id']}_{case.case_id}"
+
+
 # --------------------------------------------------------------------------- reading
 
 
 class _Reader:
-    """Reads cases; the series of one folder are read together and handed out one by one."""
-
-    def __init__(self) -> None:
-        self._folder: Path | None = None
-        self._images: dict[str, Image] = {}
+    """Reads cases, one at a time: a series case reads only its own files, so memory holds one
+    case's pixels whatever the number of cases or of series in a folder."""
 
     def read(self, case: Case) -> Image:
         if case.kind != "series":
             return read_image(case.paths[0])
-        if case.folder_clean:
-            if case.folder != self._folder:
-                self._folder, self._images = case.folder, {}
-                try:
-                    for image in read_dicom_series(case.folder):
-                        if image.meta.series_uid:
-                            self._images[image.meta.series_uid] = image
-                except MedsegError as e:
-                    logger.debug("%s: reading the series one by one (%s)", case.folder, e)
-                    self._images = {}
-            image = self._images.pop(str(case.series_uid), None)
-            if image is not None and len(image.meta.source) == len(case.paths):
-                return image
         return _read_series_alone(case)
 
 
@@ -643,6 +705,8 @@ def _run_case(
     predictor: Predictor, case: Case, reader: _Reader, out: Path, opts: _Options, clock: _Clock
 ) -> dict:
     row: dict = {"case_id": case.case_id, "source": case.source, "status": "ok", "error": ""}
+    if case.identifiers:  # only with keep_identifiers
+        row.update(case.identifiers)
     if case.kind == "series":
         row.update(input_type="dicom_series", series_number=case.series_number)
     if case.kind == "error":
@@ -658,10 +722,15 @@ def _run_case(
             row["input_type"] = "volume" if image.is_volume else "image"
         row.update(_predict_case(predictor, image, case, tmp_dir, opts, clock))
         _commit(tmp_dir, out / case.case_id)
+    except OutputError as e:
+        # a full disk stops the batch: every case after this one would fail the same way
+        raise disk_full_error(out / case.case_id) from e
     except MedsegError as e:
         row.update(status="error", error=str(e))
         logger.error("%s", e)
     except Exception as e:  # one bad case must not stop the batch
+        if is_disk_full(e):
+            raise disk_full_error(out / case.case_id) from e
         message = f"{type(e).__name__}: {e}"
         row.update(status="error", error=f"{case.source}: {message}")
         logger.error("%s: unexpected error: %s", case.case_id, message)
@@ -670,6 +739,142 @@ def _run_case(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0)
     return row
+
+
+def _resolve_options(task: str, card: dict, opts: _Options) -> _Options:
+    """``opts`` without the options that do not apply to this model (each with a warning)."""
+    threshold, explain = opts.threshold, opts.explain
+    if threshold is not None and (task != "segmentation" or int(card.get("num_outputs", 1)) != 1):
+        logger.warning(
+            "threshold %.3g ignored: it applies to binary segmentation models", threshold
+        )
+        threshold = None
+    if explain and task != "classification":
+        logger.warning("--explain applies to classifiers; ignored for this %s model", task)
+        explain = False
+    return dataclasses.replace(opts, threshold=threshold, explain=explain)
+
+
+def _prepare_model(predictor: Predictor, opts: _Options) -> None:
+    """Build what ``opts`` needs from the model (Grad-CAM, MC-dropout), so that problems of
+    the model with these options fail the run before any case is written."""
+    if opts.explain:
+        predictor.gradcam()
+    if opts.mc_samples:
+        from medseg.inference.uncertainty import mc_dropout_model
+
+        for m in predictor.keras_models():
+            mc_dropout_model(m)
+
+
+# --------------------------------------------------------------------------- resumable batches
+
+#: Hidden folder in the output folder of a batch that has not finished (see :class:`_Batch`).
+BATCH_STATE = ".medseg-predict"
+
+
+def _batch_signature(model, inputs: list[str | Path], opts: dict) -> str:
+    """What a batch predicts: the model, the inputs and the options that change the outputs."""
+    if isinstance(model, (str, Path)):
+        model_id = str(Path(model).resolve())
+    else:
+        model_id = str(getattr(model, "path", None) or type(model).__name__)
+    body = {"model": model_id, "inputs": [str(Path(i).resolve()) for i in inputs], **opts}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Batch:
+    """The progress of a batch, kept in ``<out>/.medseg-predict/`` until it has finished.
+
+    ``state.json`` records what is predicted (:func:`_batch_signature`) and ``rows/<case>.json``
+    each finished case's row, written after the case's folder was renamed into place. A batch
+    killed part way (``kill -9``, a full disk, a power cut) is continued by the same command: the
+    cases with a row are not predicted again, the temporary files of the killed process are
+    removed, and ``predictions.csv`` lists every case once. The folder is removed when the tables
+    are written; an output folder without it is a finished batch, which only ``overwrite``
+    writes into again.
+    """
+
+    def __init__(self, out: Path, signature: str):
+        self.out, self.signature = out, signature
+        self.dir = out / BATCH_STATE
+        self.done: dict[str, dict] = {}
+        self.resuming = False
+
+    @classmethod
+    def open(cls, out: Path, signature: str, overwrite: bool) -> _Batch:
+        """Check the output folder before anything is written there.
+
+        Raises:
+            RunExistsError: ``out`` holds other files (a finished batch, or an unfinished batch
+                of other inputs, model or options) and ``overwrite`` is false.
+        """
+        batch = cls(out, signature)
+        state = _read_json(batch.dir / "state.json")
+        if state is not None and not overwrite:
+            if state.get("signature") != signature:
+                raise RunExistsError(
+                    f"{out}: holds an unfinished prediction of other inputs, model or options; "
+                    "rerun that command to finish it, or pass --overwrite"
+                )
+            batch.resuming = True
+            batch.done = batch._rows()
+            return batch
+        others = out.is_dir() and any(p.name != BATCH_STATE for p in out.iterdir())
+        if others and not overwrite:
+            raise RunExistsError(
+                f"{out}: output folder is not empty; pass --overwrite to write there"
+            )
+        return batch
+
+    def _rows(self) -> dict[str, dict]:
+        rows = {}
+        for path in sorted((self.dir / "rows").glob("*.json")):
+            row = _read_json(path)
+            if not isinstance(row, dict) or "case_id" not in row:
+                continue
+            missing = [
+                k for k in ("mask", "seg") if row.get(k) and not (self.out / row[k]).is_file()
+            ]
+            if not missing:
+                rows[row["case_id"]] = row
+        return rows
+
+    def start(self) -> None:
+        """Create the output folder and record the batch (or, resuming, clean up after the
+        killed process)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resuming:
+            remove_stale_temps(self.out, recursive=False)
+            remove_stale_temps(self.dir)
+            logger.info(
+                "%s: continuing an interrupted prediction; %d cases already done",
+                self.out,
+                len(self.done),
+            )
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        atomic_write_json(self.dir / "state.json", {"signature": self.signature})
+
+    def commit(self, row: dict) -> dict:
+        """Record a finished case's row; returns it."""
+        atomic_write_json(self.dir / "rows" / f"{row['case_id']}.json", row)
+        return row
+
+    def finish(self) -> None:
+        """The tables are written: the batch is finished."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+#: Where :func:`predict` runs the cases.
+EXECUTORS = ("local", "ray")
 
 
 def predict(
@@ -686,13 +891,18 @@ def predict(
     progress: bool = True,
     mc_samples: int = 0,
     explain: bool = False,
+    keep_identifiers: bool = False,
+    executor: str = "local",
+    address: str | None = None,
+    ray_workers: int | None = None,
 ) -> PredictResult:
     """Predict every case of ``inputs`` with ``model``; write per-case outputs and the tables.
 
     Args:
         model: export folder or run folder (or a loaded :class:`Predictor`).
         inputs: files and folders (see :func:`collect_cases`).
-        out_dir: output folder; must be new or empty unless ``overwrite``.
+        out_dir: output folder; must be new or empty unless ``overwrite``, or hold the
+            unfinished batch of the same call (model, inputs, options), which is continued.
         batch_size: images or volume slices per model call.
         overlays: write overlay PNGs.
         overwrite: allow writing into a non-empty ``out_dir`` (a case folder of the same id is
@@ -709,14 +919,26 @@ def predict(
             voxel variance over the predicted lesion, or the predictive entropy of a
             classifier) and ``uncertainty.png`` (segmentation); needs a model with dropout.
         explain: classifiers: write ``gradcam.png`` (Grad-CAM of the predicted class).
+        keep_identifiers: name DICOM cases after the PatientID and add ``patient_id``,
+            ``patient_name`` and ``study_date`` to the tables (see :func:`collect_cases`).
+            Off by default: no DICOM patient or study data reaches names, tables or logs.
+        executor: ``local`` (cases one after another, in this process) or ``ray`` (cases spread
+            over a pool of Ray actors that each load the model once; same outputs, see
+            :mod:`medseg.inference.ray_predict`).
+        address: Ray cluster address (``ray`` only; default: start a local Ray instance).
+        ray_workers: number of Ray actors (``ray`` only; default: one per GPU of the cluster,
+            else one per CPU).
 
     Returns:
         The output folder, the per-case rows (failed cases have ``status == "error"``) and the
         model throughput.
 
     Raises:
-        RunExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
-        ConfigError: a bad ``batch_size``, ``threshold`` or ``min_lesion_voxels``.
+        RunExistsError: ``out_dir`` is not empty (a finished batch, or an unfinished batch of
+            another call) and ``overwrite`` is false.
+        OutputError: the output disk is full (the batch can be continued by the same call).
+        ConfigError: a bad ``batch_size``, ``threshold``, ``min_lesion_voxels`` or
+            ``executor``, or ``executor="ray"`` without Ray installed.
         DataError: an input does not exist, or a folder holds no supported file.
         ModelError: the model cannot be loaded.
     """
@@ -725,6 +947,10 @@ def predict(
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor: '{executor}' is not one of {', '.join(EXECUTORS)}")
+    if mc_samples == 1 or mc_samples < 0:
+        raise ConfigError(f"mc_samples must be 0 (off) or >= 2, got {mc_samples}")
     if min_lesion_voxels < 0:
         raise ConfigError(f"min_lesion_voxels must be >= 0, got {min_lesion_voxels}")
     if threshold is not None:
@@ -733,32 +959,21 @@ def predict(
         except ValueError as e:
             raise ConfigError(str(e)) from None
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunExistsError(f"{out}: output folder is not empty; pass --overwrite to write there")
-    cases = collect_cases(inputs)
-    predictor = model if isinstance(model, Predictor) else Predictor(model)
-    if threshold is not None and (
-        predictor.task != "segmentation" or int(predictor.card.get("num_outputs", 1)) != 1
-    ):
-        logger.warning(
-            "threshold %.3g ignored: it applies to binary segmentation models", threshold
-        )
-        threshold = None
-    if mc_samples == 1 or mc_samples < 0:
-        raise ConfigError(f"mc_samples must be 0 (off) or >= 2, got {mc_samples}")
-    # Problems of the model with these options fail the run before any case is written.
-    if explain and predictor.task != "classification":
-        logger.warning(
-            "--explain applies to classifiers; ignored for this %s model", predictor.task
-        )
-        explain = False
-    elif explain:
-        predictor.gradcam()
-    if mc_samples:
-        from medseg.inference.uncertainty import mc_dropout_model
-
-        for m in predictor.keras_models():
-            mc_dropout_model(m)
+    signature = _batch_signature(
+        model,
+        inputs,
+        {
+            "overlays": overlays,
+            "threshold": threshold,
+            "largest_component": largest_component,
+            "min_lesion_voxels": min_lesion_voxels,
+            "mc_samples": mc_samples,
+            "explain": explain,
+            "keep_identifiers": keep_identifiers,
+        },
+    )
+    batch = _Batch.open(out, signature, overwrite)  # a finished batch needs overwrite
+    cases = collect_cases(inputs, keep_identifiers=keep_identifiers)
     opts = _Options(
         batch_size,
         overlays,
@@ -768,16 +983,40 @@ def predict(
         int(mc_samples),
         explain,
     )
+    if executor == "ray":
+        from medseg.inference.ray_predict import predict_on_ray
+
+        result = predict_on_ray(
+            model,
+            cases,
+            out,
+            opts,
+            address=address,
+            workers=ray_workers,
+            progress=progress,
+            batch=batch,  # started once Ray is there; skips and records cases like local
+        )
+        batch.finish()
+        return result
+    if address or ray_workers:
+        logger.warning("--address and --ray-workers apply to --executor ray; ignored")
+    predictor = model if isinstance(model, Predictor) else Predictor(model)
+    opts = _resolve_options(predictor.task, predictor.card, opts)
+    _prepare_model(predictor, opts)
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    batch.start()
     reader, clock, rows = _Reader(), _Clock(), []
     show = progress and sys.stderr.isatty()
     bar = tqdm(cases, desc="predict", unit="case", file=sys.stderr, disable=not show)
     redirect = logging_redirect_tqdm() if show else contextlib.nullcontext()
     with redirect, bar:
         for case in bar:
-            rows.append(_run_case(predictor, case, reader, out, opts, clock))
+            row = batch.done.get(case.case_id)  # finished before an interruption
+            if row is None:
+                row = batch.commit(_run_case(predictor, case, reader, out, opts, clock))
+            rows.append(row)
     write_tables(out, rows)
+    batch.finish()
     result = PredictResult(out, rows, clock.slices, clock.seconds, time.perf_counter() - start)
     logger.info(
         "predicted %d cases (%d failed), %d slices: %.1f slices/s end to end (read, predict, "

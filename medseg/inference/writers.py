@@ -6,9 +6,19 @@ Every file goes through a temporary name and a rename (:func:`medseg.utils.atomi
 never leaves a half-written file under its final name.
 
 DICOM SEG (:func:`write_seg`) is written with highdicom: a BINARY segmentation whose frames
-reference the source SOP instances (one segment per label, ``"tumour"`` for a binary model). The
-SEG necessarily repeats the source's patient and study module (that is what makes it attach to the
-right study in a PACS); it is the only output that holds patient data, and only inside the file.
+reference the source SOP instances (one segment per label, ``"tumour"`` for a binary model).
+
+Patient data in the SEG: the SEG IOD (DICOM PS3.3 A.51) makes the Patient and General Study
+modules mandatory, copied from the source, so that a PACS files the SEG with the source study.
+highdicom copies every attribute of the patient and study modules (also the optional Patient
+Study and Clinical Trial modules and Type 3 attributes such as PatientAge, PatientComments,
+OtherPatientIDsSequence, StudyDescription); medseg keeps only what the standard requires,
+:data:`SEG_IDENTITY` (Type 1/2 attributes of the General Study module, Type 1/2/1C/2C of the
+Patient module, the conditional ones being those of non-human subjects and de-identified data),
+with the source's values, and drops the rest, together with the source's acquisition equipment
+(institution, station name, serial number) that highdicom lists in the optional
+ContributingEquipmentSequence. The SEG is the only output that holds patient data, and only
+inside the file: file names, tables and logs never do (unless ``--keep-identifiers``).
 """
 
 from __future__ import annotations
@@ -53,6 +63,73 @@ FIELDS = [
 
 #: Series number given to a DICOM SEG: this plus the source's SeriesNumber (or this alone).
 SEG_SERIES_NUMBER_OFFSET = 1000
+
+#: Patient and study attributes a DICOM SEG keeps from its source: the Type 1/2/1C/2C attributes
+#: of the Patient module (PS3.3 C.7.1.1) and the Type 1/2 attributes of the General Study module
+#: (C.7.2.1), the two patient/study modules the SEG IOD makes mandatory.
+SEG_IDENTITY = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientAlternativeCalendar",
+        "PatientSpeciesDescription",
+        "PatientSpeciesCodeSequence",
+        "PatientBreedDescription",
+        "PatientBreedCodeSequence",
+        "BreedRegistrationSequence",
+        "ResponsiblePerson",
+        "ResponsiblePersonRole",
+        "ResponsibleOrganization",
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "StudyID",
+    }
+)
+
+#: Optional patient and study attributes that highdicom copies and medseg removes again (used
+#: when highdicom's own table of the standard's modules cannot be read).
+_SEG_OPTIONAL_IDENTITY = frozenset(
+    {
+        "AdditionalPatientHistory",
+        "AdmissionID",
+        "AdmittingDiagnosesDescription",
+        "Allergies",
+        "ClinicalTrialSponsorName",
+        "ClinicalTrialSubjectID",
+        "ClinicalTrialSiteName",
+        "ConsultingPhysicianName",
+        "EthnicGroup",
+        "IssuerOfPatientID",
+        "MedicalAlerts",
+        "NameOfPhysiciansReadingStudy",
+        "Occupation",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientAge",
+        "PatientBirthTime",
+        "PatientComments",
+        "PatientSize",
+        "PatientState",
+        "PatientWeight",
+        "PhysiciansOfRecord",
+        "PregnancyStatus",
+        "ReasonForVisit",
+        "ReferencedPatientSequence",
+        "ReferencedStudySequence",
+        "RequestingService",
+        "ServiceEpisodeID",
+        "SmokingStatus",
+        "StudyDescription",
+    }
+)
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:
@@ -185,8 +262,12 @@ def write_seg(
         # highdicom warns about unusual PatientName values by quoting them: keep names out of
         # the logs (the SEG itself must carry the source's patient module).
         warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*exceeds the maximum length.*")
         seg = _segmentation(hd, sources, pixels, descriptions, series_number)
-    with atomic_path(path) as tmp:
+    _keep_required_identity(seg)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # the source's values are kept as they are, even when longer than their VR allows
+        warnings.filterwarnings("ignore", message=".*exceeds the maximum length.*")
         seg.save_as(tmp)
     return path
 
@@ -212,6 +293,46 @@ def _segmentation(hd, sources, pixels, descriptions, series_number):
         content_description="Automatic segmentation by medseg",
         omit_empty_frames=bool(pixels.any()),  # all empty: keep every frame, quietly
     )
+
+
+def _patient_study_keywords() -> set[str]:
+    """Keywords of every root attribute of the patient and study modules of the standard."""
+    keywords = set(_SEG_OPTIONAL_IDENTITY)
+    try:  # highdicom's table of the standard (a private module: a fallback list above)
+        from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map
+
+        attributes = get_module_attribute_map()
+        modules = {
+            m["key"]
+            for iod in get_iod_module_map().values()
+            for m in iod
+            if m["ie"] in ("Patient", "Study")
+        }
+        for module in modules:
+            keywords.update(a["keyword"] for a in attributes[module] if not a["path"])
+    except Exception as e:  # pragma: no cover - depends on highdicom's internals
+        logger.debug("highdicom's module table unavailable (%s); using medseg's list", e)
+    return keywords
+
+
+def _keep_required_identity(seg) -> None:
+    """Remove from a SEG the patient/study attributes beyond :data:`SEG_IDENTITY`, and the
+    source's acquisition equipment (see the module docstring)."""
+    for keyword in sorted(_patient_study_keywords() - SEG_IDENTITY):
+        if keyword in seg:
+            delattr(seg, keyword)
+    equipment = seg.get("ContributingEquipmentSequence")
+    if equipment is not None:
+        kept = [item for item in equipment if not _is_acquisition_equipment(item)]
+        if kept:
+            seg.ContributingEquipmentSequence = kept
+        else:
+            del seg.ContributingEquipmentSequence
+
+
+def _is_acquisition_equipment(item) -> bool:
+    purpose = item.get("PurposeOfReferenceCodeSequence") or []
+    return any(code.get("CodeValue") == "109101" for code in purpose)  # DCM "Acquisition Equipment"
 
 
 def write_tables(out: str | Path, rows: list[dict]) -> None:

@@ -89,9 +89,15 @@ Files
 
 Errors
     Every problem with an input file raises :class:`~medseg.errors.DataError` whose message
-    starts with the file path and says the problem in plain words: missing or empty file,
-    unsupported type, not an image, truncated or corrupt data, DICOM without pixel data, or a
-    compressed DICOM whose decoder is not installed (the message names the pip packages).
+    starts with the file path and says the problem in plain words, on one line: missing or
+    empty file, dangling or looping symbolic link, no permission to read it (or to list a
+    folder: unreadable folders are never skipped silently), unsupported type, not an image,
+    truncated or corrupt data, DICOM without pixel data, an unknown or undecodable transfer
+    syntax, a compressed DICOM whose decoder is not installed (the message names the pip
+    packages), a NIfTI with a NaN or singular affine, or a DICOM/NIfTI header that declares
+    more than :data:`~medseg.io.base.MAX_SAMPLES` samples (refused before anything is
+    allocated). Whatever else a third-party decoder raises on a damaged file is wrapped in a
+    DataError naming the file too (``tests/test_fuzz_readers.py`` fuzzes this).
 
 :func:`to_channels` converts between 1 and 3 channels (repeat, or ITU-R BT.601 luma).
 """

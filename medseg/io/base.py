@@ -5,6 +5,9 @@ See :mod:`medseg.io` for the contract that the readers follow.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,12 @@ NIFTI_SUFFIXES: frozenset[str] = frozenset({".nii", ".nii.gz"})
 #: Files with any other suffix, or none, are read too when they carry the DICOM ``DICM``
 #: marker; folders are read as one DICOM series.
 IMAGE_SUFFIXES: frozenset[str] = PLAIN_SUFFIXES | DICOM_SUFFIXES | NIFTI_SUFFIXES
+
+#: Most samples (voxels x channels) a DICOM or NIfTI header may declare: 2**29, e.g. 1024 x 1024
+#: x 512. A header that declares more is refused before any pixel buffer is allocated, so that a
+#: corrupt or hostile file cannot make the reader ask for gigabytes (as Pillow's decompression
+#: bomb limit does for plain images).
+MAX_SAMPLES = 2**29
 
 # ITU-R BT.601 luma weights for R, G, B.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -170,33 +179,85 @@ def image_suffix(path: str | Path) -> str:
 
 
 def check_file(path: str | Path) -> Path:
-    """Return ``path`` as a Path after checking that it is a non-empty regular file.
+    """Return ``path`` as a Path after checking that it is a non-empty regular file we may read.
 
     Raises:
-        DataError: If the file is missing, is a directory or has zero bytes.
+        DataError: If the file is missing (or a dangling or looping symbolic link), is a
+            directory or another non-regular file (FIFO, device), has zero bytes, or cannot be
+            opened for reading (permissions).
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file does not exist")
-    if not path.is_file():
-        raise DataError(f"{path}: is not a regular file (a directory?)")
-    if path.stat().st_size == 0:
+    try:
+        info = path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            raise DataError(f"{path}: {_link_problem(path, e)}") from None
+        if isinstance(e, PermissionError):
+            raise DataError(f"{path}: permission denied; cannot look up the file") from None
+        raise DataError(f"{path}: file does not exist") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{path}: is not a regular file (a FIFO, socket or device?)")
+    if info.st_size == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError:
+        raise DataError(
+            f"{path}: permission denied; the file is not readable by this user"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the file ({e.strerror or e})") from None
     return path
 
 
 def check_folder(folder: str | Path) -> Path:
-    """Return ``folder`` as a Path after checking that it is an existing folder.
+    """Return ``folder`` as a Path after checking that it is an existing folder we may list.
 
     Raises:
-        DataError: If the folder is missing or is not a folder.
+        DataError: If the folder is missing (or a dangling or looping symbolic link), is not a
+            folder, or cannot be listed (permissions).
     """
     folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder}: folder does not exist")
-    if not folder.is_dir():
+    try:
+        info = folder.stat()
+    except OSError as e:
+        if folder.is_symlink():
+            raise DataError(f"{folder}: {_link_problem(folder, e)}") from None
+        raise DataError(f"{folder}: folder does not exist") from None
+    if not stat.S_ISDIR(info.st_mode):
         raise DataError(f"{folder}: is not a folder")
+    try:
+        with os.scandir(folder):
+            pass
+    except OSError as e:
+        raise_walk_error(e)
     return folder
+
+
+def raise_walk_error(error: OSError) -> None:
+    """``onerror`` for :func:`os.walk`: a folder that cannot be listed is an error, never skipped.
+
+    Raises:
+        DataError: Always, naming the folder and the reason.
+    """
+    where = error.filename if error.filename is not None else "folder"
+    if isinstance(error, PermissionError):
+        raise DataError(f"{where}: permission denied; cannot list the folder") from None
+    raise DataError(f"{where}: cannot list the folder ({error.strerror or error})") from None
+
+
+def _link_problem(path: Path, error: OSError) -> str:
+    """Why a symbolic link cannot be followed: a loop, or a missing target."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop (the link points back to itself)"
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"dangling symbolic link: its target {target!r} does not exist"
 
 
 def _describe(value: object) -> str:

@@ -22,7 +22,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medseg.errors import DataError
-from medseg.io.base import Image, ImageMeta
+from medseg.io.base import MAX_SAMPLES, Image, ImageMeta
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,12 @@ def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None,
         array = raw.astype(np.float32)
         photometric = "RGB"
     elif samples == 1 and stored_photometric == "PALETTE COLOR":
-        array = apply_color_lut(raw, ds).astype(np.float32)
+        try:
+            array = apply_color_lut(raw, ds).astype(np.float32)
+        except Exception as e:  # missing or malformed palette tables
+            raise DataError(
+                f"{path}: PALETTE COLOR image whose palette cannot be applied ({_first_line(e)})"
+            ) from e
         photometric = "RGB"
         descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
         bits = int(descriptor[2]) if descriptor else bits
@@ -164,19 +169,50 @@ def _read_dataset(path: Path) -> Dataset:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path, force=True)
+        parse_all(ds)
     except InvalidDicomError as e:
-        raise DataError(f"{path}: not a valid DICOM file ({e})") from e
+        raise DataError(f"{path}: not a valid DICOM file ({_first_line(e)})") from e
     except Exception as e:
-        raise DataError(f"{path}: DICOM file is truncated or corrupt ({e})") from e
+        raise DataError(f"{path}: DICOM file is truncated or corrupt ({_first_line(e)})") from e
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
         if has_marker:
-            sop = ds.get("SOPClassUID")
-            kind = f" ({UID(str(sop)).name})" if sop else ""
-            raise DataError(f"{path}: DICOM file has no pixel data{kind}; it is not an image")
+            raise DataError(f"{path}: DICOM file has no pixel data{_no_pixels_reason(ds)}")
         raise DataError(f"{path}: not a DICOM image (no 'DICM' marker and no pixel data)")
-    if "TransferSyntaxUID" not in ds.file_meta:
+    if not str(ds.file_meta.get("TransferSyntaxUID", "") or "").strip():
         ds.file_meta.TransferSyntaxUID = _guess_transfer_syntax(path, ds)
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if not ts.is_transfer_syntax:
+        raise DataError(
+            f"{path}: the file meta names {str(ts)[:64]!r} as transfer syntax, which is not a "
+            f"DICOM transfer syntax; the pixel data cannot be decoded"
+        )
     return ds
+
+
+def parse_all(ds: Dataset) -> None:
+    """Convert every element of ``ds`` (and its file meta) now.
+
+    pydicom converts values lazily, on first access; a corrupt element (an unknown VR, a value
+    cut short) would otherwise raise wherever medseg first reads it. Call inside the ``try``
+    that turns parse errors into a DataError.
+    """
+    for dataset in (ds.file_meta, ds):
+        for element in dataset.iterall():
+            _ = element.value
+
+
+def _no_pixels_reason(ds: Dataset) -> str:
+    """Why a DICOM file with the marker has no pixel data, from its SOP class (no patient data)."""
+    sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    try:
+        kind = UID(str(sop)).name if sop else ""
+    except Exception:  # a corrupt UID value
+        kind = ""
+    if not kind or kind == str(sop):
+        return " and no known SOP class; it is truncated, corrupt or not an image"
+    if "Image" in kind:
+        return f" ({kind}); the file is truncated or its pixel data was removed"
+    return f" ({kind}); it is not an image"
 
 
 def _guess_transfer_syntax(path: Path, ds: Dataset) -> UID:
@@ -192,6 +228,7 @@ def _guess_transfer_syntax(path: Path, ds: Dataset) -> UID:
 
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
     """Decode the pixel data, turning every failure into a DataError that says what to do."""
+    _check_size(path, ds)
     ts = ds.file_meta.TransferSyntaxUID
     decoder = None
     if ts.is_compressed:
@@ -224,6 +261,22 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
         raise DataError(
             f"{path}: cannot read the pixel data; the file may be truncated or corrupt ({reason})"
         ) from e
+
+
+def _check_size(path: Path, ds: Dataset) -> None:
+    """Refuse, before decoding, a header that declares more samples than medseg reads."""
+    rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    frames = _n_frames(ds)
+    if rows is None or columns is None:
+        return  # pydicom says what is missing
+    count = abs(rows) * abs(columns) * abs(samples) * frames
+    if count > MAX_SAMPLES:
+        raise DataError(
+            f"{path}: DICOM header declares {frames} frame(s) of {rows}x{columns}x{samples} = "
+            f"{count} samples, more than medseg reads ({MAX_SAMPLES}); the header is corrupt or "
+            f"the image too large"
+        )
 
 
 def _install_hint(missing: list[str]) -> str:

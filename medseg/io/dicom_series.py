@@ -22,10 +22,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from medseg.errors import DataError
-from medseg.io.base import Image, ImageMeta, check_folder, image_suffix
+from medseg.io.base import Image, ImageMeta, check_folder, image_suffix, raise_walk_error
 from medseg.io.dicom import (
     _decode,
     _first_float,
+    _first_line,
     _floats,
     _geometry,
     _int_or_none,
@@ -33,6 +34,7 @@ from medseg.io.dicom import (
     _str_or_none,
     dataset_array,
     is_dicom,
+    parse_all,
     read_dicom_image,
     read_dicom_mask,
 )
@@ -260,7 +262,7 @@ def read_dicom_files(
 def _scan(folder: Path, recursive: bool) -> list[_Header]:
     """Headers of the DICOM image files in ``folder``, in file name order."""
     headers: list[_Header] = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=raise_walk_error):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
             path = Path(root) / name
@@ -295,8 +297,9 @@ def _read_header(path: Path) -> _Header | None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        parse_all(ds)
     except Exception as e:
-        raise DataError(f"{path}: DICOM header is truncated or corrupt ({e})") from e
+        raise DataError(f"{path}: DICOM header is truncated or corrupt ({_first_line(e)})") from e
     rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
     if rows is None or columns is None:
         if not has_marker:
@@ -305,9 +308,10 @@ def _read_header(path: Path) -> _Header | None:
         kind = UID(str(sop)).name if sop else ""
         if not kind or kind == str(sop) or "Image" in kind:
             # An image SOP class (or an unknown one) without an image size: a cut header.
+            # (An unknown UID is not quoted: a corrupt one may hold any bytes, newlines too.)
+            what = kind if kind and kind != str(sop) else "DICOM"
             raise DataError(
-                f"{path}: DICOM header is truncated or corrupt (no Rows/Columns in a "
-                f"{kind or 'DICOM'} file)"
+                f"{path}: DICOM header is truncated or corrupt (no Rows/Columns in a {what} file)"
             )
         logger.warning("%s: skipped, a DICOM object without an image (%s)", path, kind)
         return None

@@ -37,7 +37,7 @@ from nibabel.orientations import (
 )
 
 from medseg.errors import DataError
-from medseg.io.base import NIFTI_SUFFIXES, Image, ImageMeta, image_suffix
+from medseg.io.base import MAX_SAMPLES, NIFTI_SUFFIXES, Image, ImageMeta, image_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ def read_nifti_image(path: Path, replace_non_finite: float | None = None) -> Ima
             default) raises instead.
 
     Raises:
-        DataError: If the file is not a readable NIfTI image, has more than 4 dimensions or a
-            4th dimension larger than :data:`MAX_NIFTI_CHANNELS`, or has NaN/Inf voxels and
-            ``replace_non_finite`` is None.
+        DataError: If the file is not a readable NIfTI image, is empty, has a NaN/Inf or
+            singular affine, has more than 4 dimensions or a 4th dimension larger than
+            :data:`MAX_NIFTI_CHANNELS`, or has NaN/Inf voxels and ``replace_non_finite`` is None.
     """
     img = _load(path)
-    canonical = nib.as_closest_canonical(img)
     try:
+        canonical = nib.as_closest_canonical(img)
         data = canonical.get_fdata(dtype=np.float32)
     except Exception as e:
         raise DataError(f"{path}: NIfTI data is truncated or corrupt ({_first_line(e)})") from e
@@ -106,8 +106,8 @@ def read_nifti_mask(path: Path) -> np.ndarray:
             allowed).
     """
     img = _load(path, max_channels=1)
-    canonical = nib.as_closest_canonical(img)
     try:
+        canonical = nib.as_closest_canonical(img)
         values = np.asanyarray(canonical.dataobj)
     except Exception as e:
         raise DataError(f"{path}: NIfTI data is truncated or corrupt ({_first_line(e)})") from e
@@ -225,12 +225,52 @@ def _load(path: Path, max_channels: int = MAX_NIFTI_CHANNELS) -> nib.Nifti1Image
         raise DataError(
             f"{path}: 4D NIfTI with {shape[3]} volumes; expected 3D (or a 4th dimension {allowed})"
         )
+    if 0 in shape:
+        raise DataError(f"{path}: NIfTI image is empty (shape {tuple(img.shape)})")
+    _check_size(path, img)
+    _check_affine(path, img)
     if shape != tuple(img.shape):
         try:
             img = img.__class__(np.asanyarray(img.dataobj).reshape(shape), img.affine, img.header)
         except Exception as e:
             raise DataError(f"{path}: NIfTI data is truncated or corrupt ({_first_line(e)})") from e
     return img
+
+
+def _check_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse, before reading the data, a header that declares more than the file can hold."""
+    count = int(np.prod([int(n) for n in img.shape], dtype=object))
+    if count > MAX_SAMPLES:
+        raise DataError(
+            f"{path}: NIfTI header declares {count} voxels (shape {tuple(img.shape)}), more than "
+            f"medseg reads ({MAX_SAMPLES}); the header is corrupt or the image too large"
+        )
+    if image_suffix(path) == ".nii":
+        try:
+            need = int(img.header.get_data_offset()) + count * img.header.get_data_dtype().itemsize
+        except Exception as e:  # a corrupt data type or offset
+            raise DataError(f"{path}: NIfTI header is corrupt ({_first_line(e)})") from e
+        size = path.stat().st_size
+        if size < need:
+            raise DataError(
+                f"{path}: NIfTI data is truncated or corrupt (the header declares {need} bytes, "
+                f"the file has {size})"
+            )
+
+
+def _check_affine(path: Path, img: nib.Nifti1Image) -> None:
+    """The voxel-to-world matrix must be finite and invertible to place and reorient the data."""
+    try:
+        linear = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+    except Exception as e:
+        raise DataError(f"{path}: NIfTI header has no usable affine ({_first_line(e)})") from e
+    if not np.all(np.isfinite(linear)):
+        raise DataError(f"{path}: NIfTI affine holds NaN or infinite values; the header is corrupt")
+    singular = np.linalg.svd(linear, compute_uv=False)
+    if singular.max() == 0 or singular.min() <= 1e-9 * singular.max():
+        raise DataError(
+            f"{path}: NIfTI affine is singular (voxel axes collapse); the header is corrupt"
+        )
 
 
 def _canonical_to_array(data: np.ndarray) -> np.ndarray:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import DataError
+from medseg.errors import DataError, MedsegError
 from medseg.io.base import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -22,6 +24,7 @@ from medseg.io.base import (
     check_file,
     check_folder,
     image_suffix,
+    raise_walk_error,
 )
 from medseg.io.dicom import is_dicom, read_dicom_image, read_dicom_mask
 from medseg.io.dicom_series import read_series_image, read_series_mask
@@ -66,17 +69,21 @@ def read_image(
     """
     path = Path(path)
     if path.is_dir():
-        image = read_series_image(path, allow_gaps=allow_gaps)
+        with _reading(path, "DICOM series"):
+            image = read_series_image(path, allow_gaps=allow_gaps)
         logger.debug("%s: read DICOM series of shape %s", path, image.array.shape)
         return image
     path = check_file(path)
     suffix = image_suffix(path)
     if suffix in NIFTI_SUFFIXES:
-        image = read_nifti_image(path, replace_non_finite=replace_non_finite)
+        with _reading(path, "NIfTI"):
+            image = read_nifti_image(path, replace_non_finite=replace_non_finite)
     elif suffix in DICOM_SUFFIXES or is_dicom(path):
-        image = read_dicom_image(path)
+        with _reading(path, "DICOM"):
+            image = read_dicom_image(path)
     elif suffix in PLAIN_SUFFIXES:
-        image = read_plain_image(path)
+        with _reading(path, "image"):
+            image = read_plain_image(path)
     else:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(no suffix)'!r}; supported are "
@@ -116,16 +123,20 @@ def read_mask(path: str | Path, *, allow_gaps: bool = False) -> np.ndarray:
     """
     path = Path(path)
     if path.is_dir():
-        values, colour = read_series_mask(path, allow_gaps=allow_gaps)
+        with _reading(path, "DICOM series"):
+            values, colour = read_series_mask(path, allow_gaps=allow_gaps)
         return _to_label_map(path, values, colour)
     path = check_file(path)
     suffix = image_suffix(path)
     if suffix in NIFTI_SUFFIXES:
-        values, colour = read_nifti_mask(path), False
+        with _reading(path, "NIfTI"):
+            values, colour = read_nifti_mask(path), False
     elif suffix in DICOM_SUFFIXES or is_dicom(path):
-        values, colour = read_dicom_mask(path)
+        with _reading(path, "DICOM"):
+            values, colour = read_dicom_mask(path)
     elif suffix in PLAIN_SUFFIXES:
-        values, colour = read_plain_mask(path)
+        with _reading(path, "image"):
+            values, colour = read_plain_mask(path)
     else:
         raise DataError(
             f"{path}: unsupported mask file type {suffix or '(no suffix)'!r}; supported are "
@@ -155,11 +166,12 @@ def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
         Sorted list of paths (each ``folder / relative path``).
 
     Raises:
-        DataError: If ``folder`` does not exist or is not a folder.
+        DataError: If ``folder`` does not exist, is not a folder, or it or a sub-folder cannot be
+            listed (permissions): unreadable folders are never skipped silently.
     """
     folder = check_folder(folder)
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=raise_walk_error):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
         for name in files:
             if name.startswith(".") or name.lower() in _NOT_IMAGES:
@@ -170,6 +182,29 @@ def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     found.sort()
     logger.debug("%s: found %d image file(s)", folder, len(found))
     return found
+
+
+@contextmanager
+def _reading(path: Path, kind: str) -> Iterator[None]:
+    """Turn anything a third-party decoder raises on a corrupt file into a DataError.
+
+    The format readers already say what is wrong in the cases they know; this is the net for the
+    rest (a malformed header field, a decoder bug), so that a bad file never gives anything but
+    a :class:`~medseg.errors.DataError` naming it.
+    """
+    try:
+        yield
+    except MedsegError:
+        raise
+    except MemoryError:
+        raise DataError(f"{path}: {kind} file declares an image too large to read") from None
+    except RecursionError:
+        raise DataError(f"{path}: {kind} file is corrupt (nested too deeply to parse)") from None
+    except Exception as e:
+        reason = " ".join(str(e).split())[:300] or "no details"
+        raise DataError(
+            f"{path}: {kind} file is corrupt or unsupported ({type(e).__name__}: {reason})"
+        ) from e
 
 
 def _to_label_map(path: Path, values: np.ndarray, colour: bool) -> np.ndarray:

@@ -1,18 +1,28 @@
 """Keras callbacks whose files survive a kill: written under a temporary name, then renamed.
 
-Keras' ``ModelCheckpoint`` and ``BackupAndRestore`` write their files in place, so a process
-killed mid-write leaves a truncated ``.keras`` or ``.weights.h5`` that the next run cannot load.
-These subclasses only change where the bytes go first.
+Keras' ``ModelCheckpoint``, ``BackupAndRestore`` and ``CSVLogger`` write their files in place, so a
+process killed mid-write leaves a truncated ``.keras``, ``.weights.h5`` or half a CSV row that the
+next run cannot use. These versions write to a temporary name and rename it into place; the
+checkpoints are committed with their SHA-256 (:func:`medseg.models.loading.commit_checkpoint`) and
+the backup is checked against it before a resumed run loads it. A full disk while saving becomes an
+:class:`~medseg.errors.OutputError` naming the checkpoint, with the temporary file removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import os
+from pathlib import Path
 
 import keras
+import numpy as np
 
-from medseg.utils import atomic_write_text
+from medseg.errors import OutputError
+from medseg.models.loading import commit_checkpoint, verify_checkpoint
+from medseg.utils import atomic_write_text, disk_full_error, is_disk_full
 
 
 def _temp_sibling(path: str) -> str:
@@ -22,8 +32,18 @@ def _temp_sibling(path: str) -> str:
     return os.path.join(head, f".{stem}.tmp-{os.getpid()}{dot}{suffix}")
 
 
+def _discard(tmp: str, final: str, error: BaseException) -> None:
+    """Remove a half-written temporary file; turn a full disk into an ``OutputError``."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    if is_disk_full(error) and not isinstance(error, OutputError):
+        raise disk_full_error(final) from error
+
+
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """``ModelCheckpoint`` that writes to a temporary file and renames it into place."""
+
+    _sha256: str | None = None  # of the file this callback committed last
 
     def _save_model(self, epoch, batch, logs):
         final = self.filepath
@@ -31,25 +51,116 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self.filepath = tmp
         try:
             super()._save_model(epoch, batch, logs)
+        except Exception as e:
+            _discard(tmp, final, e)
+            raise
         finally:
             self.filepath = final
         if os.path.exists(tmp):
-            os.replace(tmp, final)
+            self._sha256 = commit_checkpoint(tmp, final, previous=self._sha256)
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """``BackupAndRestore`` whose weights and metadata files are replaced atomically.
 
     The weights are renamed into place before the metadata: a kill between the two leaves the
-    newer weights with the older epoch count, so at most one epoch is repeated.
+    newer weights with the older epoch count, so at most one epoch is repeated. A resumed run
+    checks the weights against their recorded SHA-256 before loading them
+    (:class:`~medseg.errors.ModelError` naming the file when they differ).
+
+    The backup is kept when ``fit`` ends (``delete_checkpoint`` is false by default; the run
+    deletes it once it is done), so that a process killed after training but before the final
+    evaluation resumes with zero epochs left instead of training again. A ``fit`` stopped early
+    (early stopping) with a finite loss is recorded as complete for the same reason.
     """
+
+    _sha256: str | None = None
+
+    def __init__(self, backup_dir, **kwargs):
+        kwargs.setdefault("delete_checkpoint", False)
+        super().__init__(backup_dir, **kwargs)
+        self._last_loss: float | None = None
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self._weights_path):
+            verify_checkpoint(self._weights_path)
+        super().on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        self._last_loss = None if loss is None else float(loss)
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        epochs = (self.params or {}).get("epochs")
+        stopped = getattr(self.model, "stop_training", False)
+        finite = self._last_loss is not None and np.isfinite(self._last_loss)
+        if stopped and finite and epochs and self._current_epoch < epochs:
+            # early stopping: nothing is left to train when this run is resumed
+            atomic_write_text(
+                self._training_metadata_path, json.dumps({"epoch": int(epochs), "batch": 0})
+            )
+        super().on_train_end(logs)
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = _temp_sibling(self._weights_path)
-        self.model.save_weights(filepath=tmp, overwrite=True)
-        os.replace(tmp, self._weights_path)
+        try:
+            self.model.save_weights(filepath=tmp, overwrite=True)
+        except Exception as e:
+            _discard(tmp, self._weights_path, e)
+            raise
+        self._sha256 = commit_checkpoint(tmp, self._weights_path, previous=self._sha256)
         atomic_write_text(
             self._training_metadata_path,
             json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}),
         )
+
+
+class AtomicCSVLogger(keras.callbacks.Callback):
+    """``history.csv`` with one row per epoch, rewritten atomically after every epoch.
+
+    Same columns as ``keras.callbacks.CSVLogger`` (``epoch``, then the logged values in sorted
+    order). With ``append`` (a resumed run) the rows already in the file are kept, and a row of
+    an epoch that runs again replaces the old one, so the file never holds an epoch twice nor a
+    half-written row.
+
+    Args:
+        filename: the CSV file.
+        append: keep the rows of an earlier (interrupted) run of the same training.
+    """
+
+    def __init__(self, filename: str | Path, append: bool = False):
+        super().__init__()
+        self.filename = Path(filename)
+        self.append = append
+        self._rows: dict[int, dict] = {}
+
+    def on_train_begin(self, logs=None):
+        self._rows = {}
+        if self.append and self.filename.is_file():
+            with open(self.filename, newline="") as f:
+                for row in csv.DictReader(f):
+                    with contextlib.suppress(KeyError, TypeError, ValueError):
+                        self._rows[int(row["epoch"])] = row
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, **{k: _csv_value(v) for k, v in sorted((logs or {}).items())}}
+        # Rows after this epoch belong to a run that was interrupted and is being redone.
+        self._rows = {e: r for e, r in self._rows.items() if e < epoch}
+        self._rows[epoch] = row
+        fields = ["epoch"] + sorted({k for r in self._rows.values() for k in r} - {"epoch"})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(self._rows[e] for e in sorted(self._rows))
+        atomic_write_text(self.filename, buf.getvalue())
+
+
+def _csv_value(value):
+    if isinstance(value, str):
+        return value
+    array = np.asarray(value)
+    if array.ndim == 0:
+        return array.item()
+    return json.dumps(array.tolist())

@@ -32,6 +32,7 @@ from medseg.data.pipeline import load_arrays
 from medseg.data.scan import scan_from_config
 from medseg.data.split import fold_manifest, load_manifest, make_kfold, select, write_manifest
 from medseg.errors import ConfigError, RunExistsError
+from medseg.training.distributed import resolve_cluster
 from medseg.training.evaluate import load_run_model, read_cases, score, write_cases
 from medseg.training.runs import RunDir, default_run_name, open_run
 from medseg.training.train import train
@@ -187,6 +188,11 @@ def run_cv(
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor: '{executor}' is not one of {', '.join(EXECUTORS)}")
+    if resolve_cluster(cfg) is not None:
+        raise ConfigError(
+            "TF_CONFIG: medseg cv does not train folds across several workers (that is medseg "
+            "train's); unset TF_CONFIG, or run the folds on a Ray cluster with --executor ray"
+        )
     root = _open_cv_run(cfg)
     manifest = _cv_manifest(cfg, root)
     k = len(manifest["folds"])

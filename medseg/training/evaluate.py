@@ -24,6 +24,7 @@ from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError, ModelError
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
+from medseg.models.loading import load_keras_model
 from medseg.models.metrics import confusion_counts, hausdorff95, segmentation_report
 from medseg.training.plots import plot_confusion, plot_overlays, plot_roc
 from medseg.training.runs import RunDir, open_run
@@ -33,24 +34,53 @@ logger = logging.getLogger(__name__)
 
 
 def load_run_model(run: RunDir, checkpoint: str = "best") -> keras.Model:
-    """Load ``best.keras`` or ``last.keras`` of a run.
+    """Load ``best.keras`` or ``last.keras`` of a run, checked against its recorded SHA-256 and
+    in Keras safe mode (:func:`medseg.models.loading.load_keras_model`).
 
     Raises:
-        ModelError: the checkpoint is missing or cannot be loaded.
+        ModelError: the checkpoint is missing, does not match its checksum, holds code
+            (a ``Lambda`` layer) or cannot be loaded; the message names the file.
     """
     path = run.best_model if checkpoint == "best" else run.last_model
     if not path.exists():
         raise ModelError(f"{path}: checkpoint not found (has the run finished an epoch?)")
+    return load_keras_model(path)
+
+
+def check_model_fits(model: keras.Model, cfg, path: str | Path) -> None:
+    """Refuse a model that cannot have been trained for this run's task and input.
+
+    A segmentation model maps ``[N, H, W, C]`` to ``[N, H, W, classes]``, a classifier to
+    ``[N, classes]``; the input channels must be ``data.channels``.
+
+    Raises:
+        ModelError: the model's input or output does not fit ``cfg`` (e.g. a classifier
+            checkpoint in a segmentation run); the message names ``path``.
+    """
     try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as e:  # corrupt zip, unknown layer, ...
-        raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+        inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ModelError(f"{path}: cannot tell the model's input and output shapes ({e})") from None
+    task = cfg.data.task
+    expected = 4 if task == "segmentation" else 2
+    if len(outputs) != expected or not all(isinstance(n, int | None) for n in outputs):
+        want = "[N, H, W, classes]" if task == "segmentation" else "[N, classes]"
+        raise ModelError(
+            f"{path}: model output shape {list(outputs)} does not fit a {task} run (expected "
+            f"{want}); the checkpoint is from another task or not a medseg model"
+        )
+    if len(inputs) != 4 or inputs[-1] != cfg.data.channels:
+        raise ModelError(
+            f"{path}: model input shape {list(inputs)} does not fit data.channels="
+            f"{cfg.data.channels} (expected [N, H, W, {cfg.data.channels}])"
+        )
 
 
 def _folder_samples(cfg, folder: str | Path, class_names: list[str]):
     """All samples of another dataset folder, read with the run's data settings."""
     data_cfg = dataclasses.replace(cfg.data, root=str(folder))
     scan = scan_from_config(data_cfg)
+    scan.log_problems()
     if cfg.data.task == "classification" and scan.class_names != class_names:
         raise DataError(
             f"{folder}: class folders {scan.class_names} differ from the run's classes "
@@ -90,7 +120,9 @@ def evaluate(
         samples = _folder_samples(cfg, data, manifest.get("class_names", []))
         split = f"folder:{Path(data).name}"
     else:
-        samples = select(scan_from_config(cfg.data).samples, manifest, split)
+        scan = scan_from_config(cfg.data)
+        scan.log_problems()
+        samples = select(scan.samples, manifest, split)
         changed = check_manifest_files(samples, manifest)
         if changed:
             logger.warning(
@@ -103,6 +135,7 @@ def evaluate(
         raise DataError(f"{run.splits_path}: split '{split}' is empty")
     tag = safe_name(split)
     model = load_run_model(run, checkpoint)
+    check_model_fits(model, cfg, run.best_model if checkpoint == "best" else run.last_model)
     n_out = model.output_shape[-1]
     data = load_arrays(samples, cfg.data, n_out)
     t0 = time.perf_counter()

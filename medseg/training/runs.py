@@ -8,10 +8,13 @@ Layout (see DESIGN notes)::
     runs/<name>/logs/           history.csv, TensorBoard events
     runs/<name>/metrics.json    evaluation results, by split
     runs/<name>/plots/          curves, overlays
-    runs/<name>/state.json      status (running / done) and the config hash
+    runs/<name>/state.json      status (running / trained / done) and the config hash
 
 A finished run is never overwritten unless ``run.overwrite`` is set. An unfinished run whose config
 hash matches is resumed (the same command, run again); one with a different config is an error.
+Resuming first removes the temporary files a killed process left (:func:`medseg.utils.
+remove_stale_temps`) and checks ``best.keras``/``last.keras`` against their recorded SHA-256
+(:mod:`medseg.models.loading`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ import yaml
 import medseg
 from medseg.config import Config, config_from_dict
 from medseg.errors import ConfigError, RunExistsError
-from medseg.utils import atomic_write_json, atomic_write_text
+from medseg.models.loading import verify_checkpoint
+from medseg.utils import atomic_write_json, atomic_write_text, remove_stale_temps
 
 logger = logging.getLogger(__name__)
+
+#: Run states that a rerun of the same command resumes: ``running`` (training) and ``trained``
+#: (training finished, the final evaluation did not).
+UNFINISHED = ("running", "trained")
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,13 @@ class RunDir:
             raw = yaml.safe_load(self.config_path.read_text())
         except OSError:
             raise ConfigError(f"{self.config_path}: run has no config.yaml") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ConfigError(
+                f"{self.config_path}: run config is not valid YAML ({reason})"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{self.config_path}: run config is not a mapping of sections")
         raw.pop("medseg", None)
         return config_from_dict(raw, source=str(self.config_path))
 
@@ -122,14 +137,15 @@ def create_run(cfg: Config) -> tuple[RunDir, bool]:
     run = RunDir(Path(cfg.run.root) / name)
     resumed = False
     if run.path.exists():
-        state = run.state()
+        state = run.state() or _state_from_config(run)
         if cfg.run.overwrite:
             logger.info("overwriting %s", run.path)
             shutil.rmtree(run.path)
-        elif state.get("status") == "running" and state.get("config_hash") == cfg.hash():
+        elif state.get("status") in UNFINISHED and state.get("config_hash") == cfg.hash():
             logger.info("resuming unfinished run %s", run.path)
             resumed = True
-        elif state.get("status") == "running":
+            _check_for_resume(run)
+        elif state.get("status") in UNFINISHED:
             raise RunExistsError(
                 f"{run.path}: an unfinished run with a different config is there; pick another "
                 "run.name or pass --overwrite"
@@ -140,6 +156,8 @@ def create_run(cfg: Config) -> tuple[RunDir, bool]:
             )
     for d in (run.checkpoints, run.logs, run.plots):
         d.mkdir(parents=True, exist_ok=True)
+    if resumed and not run.state():
+        run.set_state("running", cfg.hash())
     if not resumed:
         body = {
             "medseg": {"version": medseg.__version__, "config_hash": cfg.hash()},
@@ -148,6 +166,29 @@ def create_run(cfg: Config) -> tuple[RunDir, bool]:
         atomic_write_text(run.config_path, yaml.safe_dump(body, sort_keys=False))
         run.set_state("running", cfg.hash())
     return run, resumed
+
+
+def _state_from_config(run: RunDir) -> dict:
+    """The state of a run killed after writing ``config.yaml`` and before ``state.json``."""
+    try:
+        stored = yaml.safe_load(run.config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    config_hash = (stored.get("medseg") or {}).get("config_hash")
+    return {"status": "running", "config_hash": config_hash} if config_hash else {}
+
+
+def _check_for_resume(run: RunDir) -> None:
+    """Before resuming: sweep the temporary files a killed process left, and check the
+    checkpoints against their recorded SHA-256.
+
+    Raises:
+        ModelError: a checkpoint does not match its record (the message names it).
+    """
+    remove_stale_temps(run.path)
+    for path in (run.best_model, run.last_model):
+        if path.is_file():
+            verify_checkpoint(path)
 
 
 def open_run(path: str | Path) -> RunDir:

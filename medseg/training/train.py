@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import logging
 import math
+import shutil
 import sys
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from medseg.data.pipeline import (
     load_data,
     make_dataset,
     prefetch_to_device,
+    shard_length,
 )
 from medseg.data.scan import ScanResult, scan_from_config
 from medseg.data.split import load_manifest, make_split, select, write_manifest
@@ -30,7 +36,22 @@ from medseg.errors import ConfigError, DataError, ModelError, RunExistsError
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
-from medseg.training.callbacks import AtomicBackupAndRestore, AtomicModelCheckpoint
+from medseg.training.callbacks import (
+    AtomicBackupAndRestore,
+    AtomicCSVLogger,
+    AtomicModelCheckpoint,
+)
+from medseg.training.distributed import (
+    Placement,
+    SyncBatchNormStatistics,
+    SyncFromChief,
+    check_workers_agree,
+    lost_worker,
+    make_placement,
+    prepare_for_multiworker,
+    samples_digest,
+    weights_digest,
+)
 from medseg.training.evaluate import evaluate
 from medseg.training.optim import build_optimizer
 from medseg.training.plots import plot_history
@@ -42,11 +63,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What :func:`train` produced."""
+    """What :func:`train` produced.
+
+    Attributes:
+        run: the run folder (on a worker other than the chief: the folder the chief writes).
+        history: the Keras history.
+        metrics: the validation metrics (empty on workers other than the chief).
+        is_chief: whether this process wrote the run folder (always, without a cluster).
+        weights: short SHA-256 of the final weights (:func:`weights_digest`): the same on every
+            worker of a multi-worker run.
+    """
 
     run: RunDir
     history: dict
     metrics: dict
+    is_chief: bool = True
+    weights: str = ""
 
 
 def num_outputs(cfg: Config, scan: ScanResult) -> int:
@@ -100,18 +132,15 @@ def _write_problems(run: RunDir, scan: ScanResult, data: dict[str, ArrayData | L
 
 
 def get_strategy(cfg: Config) -> tf.distribute.Strategy:
-    """The distribution strategy of ``train.distribute``.
+    """The distribution strategy of ``train.distribute`` (and ``TF_CONFIG``).
 
-    ``auto`` mirrors over the GPUs when more than one is visible, else uses the default strategy;
+    ``auto``: ``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` names several workers, else
+    ``MirroredStrategy`` over the GPUs when more than one is visible, else the default strategy;
     ``mirrored`` mirrors over every visible GPU, or every logical CPU device when there is no GPU
-    (how the tests exercise it on a CPU split into logical devices).
+    (how the tests exercise it on a CPU split into logical devices); ``multiworker``: always
+    ``MultiWorkerMirroredStrategy``. See :mod:`medseg.training.distributed`.
     """
-    gpus = tf.config.list_logical_devices("GPU")
-    if cfg.train.distribute == "none" or (cfg.train.distribute == "auto" and len(gpus) < 2):
-        return tf.distribute.get_strategy()
-    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-    logger.info("MirroredStrategy over %d devices: %s", len(devices), ", ".join(devices))
-    return tf.distribute.MirroredStrategy(devices=devices)
+    return make_placement(cfg).strategy
 
 
 def _seed(cfg: Config) -> None:
@@ -159,7 +188,7 @@ def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
     # Everything an epoch writes (log row, checkpoints) comes before BackupAndRestore saves the
     # epoch as done: a kill in between then repeats the epoch instead of losing its records.
     callbacks = [
-        keras.callbacks.CSVLogger(str(history), append=resumed),
+        AtomicCSVLogger(history, append=resumed),
         AtomicModelCheckpoint(str(run.last_model)),
         AtomicModelCheckpoint(
             str(run.best_model),
@@ -199,6 +228,14 @@ def train(
     Rerunning with the same config and ``run.name`` (or :func:`resume`) continues an unfinished
     run from its last completed epoch, with the optimizer state and epoch counter restored.
 
+    With a multi-worker cluster (``TF_CONFIG``, see :mod:`medseg.training.distributed`) every
+    worker calls this with the same config: each trains on its own part of every epoch with
+    ``train.batch_size`` images per step (the global batch is ``workers * batch_size``; with
+    ``train.lr_scaling: linear`` the peak learning rate is ``workers * learning_rate``). Only the
+    chief (worker 0) writes the run folder, evaluates and plots; the others write the same files
+    into a temporary folder that they delete at the end. Rerunning the same command on every
+    worker resumes from the chief's last completed epoch.
+
     Args:
         cfg: the resolved config.
         callbacks: extra Keras callbacks (after medseg's own).
@@ -210,27 +247,75 @@ def train(
 
     Raises:
         RunExistsError: the run folder exists (see :func:`medseg.training.runs.create_run`).
-        DataError: the dataset is missing or unusable.
-        ConfigError: the config names an unknown model, loss, ...
+        DataError: the dataset is missing or unusable, or the workers loaded different samples.
+        ConfigError: the config names an unknown model, loss, ...; ``TF_CONFIG`` is malformed;
+            another worker failed to set up.
         ModelError: the loss became NaN.
     """
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything else.
+    placement = make_placement(cfg)
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     _seed(cfg)
-    run, resumed = create_run(cfg)
-    logger.info("run folder: %s", run.path)
-    scan, manifest = prepare_data(cfg, run, resumed, manifest)
-    n_out = num_outputs(cfg, scan)
-    data = _datasets(cfg, scan, manifest, n_out)
-    _write_problems(run, scan, data)
+    if placement.is_chief:
+        return _train(cfg, placement, callbacks, manifest)
+    # Other workers do the same work (saving can take part in collective ops) into a
+    # temporary run folder, deleted at the end.
+    chief_run = RunDir(Path(cfg.run.root) / (cfg.run.name or "<chief's run>"))
+    scratch = tempfile.mkdtemp(prefix=f"medseg-worker{placement.worker_index}-")
+    local = copy.deepcopy(cfg)
+    local.run.root, local.run.overwrite = scratch, False
+    logger.info(
+        "worker %d of %d: the chief writes the run folder; this worker's copy is %s (deleted "
+        "at the end)",
+        placement.worker_index,
+        placement.num_workers,
+        scratch,
+    )
+    try:
+        result = _train(local, placement, callbacks, manifest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result.run = chief_run
+    return result
+
+
+def _train(
+    cfg: Config, placement: Placement, callbacks: list | None, manifest: dict | None
+) -> TrainResult:
+    failure, digest = None, None
+    try:
+        run, resumed = create_run(cfg)
+        logger.info("run folder: %s", run.path)
+        scan, manifest = prepare_data(cfg, run, resumed, manifest)
+        n_out = num_outputs(cfg, scan)
+        data = _datasets(cfg, scan, manifest, n_out)
+        _write_problems(run, scan, data)
+        digest = samples_digest(data["train"].samples, data["val"].samples)
+    except Exception as e:
+        failure = e
+    # every worker, failed or not, reports in: nobody waits forever for a worker that stopped
+    check_workers_agree(placement, failure, digest)
+    if failure is not None:
+        raise failure
+    workers, index = placement.num_workers, placement.worker_index
+    batch = cfg.train.batch_size
     n_train, n_val = len(data["train"]), len(data["val"])
-    if n_train < cfg.train.batch_size:
-        logger.warning(
-            "training split (%d images) is smaller than one batch (%d)",
-            n_train,
-            cfg.train.batch_size,
+    n_worker = shard_length(n_train, workers)
+    if n_worker == 0:
+        raise DataError(
+            f"the training split has {n_train} images, fewer than the {workers} workers"
         )
-    common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": cfg.train.batch_size}
+    if n_worker < batch:
+        logger.warning(
+            "training split (%d images%s) is smaller than one batch (%d)",
+            n_worker,
+            f" per worker, of {n_train}" if workers > 1 else "",
+            batch,
+        )
+    # tf.distribute treats a dataset's batch as the global batch and splits it over the
+    # replicas of all workers: each worker then takes `batch` images of its own part per step.
+    common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": batch * workers}
     train_ds = make_dataset(
         data["train"],
         augment=build_augment(cfg.augment, seed=cfg.train.seed),
@@ -238,21 +323,51 @@ def train(
         seed=cfg.train.seed,
         oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
         deterministic=cfg.train.deterministic,
+        shard=(workers, index) if placement.multiworker else None,
         **common,
     )
-    train_ds = prefetch_to_device(train_ds)
     val_ds = make_dataset(data["val"], **common)
-    steps = math.ceil(n_train / cfg.train.batch_size)
+    if placement.multiworker:
+        # validation: every worker evaluates its share of each batch (tf.distribute shards it)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        val_ds = val_ds.with_options(options)
+    else:
+        train_ds = prefetch_to_device(train_ds)
+    steps = math.ceil(n_worker / batch)
+    train_cfg = cfg.train
+    if workers > 1:
+        scale = workers if cfg.train.lr_scaling == "linear" else 1
+        train_cfg = dataclasses.replace(cfg.train, learning_rate=cfg.train.learning_rate * scale)
+        logger.info(
+            "%d workers x %d images per step = global batch %d; %d of %d training images per "
+            "worker and epoch; peak learning rate %g (train.lr_scaling: %s)",
+            workers,
+            batch,
+            batch * workers,
+            n_worker,
+            n_train,
+            train_cfg.learning_rate,
+            cfg.train.lr_scaling,
+        )
+        if scale > 1 and not cfg.train.warmup_epochs and cfg.train.lr_schedule == "cosine":
+            logger.warning(
+                "the learning rate is scaled x%d without a warm-up; consider "
+                "train.warmup_epochs >= 1",
+                scale,
+            )
     weights = None
     if cfg.train.class_weights and cfg.data.task == "classification":
         targets = np.array([s.target for s in data["train"].samples])
         weights = class_weights(targets, n_out)
         logger.info("class weights: %s", weights)
 
-    with get_strategy(cfg).scope():
+    with placement.strategy.scope():
         model = build_model(cfg, n_out)
         model.compile(
-            optimizer=build_optimizer(cfg.train, steps),
+            optimizer=build_optimizer(train_cfg, steps),
             loss=get_loss(cfg.train),
             metrics=training_metrics(cfg.data.task, n_out),
             jit_compile=cfg.train.jit_compile,
@@ -274,21 +389,39 @@ def train(
         cfg.train.epochs,
         steps,
     )
+    fit_callbacks = _callbacks(cfg, run, resumed, callbacks or [])
+    if placement.strategy.num_replicas_in_sync > 1:
+        # first: the checkpoints of the epoch then hold the averaged statistics
+        fit_callbacks.insert(0, SyncBatchNormStatistics(placement.strategy))
+    if placement.multiworker:
+        prepare_for_multiworker(model)
+        # after BackupAndRestore: the chief's restored state goes to every worker
+        at = next(i for i, c in enumerate(fit_callbacks) if isinstance(c, AtomicBackupAndRestore))
+        fit_callbacks.insert(at + 1, SyncFromChief(placement.strategy))
     try:
-        history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.train.epochs,
-            callbacks=_callbacks(cfg, run, resumed, callbacks or []),
-            class_weight=weights,
-            verbose=1 if sys.stdout.isatty() else 2,
-            shuffle=False,  # the dataset reshuffles itself every epoch
-        )
+        with warnings.catch_warnings():
+            # the multi-worker dataset has no length: Keras warns when each epoch's data ends
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            history = model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=cfg.train.epochs,
+                callbacks=fit_callbacks,
+                class_weight=weights,
+                verbose=1 if sys.stdout.isatty() else 2,
+                shuffle=False,  # the dataset reshuffles itself every epoch
+            )
     except tf.errors.OpError as e:
+        lost = lost_worker(e) if placement.multiworker else None
+        if lost is not None:
+            raise lost from None
         # With data.cache false, files are decoded inside tf.data: a bad file surfaces here.
         if "DataError" not in e.message:
             raise
         raise DataError(f"while reading training data: {e.message.splitlines()[0]}") from None
+    final = weights_digest(model)
+    if placement.multiworker:
+        logger.info("worker %d of %d: final weights %s", index, workers, final)
     _dedupe_history(run.logs / "history.csv")
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
@@ -296,6 +429,9 @@ def train(
             f"{run.path}: the training loss became {losses[-1]} in epoch {len(losses)} and "
             "training stopped; lower train.learning_rate, set train.clipnorm, or check the data"
         )
+    if not placement.is_chief:
+        # its copy of the run may hold no checkpoint (a resumed run with no epoch left)
+        return TrainResult(run, history.history, {}, is_chief=False, weights=final)
     if not run.best_model.exists():
         raise ConfigError(
             f"train.monitor: '{cfg.train.monitor}' was never logged, so no best model was saved "
@@ -304,7 +440,8 @@ def train(
     plot_history(run.logs / "history.csv", run.plots / "curves.png")
     metrics = evaluate(run.path, split="val")
     run.set_state("done", cfg.hash())
-    return TrainResult(run=run, history=history.history, metrics=metrics)
+    shutil.rmtree(run.checkpoints / "backup", ignore_errors=True)  # kept until now for resume
+    return TrainResult(run=run, history=history.history, metrics=metrics, weights=final)
 
 
 def resume(run_dir: str | Path, callbacks: list | None = None) -> TrainResult:
