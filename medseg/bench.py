@@ -131,7 +131,7 @@ def _median_rate(fn, images_per_call: int, windows: int, calls: int) -> float:
     return statistics.median(rates)
 
 
-def _calls_for(seconds: float, fn, images_per_call: int) -> int:
+def _calls_for(seconds: float, fn) -> int:
     """How many calls of ``fn`` fill about ``seconds`` (one call is run to find out)."""
     t = time.perf_counter()
     fn()
@@ -182,7 +182,7 @@ def pipeline_rate(cfg: Config, num_classes: int, seconds: float, n: int = 64) ->
     ).repeat()
     it = iter(ds)
     next(it)
-    batches = _calls_for(seconds / 3, lambda: next(it), cfg.train.batch_size)
+    batches = _calls_for(seconds / 3, lambda: next(it))
     return _median_rate(lambda: next(it), cfg.train.batch_size, 3, batches)
 
 
@@ -222,14 +222,15 @@ def train_rate(
     spe = cfg.train.steps_per_execution
     model.fit(ds, steps_per_epoch=2 * spe, epochs=1, verbose=0)  # trace + first steps
 
-    def window(steps):
+    def window(steps: int) -> float:
+        """Images/s of ``steps`` training steps."""
+        t = time.perf_counter()
         model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+        return len(x) * steps / (time.perf_counter() - t)
 
-    t = time.perf_counter()
-    window(spe)
-    per_step = (time.perf_counter() - t) / spe
+    per_step = len(x) / window(spe)
     steps = max(spe, round(seconds / windows / per_step / spe) * spe)
-    rates = [_median_rate(lambda: window(steps), len(x) * steps, 1, 1) for _ in range(windows)]
+    rates = [window(steps) for _ in range(windows)]
     return statistics.median(rates), rates
 
 
@@ -240,7 +241,7 @@ def infer_rates(
     import numpy as np
     import tensorflow as tf
 
-    from medseg.inference.export import model_function, tflite_interpreter
+    from medseg.inference.export import convert_tflite, model_function, tflite_interpreter
     from medseg.models.fold import fold_batch_norm
 
     per_path = max(seconds / max(len(paths), 1), 1.0)
@@ -248,7 +249,7 @@ def infer_rates(
 
     def timed(fn):
         fn()  # warm-up (tracing)
-        calls = _calls_for(per_path / 3, fn, len(x))
+        calls = _calls_for(per_path / 3, fn)
         return _median_rate(fn, len(x), 3, calls)
 
     folded = fold_batch_norm(model) if set(paths) - {"keras"} else model
@@ -267,8 +268,6 @@ def infer_rates(
             xt = tf.constant(x)
             rates["savedmodel"] = timed(lambda: serve(image=xt)["probabilities"].numpy())
         if "tflite" in paths:
-            from medseg.inference.export import convert_tflite
-
             path = convert_tflite(saved, workdir / "model.tflite")
             interpreter = tflite_interpreter(path, num_threads=os.cpu_count())
             runner = interpreter.get_signature_runner("model")
@@ -343,11 +342,11 @@ def _bench_in_child(cfg_dict: dict, seconds: float, infer_paths: tuple[str, ...]
     return bench_config(config_from_dict(cfg_dict), seconds, infer_paths)
 
 
-def _run_isolated(cfg: Config, seconds: float, infer_paths: tuple[str, ...]) -> dict:
-    """:func:`bench_config` in a fresh process (its own TensorFlow runtime and peak RSS)."""
+def _run_isolated(fn, *args):
+    """``fn(*args)`` in a fresh process: its own TensorFlow runtime, threads and peak RSS."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_bench_in_child, cfg.to_dict(), seconds, infer_paths).result()
+        return pool.submit(fn, *args).result()
 
 
 def _peak_in_child(seconds: float) -> float:
@@ -440,9 +439,7 @@ def run_bench(
         "settings": {"seconds": seconds, "infer_paths": list(infer_paths)},
     }
     t0 = time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        result["matmul_peak_gflops"] = pool.submit(_peak_in_child, 3.0).result()
+    result["matmul_peak_gflops"] = _run_isolated(_peak_in_child, 3.0)
     logger.info("float32 matmul peak: %.0f GFLOP/s", result["matmul_peak_gflops"])
     python = find_torch_python(torch_python) if torch else None
     result["torch_reference"] = None
@@ -457,7 +454,7 @@ def run_bench(
         logger.info("no PyTorch found (give --torch-python): the reference is skipped")
     for name, cfg in configs.items():
         logger.info("benchmarking %s (%s) ...", name, cfg.model.name)
-        res = _run_isolated(cfg, seconds, infer_paths)
+        res = _run_isolated(_bench_in_child, cfg.to_dict(), seconds, infer_paths)
         peak = result["matmul_peak_gflops"]
         res["train_peak_fraction"] = res["train_gflops"] / peak
         res["infer_peak_fraction"] = res["infer_gflops"] / peak

@@ -41,6 +41,19 @@ def as_cli_sets(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_synth) -> Path:
+    """A working folder for CLI runs of one test module: a copy of configs/ and the tiny
+    synthetic data at data/synthetic, as the configs expect (runs go to its runs/)."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("work")
+    shutil.copytree(REPO / "configs", work / "configs")
+    (work / "data").mkdir()
+    (work / "data" / "synthetic").symlink_to(tiny_synth)
+    return work
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_run(tiny_synth, tmp_path_factory) -> Path:
     """A run folder of the tiny U-Net trained for one epoch on ``tiny_synth`` (with a test split),

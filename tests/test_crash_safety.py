@@ -118,32 +118,9 @@ def _numbers(line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_synth):
-    work = tmp_path_factory.mktemp("crash")
-    shutil.copytree(REPO / "configs", work / "configs")
-    (work / "data").mkdir()
-    (work / "data" / "synthetic").symlink_to(tiny_synth)
-    return work
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_synth, tmp_path_factory) -> Path:
-    from medseg.config import load_config
-    from medseg.training.train import train
-
-    root = tmp_path_factory.mktemp("crash_runs")
-    sets = [v for i, v in enumerate(TINY) if i % 2]
-    cfg = load_config(
-        None,
-        [
-            *sets,
-            f"data.root={tiny_synth / 'segmentation'}",
-            "train.epochs=1",
-            f"run.root={root}",
-            "run.name=tiny",
-        ],
-    )
-    return train(cfg).run.path
+def tiny_run(tiny_unet_run) -> Path:
+    """The session's tiny U-Net run folder (tests/conftest.py); copied before any change."""
+    return tiny_unet_run
 
 
 # --------------------------------------------------------------------------- kill -9: train, cv

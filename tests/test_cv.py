@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,25 +14,16 @@ import time
 import pytest
 
 from medseg.models.metrics import dice_from_counts
-from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli
+from tests.conftest import TINY_UNET, as_cli_sets, run_cli
 
 pytestmark = pytest.mark.slow
 
 TINY = as_cli_sets(TINY_UNET)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_synth):
-    work = tmp_path_factory.mktemp("cv")
-    shutil.copytree(REPO / "configs", work / "configs")
-    (work / "data").mkdir()
-    (work / "data" / "synthetic").symlink_to(tiny_synth)
-    return work
-
-
 def _cv(workdir, name, *sets):
     """``medseg cv`` on the tiny data: 3 folds, run ``name``, extra ``--set`` values."""
-    extra = [a for v in sets for a in ("--set", v)]
+    extra = as_cli_sets(list(sets))
     return run_cli(
         "cv", "-c", "configs/demo.yaml", "--folds", "3", "--name", name, *TINY, *extra, cwd=workdir
     )

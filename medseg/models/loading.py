@@ -84,14 +84,6 @@ def commit_checkpoint(tmp: str | Path, final: str | Path, previous: str | None =
     return digest
 
 
-def record_checksum(path: str | Path) -> str:
-    """Record the SHA-256 of an existing file in its sidecar (for files copied into place)."""
-    path = Path(path)
-    digest = file_sha256(path)
-    atomic_write_json(checksum_path(path), {"file": path.name, "sha256": digest, "previous": None})
-    return digest
-
-
 def verify_checkpoint(path: str | Path, expected: str | None = None) -> bool:
     """Check ``path`` against the SHA-256 recorded for it.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import io
 import logging
 import math
 import shutil
@@ -163,20 +162,6 @@ def _best_so_far(path: Path, monitor: str, mode: str) -> float | None:
     if not values:
         return None
     return max(values) if mode == "max" else min(values)
-
-
-def _dedupe_history(path: Path) -> None:
-    """Keep one row per epoch (the last one): an epoch that was interrupted after its row was
-    written and then run again after a resume is logged twice."""
-    rows = _history_rows(path)
-    by_epoch = {int(r["epoch"]): r for r in rows}
-    if len(by_epoch) == len(rows):
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(by_epoch[e] for e in sorted(by_epoch))
-    atomic_write_text(path, buf.getvalue())
 
 
 def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
@@ -422,7 +407,6 @@ def _train(
     final = weights_digest(model)
     if placement.multiworker:
         logger.info("worker %d of %d: final weights %s", index, workers, final)
-    _dedupe_history(run.logs / "history.csv")
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
         raise ModelError(
