@@ -41,6 +41,9 @@ from medseg.utils import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
+# The checkpoint whose out-of-fold predictions are scored and which the ensemble holds: "best"
+# would be chosen on the held-out fold itself (an optimistic score), "last" is not.
+CV_CHECKPOINT = "last"
 
 
 @dataclass
@@ -134,7 +137,12 @@ def run_fold(cfg_dict: dict, root: str, k: int, callbacks: list | None = None) -
         logger.warning("%s: incomplete fold folder without state, starting it again", fdir)
         shutil.rmtree(fdir)
     if run.state().get("status") != "done":
-        train(fold_config(cfg, root_path, k), callbacks, manifest=fold_manifest(manifest, k - 1))
+        train(
+            fold_config(cfg, root_path, k),
+            callbacks,
+            manifest=fold_manifest(manifest, k - 1),
+            eval_checkpoint=CV_CHECKPOINT,
+        )
     write_cases(fdir / "oof.csv", read_cases(fdir / "cases_val.csv"), {"fold": k})
     return open_run(fdir).metrics()["val"]
 
@@ -147,7 +155,7 @@ def _ensemble_on_test(cfg: Config, root: Path, manifest: dict, folds: list[int])
     samples = select(scan_from_config(cfg.data).samples, manifest, "test")
     probs, data = None, None
     for k in folds:
-        model = load_run_model(RunDir(fold_dir(root, k)))
+        model = load_run_model(RunDir(fold_dir(root, k)), CV_CHECKPOINT)
         if data is None:
             data = load_arrays(samples, cfg.data, model.output_shape[-1])
         p = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
@@ -217,7 +225,9 @@ def run_cv(
         root / "ensemble.json",
         {
             "combine": "mean_probability",
-            "folds": [{"fold": f, "model": f"fold_{f}/checkpoints/best.keras"} for f in done],
+            "folds": [
+                {"fold": f, "model": f"fold_{f}/checkpoints/{CV_CHECKPOINT}.keras"} for f in done
+            ],
         },
     )
     if len(done) == k:

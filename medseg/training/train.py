@@ -206,7 +206,11 @@ def _write_summary(model: keras.Model, path) -> None:
 
 
 def train(
-    cfg: Config, callbacks: list | None = None, *, manifest: dict | None = None
+    cfg: Config,
+    callbacks: list | None = None,
+    *,
+    manifest: dict | None = None,
+    eval_checkpoint: str = "best",
 ) -> TrainResult:
     """Train the configured model into a run folder and evaluate it on the validation split.
 
@@ -226,6 +230,9 @@ def train(
         callbacks: extra Keras callbacks (after medseg's own).
         manifest: a split manifest to train on (train/val/test ids) instead of a new split;
             cross-validation passes each fold's (:func:`medseg.data.split.fold_manifest`).
+        eval_checkpoint: the checkpoint evaluated on the validation split at the end. ``best``
+            was chosen on that same split; cross-validation scores ``last``, whose choice did
+            not look at the held-out fold.
 
     Returns:
         The run folder, the Keras history and the validation metrics.
@@ -243,7 +250,7 @@ def train(
         keras.mixed_precision.set_global_policy("mixed_float16")
     _seed(cfg)
     if placement.is_chief:
-        return _train(cfg, placement, callbacks, manifest)
+        return _train(cfg, placement, callbacks, manifest, eval_checkpoint)
     # Other workers do the same work (saving can take part in collective ops) into a
     # temporary run folder, deleted at the end.
     chief_run = RunDir(Path(cfg.run.root) / (cfg.run.name or "<chief's run>"))
@@ -258,7 +265,7 @@ def train(
         scratch,
     )
     try:
-        result = _train(local, placement, callbacks, manifest)
+        result = _train(local, placement, callbacks, manifest, eval_checkpoint)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result.run = chief_run
@@ -266,7 +273,11 @@ def train(
 
 
 def _train(
-    cfg: Config, placement: Placement, callbacks: list | None, manifest: dict | None
+    cfg: Config,
+    placement: Placement,
+    callbacks: list | None,
+    manifest: dict | None,
+    eval_checkpoint: str = "best",
 ) -> TrainResult:
     failure, digest = None, None
     try:
@@ -422,7 +433,7 @@ def _train(
             f"in {run.path}; logged: {', '.join(history.history)}"
         )
     plot_history(run.logs / "history.csv", run.plots / "curves.png")
-    metrics = evaluate(run.path, split="val")
+    metrics = evaluate(run.path, split="val", checkpoint=eval_checkpoint)
     run.set_state("done", cfg.hash())
     shutil.rmtree(run.checkpoints / "backup", ignore_errors=True)  # kept until now for resume
     return TrainResult(run=run, history=history.history, metrics=metrics, weights=final)
