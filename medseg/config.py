@@ -34,7 +34,7 @@ from medseg.errors import ConfigError
 
 TASKS = ("segmentation", "classification")
 LAYOUTS = ("auto", "lgg", "pairs", "class_folders", "dicom_series", "nifti")
-NORMALIZATIONS = ("minmax", "percentile", "zscore", "window", "none")
+NORMALIZATIONS = ("minmax", "percentile", "percentile_channel", "zscore", "window", "none")
 GROUP_BY = ("auto", "folder", "phash", "none")
 RESIZE_POLICIES = ("stretch", "pad")
 OPTIMIZERS = (
@@ -85,7 +85,8 @@ class DataConfig:
             zeros).
         channels: channels the model sees; grey images are repeated, RGB is converted.
         normalization: per-image intensity normalisation: ``minmax`` (to [0, 1]), ``percentile``
-            (clip to the 0.5th-99.5th percentile, then [0, 1]), ``zscore``, ``window`` (CT:
+            (clip to the 0.5th-99.5th percentile, then [0, 1]), ``percentile_channel`` (the same
+            per channel: MRI sequences stacked as channels), ``zscore``, ``window`` (CT:
             clip to ``window`` = [centre, width], then [0, 1]) or ``none``.
         window: ``[centre, width]`` for ``normalization: window``, e.g. [40, 400] (soft tissue).
         cache: keep decoded, preprocessed images in memory (fast; needs RAM); when false, images

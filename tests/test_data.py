@@ -398,6 +398,23 @@ def test_normalize_percentile_clips_outliers():
     assert np.mean(mm < 0.001) > 0.99
 
 
+def test_normalize_percentile_channel_scales_each_sequence_on_its_own():
+    # Three "MRI sequences" as channels at very different scales (one scanner's FLAIR dim).
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 1, (2, 16, 16, 1)).astype(np.float32)
+    img = np.concatenate([base * 200.0, base * 20.0, base * 2.0 + 5.0], axis=-1)
+    per_channel = normalize(tf.constant(img), "percentile_channel").numpy()
+    together = normalize(tf.constant(img), "percentile").numpy()
+    for c in range(3):
+        assert per_channel[..., c].min() == pytest.approx(0.0, abs=1e-6)
+        assert per_channel[..., c].max() == pytest.approx(1.0, abs=1e-6)
+    # the same structure in every channel once each is scaled on its own
+    np.testing.assert_allclose(per_channel[..., 0], per_channel[..., 1], atol=1e-5)
+    np.testing.assert_allclose(per_channel[..., 0], per_channel[..., 2], atol=1e-5)
+    # normalising all channels together leaves the dim channel near 0
+    assert together[..., 1].max() < 0.15
+
+
 def test_normalize_none_and_unknown():
     x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
     np.testing.assert_array_equal(normalize(tf.constant(x), "none").numpy(), x)

@@ -26,13 +26,25 @@ def _per_image_quantile(x: tf.Tensor, q: float) -> tf.Tensor:
     return tf.reshape(flat[:, k], [-1, 1, 1, 1])
 
 
+def _per_channel_quantile(x: tf.Tensor, q: float) -> tf.Tensor:
+    """``q``-th percentile of each channel of each image in an NHWC batch, shape [N, 1, 1, C]."""
+    chw = tf.transpose(x, [0, 3, 1, 2])
+    flat = tf.sort(tf.reshape(chw, [tf.shape(x)[0], tf.shape(x)[3], -1]), axis=2)
+    n = tf.shape(flat)[2]
+    k = tf.cast(tf.round(q / 100.0 * tf.cast(n - 1, tf.float32)), tf.int32)
+    return tf.expand_dims(tf.expand_dims(flat[:, :, k], 1), 1)
+
+
 def normalize(images: tf.Tensor, method: str, window: tuple[float, float] | None = None):
-    """Normalise each image of an NHWC float batch on its own (all channels together).
+    """Normalise each image of an NHWC float batch on its own (all channels together, except
+    ``percentile_channel``).
 
     Args:
         images: float32 [N, H, W, C].
         method: ``minmax`` (to [0, 1]), ``percentile`` (clip to the 0.5-99.5th percentile, then
-            [0, 1]), ``zscore`` (zero mean, unit variance), ``window`` (clip to ``window`` =
+            [0, 1]), ``percentile_channel`` (the same for each channel on its own: for
+            multi-sequence MRI stacked as channels, whose sequences differ in scale from scanner
+            to scanner), ``zscore`` (zero mean, unit variance), ``window`` (clip to ``window`` =
             (centre, width), e.g. CT Hounsfield units, then [0, 1]) or ``none``.
         window: (centre, width) for ``window``.
     """
@@ -50,6 +62,10 @@ def normalize(images: tf.Tensor, method: str, window: tuple[float, float] | None
     if method == "percentile":
         lo = _per_image_quantile(x, PERCENTILES[0])
         hi = _per_image_quantile(x, PERCENTILES[1])
+        x = tf.clip_by_value(x, lo, hi)
+    elif method == "percentile_channel":
+        lo = _per_channel_quantile(x, PERCENTILES[0])
+        hi = _per_channel_quantile(x, PERCENTILES[1])
         x = tf.clip_by_value(x, lo, hi)
     elif method == "minmax":
         lo = tf.reduce_min(x, axis=[1, 2, 3], keepdims=True)
