@@ -107,17 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
 
     p = sub.add_parser(
-        "evaluate",
-        help="evaluate a run on a split of its manifest",
-        description="Compute Dice/IoU (segmentation) or accuracy/F1 (classification) of a run's "
-        "model on one split of its split manifest and record them in metrics.json.",
+        "tune",
+        help="ablation and post-processing tuning of a finished CV run, out of fold",
+        description="Score a finished cross-validation run's out-of-fold predictions under "
+        "several variants: best vs last checkpoint, flip TTA and (segmentation) threshold, "
+        "minimum 3D lesion size and 3D largest component, each chosen on the OTHER folds only. "
+        "Writes <run>/tune/tune.json, ablation.md and a report per variant; prints the table "
+        "and the post-processing recommended for the exported ensemble.",
     )
-    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("run", help="cross-validation run folder (runs/<name>)")
+    p.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap replicates for the 95%% intervals"
+    )
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a run on a split of its manifest, or any model on a labelled folder",
+        description="With a run folder: Dice/IoU (segmentation) or accuracy/F1 "
+        "(classification) of its model on one split of its split manifest, recorded in "
+        "metrics.json. With --data FOLDER --out DIR: score a run, a cross-validation run (the "
+        "ensemble of its folds) or an export folder on every labelled sample of FOLDER (any "
+        "medseg layout), as the model is served (native resolution), with 95%% bootstrap "
+        "intervals by patient/group; writes cases.csv, groups.csv, metrics.json and plots/.",
+    )
+    p.add_argument("run", help="run folder, cross-validation run folder or export folder")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument(
-        "--data", metavar="FOLDER", help="evaluate on every sample of another dataset folder"
+        "--data", metavar="FOLDER", help="evaluate on every labelled sample of a dataset folder"
     )
+    p.add_argument("--out", help="with --data: folder for the per-case results")
+    p.add_argument("--layout", help="layout of --data (default: the model's, or detected)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--tta", action="store_true", help="mean with the horizontal flip")
+    p.add_argument("--threshold", type=float, help="foreground threshold (binary models)")
+    p.add_argument(
+        "--min-lesion-voxels",
+        type=int,
+        default=0,
+        help="remove 3D components smaller than this (per patient)",
+    )
+    p.add_argument(
+        "--largest-component", action="store_true", help="keep each patient's largest component"
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
+    _add_overwrite(p)
 
     p = sub.add_parser(
         "export",
@@ -424,10 +457,60 @@ def _cmd_cv(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from medseg.errors import ConfigError
     from medseg.training.evaluate import evaluate, headline
 
+    run = Path(args.run)
+    is_export = (run / "medseg.json").is_file()
+    is_cv = (run / "ensemble.json").is_file()
+    if args.out or is_export or is_cv:
+        if not args.data or not args.out:
+            raise ConfigError(
+                f"{run}: an export or cross-validation folder is scored on a labelled folder: "
+                "give --data FOLDER and --out DIR"
+            )
+        from medseg.inference.scoring import evaluate_model
+
+        metrics = evaluate_model(
+            run,
+            args.data,
+            args.out,
+            layout=args.layout,
+            checkpoint=args.checkpoint,
+            tta=args.tta,
+            threshold=args.threshold,
+            min_lesion_voxels=args.min_lesion_voxels,
+            largest_component=args.largest_component,
+            overwrite=args.overwrite,
+            n_boot=args.n_boot,
+        )
+        print(f"{args.data}: {headline(metrics)}")
+        for key in ("dice_per_group_mean", "accuracy", "macro_f1"):
+            ci = metrics.get(f"{key}_ci95")
+            if ci:
+                print(f"  {key} {metrics[key]:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f})")
+        print(f"written: {Path(args.out) / 'metrics.json'}, cases.csv")
+        return EXIT_OK
+    extra = [o for o in ("tta", "largest_component", "overwrite") if getattr(args, o)]
+    if extra or args.threshold is not None or args.min_lesion_voxels or args.layout:
+        raise ConfigError(
+            "--tta, --threshold, --min-lesion-voxels, --largest-component, --layout and "
+            "--overwrite need --data FOLDER --out DIR"
+        )
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, data=args.data)
     print(f"{metrics['split']}: {headline(metrics)}")
+    return EXIT_OK
+
+
+def _cmd_tune(args) -> int:
+    from medseg.inference.tune import ablation_markdown, tune
+
+    result = tune(args.run, n_boot=args.n_boot)
+    print(ablation_markdown(result), end="")
+    print(f"best honest variant: {result['best_variant']}")
+    if result["recommended"]:
+        print(f"recommended post-processing (chosen on all folds): {result['recommended']}")
+    print(f"written: {Path(args.run) / 'tune' / 'tune.json'}")
     return EXIT_OK
 
 
@@ -546,6 +629,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "tune": _cmd_tune,
     "export": _cmd_export,
     "predict": _cmd_predict,
     "data": _cmd_data,

@@ -258,9 +258,7 @@ def _ensemble_members(run: RunDir, checkpoint: str) -> list[dict]:
         raise ModelError(f"{run.path / ENSEMBLE_NAME}: unknown combine '{spec.get('combine')}'")
     members = []
     for f in spec.get("folds", []):
-        path = run.path / f["model"]
-        if checkpoint != "best":
-            path = path.with_name("last.keras")
+        path = (run.path / f["model"]).with_name(f"{checkpoint}.keras")
         members.append({"fold": int(f["fold"]), "path": path})
     if not members:
         raise ModelError(f"{run.path / ENSEMBLE_NAME}: lists no finished fold to export")
@@ -481,6 +479,7 @@ def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflit
             "bilinear antialiased resize; pad: fit keeping the aspect ratio, zero padding); "
             "segmentation outputs are mapped back to the input size",
         },
+        "layout": cfg.data.layout,
         "normalization": cfg.data.normalization,
         "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
         "threshold": cfg.predict.threshold,

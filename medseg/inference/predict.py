@@ -125,11 +125,18 @@ logger = logging.getLogger(__name__)
 class Predictor:
     """A loaded model that maps raw NHWC pixels to probabilities and masks or labels.
 
-    Accepts an export folder (``saved_model/`` + ``medseg.json``) or a run folder (its
-    ``best.keras`` with the same in-graph preprocessing that export uses).
+    Accepts an export folder (``saved_model/`` + ``medseg.json``), a run folder (its checkpoint
+    with the same in-graph preprocessing that export uses) or a ``medseg cv`` run folder (the
+    mean-probability ensemble of its fold checkpoints, as ``medseg export`` would build it).
+
+    Args:
+        path: the folder.
+        checkpoint: ``best`` or ``last`` (run and CV folders).
+        tta: also average over the horizontal flip (run and CV folders; an export was built
+            with or without it, see its ``medseg.json``).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, checkpoint: str = "best", tta: bool = False):
         import tensorflow as tf
 
         path = Path(path)
@@ -145,6 +152,11 @@ class Predictor:
                 reason = " ".join(str(e).split())[:200]
                 card = path / "medseg.json"
                 raise ModelError(f"{card}: not a readable medseg model card ({reason})") from None
+            if tta and not (self.card.get("tta") or {}).get("enabled"):
+                raise ConfigError(
+                    f"{path}: this export has no test-time augmentation; export the run again "
+                    "with --tta, or leave --tta out"
+                )
             try:
                 loaded = tf.saved_model.load(str(path / "saved_model"))
                 self._fn = loaded.signatures["serve"]
@@ -157,12 +169,25 @@ class Predictor:
         elif (path / "config.yaml").is_file():
             from medseg.data.split import load_manifest
             from medseg.inference.export import preprocessing, serving_function
+            from medseg.models.fold import fold_batch_norm
+            from medseg.models.loading import load_keras_model
+            from medseg.training.cv import load_ensemble
             from medseg.training.evaluate import load_run_model
             from medseg.training.runs import open_run
 
+            if checkpoint not in ("best", "last"):
+                raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
             run = open_run(path)
             cfg = run.config()
-            model = load_run_model(run)
+            if (path / "ensemble.json").is_file():
+                files = [f.parent / f"{checkpoint}.keras" for f in load_ensemble(path)]
+                missing = [f for f in files if not f.is_file()]
+                if missing:
+                    raise ModelError(f"{missing[0]}: fold checkpoint not found")
+                models = [load_keras_model(f) for f in files]
+            else:
+                models = [load_run_model(run, checkpoint)]
+            model = models[0]
             splits = load_manifest(run.splits_path) if run.splits_path.exists() else {}
             self.card = {
                 "task": cfg.data.task,
@@ -170,13 +195,20 @@ class Predictor:
                 "input": {"channels": int(model.input_shape[-1])},
                 "threshold": cfg.predict.threshold,
                 "num_outputs": int(model.output_shape[-1]),
+                "layout": cfg.data.layout,
+                "checkpoint": checkpoint,
+                "tta": {"enabled": bool(tta)},
+                "ensemble": {"folds": len(models)} if len(models) > 1 else None,
             }
             self.prep = preprocessing(cfg)
-            self._keras = [model]
-            from medseg.models.fold import fold_batch_norm
-
+            self._keras = models
+            folded = [fold_batch_norm(m) for m in models]
             self._fn = serving_function(
-                fold_batch_norm(model), cfg.data.task, self.prep, cfg.predict.threshold
+                folded,
+                cfg.data.task,
+                self.prep,
+                cfg.predict.threshold,
+                tta=tta,
             )
         else:
             raise ModelError(

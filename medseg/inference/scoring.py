@@ -1,0 +1,367 @@
+"""Score an exported model, a CV ensemble or a run on any labelled folder (``medseg evaluate
+MODEL --data FOLDER --out DIR``).
+
+The model is used exactly as it is served (:class:`medseg.inference.predict.Predictor`): raw
+pixels in, the in-graph normalisation and resize, probabilities back at each image's own size.
+So segmentation is scored at the images' native resolution against their own masks, not at the
+model size.
+
+The folder is read with the dataset scanners of :mod:`medseg.data.scan` in the layout recorded
+with the model (exports from this version on), the one given, or the one detected. Groups
+(patients, or near-duplicate groups of 2D class folders) are the bootstrap unit of the 95%
+intervals, as in ``medseg cv``.
+
+Segmentation post-processing (threshold, minimum lesion size, largest component) runs on each
+patient's volume: the slices of one group in natural id order, components in 3D, as
+``medseg tune`` chose them.
+
+Written into ``--out`` (refused when it already holds a result, unless ``overwrite``)::
+
+    cases.csv       one row per image: segmentation tp, fp, fn, true/pred pixels, hd95, Dice;
+                    classification target, pred, p_<class>
+    groups.csv      segmentation: one row per patient/group with its volume Dice
+    metrics.json    the metrics with 95% bootstrap intervals, the model and the settings
+    plots/          segmentation: per-patient Dice; classification: confusion matrix, ROC,
+                    reliability diagram
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import DataConfig
+from medseg.data.scan import detect_layout, scan_dataset
+from medseg.data.volumes import reslice
+from medseg.errors import ConfigError, DataError, RunExistsError
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predict import Predictor
+from medseg.inference.tune import patient_volumes
+from medseg.io import read_image, read_mask, to_channels
+from medseg.models.metrics import confusion_counts, dice_from_counts, hausdorff95
+from medseg.training.evaluate import _classification_metrics, headline, write_cases
+from medseg.training.plots import plot_confusion, plot_roc
+from medseg.training.report import calibration_bins, plot_group_dice, plot_reliability
+from medseg.utils import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CI_LEVEL = 0.95
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """Raw images (native size, the model's channels) and their truth, in sample order."""
+
+    images: list[np.ndarray]
+    truth: list  # label maps [H, W] or class indices
+    samples: list
+
+
+def _read(samples: list, task: str, channels: int, slice_axis: int) -> _Loaded:
+    by_source: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        key = (s.image, s.target if isinstance(s.target, str) else None)
+        by_source.setdefault(key, []).append(i)
+    images: list = [None] * len(samples)
+    truth: list = [None] * len(samples)
+    for (image_path, target_path), idx in by_source.items():
+        image = to_channels(read_image(image_path).array, channels)
+        mask = read_mask(target_path) if task == "segmentation" else None
+        if mask is not None and mask.shape != image.shape[:-1]:
+            raise DataError(
+                f"{target_path}: mask shape {mask.shape} does not match its image {image_path} "
+                f"of shape {image.shape[:-1]}"
+            )
+        if image.ndim == 4:
+            image = reslice(image, slice_axis)
+            mask = reslice(mask, slice_axis) if mask is not None else None
+        for i in idx:
+            s = samples[i]
+            if image.ndim == 4:
+                images[i] = image[s.index]
+                truth[i] = mask[s.index] if mask is not None else int(s.target)
+            else:
+                images[i] = image
+                truth[i] = mask if mask is not None else int(s.target)
+    return _Loaded(images, truth, samples)
+
+
+def _predict(predictor: Predictor, images: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """Probabilities of each image; consecutive images of one shape share a model call."""
+    out: list = []
+    i = 0
+    while i < len(images):
+        j = i + 1
+        while j < len(images) and j - i < batch and images[j].shape == images[i].shape:
+            j += 1
+        probs = predictor(np.stack(images[i:j]).astype(np.float32))["probabilities"]
+        out.extend(probs)
+        i = j
+    return out
+
+
+def _bootstrap(values_fn, n_groups: int, n_boot: int, seed: int) -> list[float] | None:
+    """Percentile interval of ``values_fn(multiplicity per group)`` over group resamples."""
+    if n_boot <= 0 or n_groups < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        mult = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        reps.append(values_fn(mult))
+    lo, hi = np.percentile(reps, [100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2])
+    return [float(lo), float(hi)]
+
+
+def _segmentation(
+    loaded: _Loaded,
+    probs: list[np.ndarray],
+    threshold: float,
+    min_lesion_voxels: int,
+    largest_component: bool,
+    n_boot: int,
+    seed: int,
+) -> tuple[dict, list[dict], list[dict]]:
+    samples = loaded.samples
+    ids, groups = [s.id for s in samples], [s.group for s in samples]
+    if probs[0].shape[-1] == 1:
+        masks = [(p[..., 0] > threshold).astype(np.uint8) for p in probs]
+    else:
+        masks = [p.argmax(-1).astype(np.uint8) for p in probs]
+    volumes = patient_volumes(groups, ids)
+    for idx in volumes.values():
+        shapes = {masks[i].shape for i in idx}
+        if len(shapes) == 1 and (min_lesion_voxels > 1 or largest_component):
+            vol = postprocess(
+                np.stack([masks[i] for i in idx]),
+                min_size_voxels=min_lesion_voxels,
+                largest_component=largest_component,
+            )
+            for i, m in zip(idx, vol, strict=True):
+                masks[i] = m
+        elif min_lesion_voxels > 1 or largest_component:  # slices of different sizes: 2D
+            for i in idx:
+                masks[i] = postprocess(
+                    masks[i], min_size_voxels=min_lesion_voxels, largest_component=largest_component
+                )
+    rows = []
+    for s, m, t in zip(samples, masks, loaded.truth, strict=True):
+        p, tt = m > 0, np.asarray(t) > 0
+        tp, fp, fn = confusion_counts(p, tt)
+        hd = hausdorff95(p, tt)
+        rows.append(
+            {
+                "id": s.id,
+                "group": s.group,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "true_pixels": int(tt.sum()),
+                "pred_pixels": int(p.sum()),
+                "dice": round(dice_from_counts(tp, fp, fn), 6),
+                "hd95": "" if np.isnan(hd) else round(hd, 3),
+            }
+        )
+    names = sorted(volumes)
+    gidx = {g: k for k, g in enumerate(names)}
+    counts = np.zeros((len(names), 3), np.int64)
+    for r in rows:
+        counts[gidx[r["group"]]] += (r["tp"], r["fp"], r["fn"])
+    per_group = np.array([dice_from_counts(*c) for c in counts])
+    group_rows = [
+        {
+            "group": g,
+            "slices": len(volumes[g]),
+            "tp": int(counts[k, 0]),
+            "fp": int(counts[k, 1]),
+            "fn": int(counts[k, 2]),
+            "dice": round(float(per_group[k]), 6),
+        }
+        for k, g in enumerate(names)
+    ]
+
+    def pooled(mult):
+        tp, fp, fn = mult @ counts
+        return dice_from_counts(tp, fp, fn)
+
+    nonempty = [r["dice"] for r in rows if r["true_pixels"] > 0]
+    metrics = {
+        "n_images": len(rows),
+        "n_groups": len(names),
+        "dice_per_group_mean": float(per_group.mean()),
+        "dice_per_group_mean_ci95": _bootstrap(
+            lambda m: float(np.average(per_group, weights=m)), len(names), n_boot, seed
+        ),
+        "dice_per_group_median": float(np.median(per_group)),
+        "dice": pooled(np.ones(len(names))),
+        "dice_ci95": _bootstrap(pooled, len(names), n_boot, seed),
+        "dice_per_image_mean_nonempty": float(np.mean(nonempty)) if nonempty else None,
+        "per_group_dice": [float(v) for v in per_group],
+    }
+    return metrics, rows, group_rows
+
+
+def _classification(
+    loaded: _Loaded, probs: np.ndarray, class_names: list[str], n_boot: int, seed: int
+) -> tuple[dict, list[dict]]:
+    targets = np.array(loaded.truth, dtype=np.int64)
+    metrics = _classification_metrics(probs, targets, class_names)
+    names = metrics["class_names"]
+    samples = loaded.samples
+    groups = sorted({s.group for s in samples})
+    gidx = np.array([groups.index(s.group) for s in samples]) if groups else np.zeros(0)
+    pred = probs.argmax(-1)
+    correct = (pred == targets).astype(float)
+
+    def accuracy(mult):
+        w = mult[gidx]
+        return float(np.average(correct, weights=w))
+
+    def macro_f1(mult):
+        from sklearn.metrics import f1_score
+
+        w = mult[gidx]
+        return float(
+            f1_score(
+                targets,
+                pred,
+                labels=list(range(len(names))),
+                average="macro",
+                sample_weight=w,
+                zero_division=0,
+            )
+        )
+
+    metrics["n_groups"] = len(groups)
+    metrics["accuracy_ci95"] = _bootstrap(accuracy, len(groups), n_boot, seed)
+    metrics["macro_f1_ci95"] = _bootstrap(macro_f1, len(groups), n_boot, seed)
+    conf, bins = calibration_bins(probs.max(axis=1), correct)
+    metrics["ece"] = float(conf)
+    metrics["calibration_bins"] = bins
+    rows = [
+        {
+            "id": s.id,
+            "group": s.group,
+            "target": int(t),
+            "pred": int(p.argmax()),
+            **{f"p_{n}": round(float(v), 6) for n, v in zip(names, p, strict=True)},
+        }
+        for s, t, p in zip(samples, targets, probs, strict=True)
+    ]
+    return metrics, rows
+
+
+def evaluate_model(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    layout: str | None = None,
+    checkpoint: str = "best",
+    tta: bool = False,
+    threshold: float | None = None,
+    min_lesion_voxels: int = 0,
+    largest_component: bool = False,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Score ``model`` on every labelled sample of the dataset folder ``data``.
+
+    Args:
+        model: an export folder (``saved_model/`` + ``medseg.json``), a ``medseg cv`` run folder
+            (the mean-probability ensemble of its folds) or a run folder.
+        data: a labelled dataset folder in one of medseg's layouts.
+        out: folder for ``cases.csv``, ``groups.csv``, ``metrics.json`` and ``plots/``.
+        layout: the folder's layout (default: the one recorded with the model, else detected).
+        checkpoint: ``best`` or ``last`` checkpoints (run and CV folders).
+        tta: mean with the horizontal flip (run and CV folders; an export has it or not).
+        threshold: foreground probability threshold (default: the model's).
+        min_lesion_voxels, largest_component: post-processing of each patient's volume.
+        batch_size: images per model call.
+        overwrite: replace an earlier result in ``out``.
+        n_boot, seed: bootstrap of the 95% intervals (groups resampled).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        RunExistsError: ``out`` holds a result and ``overwrite`` is false.
+        DataError: the folder has no labelled samples, or its classes differ from the model's.
+        ModelError: the model cannot be loaded.
+    """
+    out = Path(out)
+    if (out / "metrics.json").exists() and not overwrite:
+        raise RunExistsError(f"{out}: already holds an evaluation (metrics.json); use --overwrite")
+    predictor = Predictor(model, checkpoint=checkpoint, tta=tta)
+    task = predictor.task
+    check_options(task, threshold, min_lesion_voxels, largest_component)
+    layout = layout or predictor.card.get("layout") or detect_layout(data)
+    scan = scan_dataset(data, layout)
+    scan.log_problems()
+    samples = [s for s in scan.samples if s.target is not None]
+    if not samples:
+        raise DataError(f"{data}: no labelled samples in layout '{layout}'")
+    data_cfg = DataConfig()
+    if task == "classification":
+        if predictor.classes and scan.class_names != predictor.classes:
+            raise DataError(
+                f"{data}: class folders {scan.class_names} differ from the model's classes "
+                f"{predictor.classes}"
+            )
+    elif layout == "class_folders":
+        raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
+    threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
+    loaded = _read(samples, task, predictor.channels, data_cfg.slice_axis)
+    t0 = time.perf_counter()
+    probs = _predict(predictor, loaded.images, batch_size)
+    seconds = time.perf_counter() - t0
+    plots = out / "plots"
+    if task == "segmentation":
+        metrics, rows, group_rows = _segmentation(
+            loaded, probs, threshold, min_lesion_voxels, largest_component, n_boot, seed
+        )
+        write_cases(out / "groups.csv", group_rows)
+        plot_group_dice({1: np.array(metrics["per_group_dice"])}, plots / "group_dice.png")
+    else:
+        p = np.stack(probs).astype(np.float32)
+        metrics, rows = _classification(loaded, p, predictor.classes, n_boot, seed)
+        names = metrics["class_names"]
+        plot_confusion(np.array(metrics["confusion_matrix"]), names, plots / "confusion.png")
+        plot_roc(p, np.array(loaded.truth), names, plots / "roc.png")
+        plot_reliability(metrics["calibration_bins"], metrics["ece"], plots / "reliability.png")
+    write_cases(out / "cases.csv", rows)
+    metrics.update(
+        model=str(model),
+        data=str(data),
+        layout=layout,
+        task=task,
+        settings={
+            "checkpoint": checkpoint,
+            "tta": bool(tta or (predictor.card.get("tta") or {}).get("enabled")),
+            "threshold": threshold,
+            "min_lesion_voxels": min_lesion_voxels,
+            "largest_component": largest_component,
+        },
+        n_skipped=len(scan.samples) - len(samples),
+        inference_img_s=len(rows) / max(seconds, 1e-9),
+        bootstrap={"n_boot": n_boot, "seed": seed, "unit": "group", "level": CI_LEVEL},
+    )
+    atomic_write_json(out / "metrics.json", metrics)
+    logger.info("%s on %s: %s", Path(model).name, data, headline(metrics))
+    return metrics
+
+
+def check_options(task: str, threshold: float | None, min_lesion: int, lcc: bool) -> None:
+    """Refuse segmentation-only options for a classifier."""
+    if task == "classification" and (threshold is not None or min_lesion or lcc):
+        raise ConfigError(
+            "--threshold, --min-lesion-voxels and --largest-component apply to segmentation "
+            "models only"
+        )

@@ -1,0 +1,473 @@
+"""Out-of-fold ablation and post-processing tuning of a cross-validation run (``medseg tune``).
+
+Every number here is honest by construction:
+
+* each sample's probabilities come from the one fold model that never saw its patient/group
+  (the run's k-fold manifest);
+* the ``last`` checkpoint is the default: ``best`` was selected on the very fold it is then
+  scored on, so its figures are optimistic (they are reported as a row of their own);
+* post-processing parameters (threshold, minimum lesion size, 3D largest component) used on fold
+  ``k`` are chosen on the out-of-fold predictions of the OTHER folds only (leave-one-fold-out),
+  then applied to fold ``k``. The parameters chosen on all folds together are the recommendation
+  for the exported ensemble (they were never scored on data they were not chosen on; the scores
+  come from the per-fold choices).
+
+Segmentation post-processing works on each patient's volume: the slices of one group, ordered by
+the natural order of their ids (``..._2.tif`` before ``..._10.tif``; volume slices by index), so
+connected components are 3D across neighbouring slices.
+
+Variants (rows of the ablation), each scored like ``medseg cv`` scores its folds
+(:func:`medseg.training.report.summarize`: pooled, per-fold and a patient/group bootstrap 95%
+interval)::
+
+    segmentation:   best  last  last+tta  last+threshold  last+min_lesion  last+largest_component
+                    last+tta+postprocess (threshold, minimum lesion and largest component tuned)
+    classification: best  last  last+tta
+
+Files, inside the CV run folder::
+
+    tune/probs/fold_<k>.npz      cached out-of-fold probabilities (float16) of each checkpoint/view,
+                                 with the checkpoints' SHA-256 (recomputed when they change)
+    tune/<variant>/fold_<k>/oof.csv, config.yaml, splits.json, cv_summary.json, report.md, plots/
+    tune/tune.json               the variants: settings, parameters chosen per fold, metrics
+    tune/ablation.md             the same as a Markdown table
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.pipeline import load_arrays
+from medseg.data.scan import scan_from_config
+from medseg.data.split import fold_manifest, load_manifest, select
+from medseg.errors import DataError
+from medseg.inference.export import reference_probabilities
+from medseg.inference.postprocess import postprocess
+from medseg.models.metrics import confusion_counts, dice_from_counts, hausdorff95
+from medseg.training.evaluate import load_run_model, write_cases
+from medseg.training.runs import RunDir, open_run
+from medseg.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
+
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)  # the default first: ties keep it
+MIN_LESION_VOXELS = (0, 10, 25, 50, 100, 200, 400)
+VIEWS = ("best", "last", "last_tta")  # checkpoint[_tta]
+HEADLINE_KEYS = (
+    "dice_per_group_mean",
+    "dice_per_group_median",
+    "dice",
+    "accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "ece",
+)
+
+
+@dataclass
+class FoldProbs:
+    """Out-of-fold predictions of one fold: ids and groups in manifest order, the truth (label
+    maps [N, H, W] or class indices [N]) and the probabilities of each view."""
+
+    ids: list[str]
+    groups: list[str]
+    truth: np.ndarray
+    probs: dict[str, np.ndarray]
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Post-processing of one variant: threshold, minimum lesion size (voxels), largest
+    component."""
+
+    threshold: float = 0.5
+    min_lesion_voxels: int = 0
+    largest_component: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "min_lesion_voxels": self.min_lesion_voxels,
+            "largest_component": self.largest_component,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Out-of-fold probabilities
+
+
+def _checkpoint_hashes(fdir: Path) -> dict[str, str]:
+    run = RunDir(fdir)
+    out = {}
+    for name, path in (("best", run.best_model), ("last", run.last_model)):
+        if not path.is_file():
+            raise DataError(f"{path}: checkpoint not found (has fold {fdir.name} finished?)")
+        out[name] = file_sha256(path)
+    return out
+
+
+def _predict(model, images: np.ndarray, tta: bool, batch: int = 32) -> np.ndarray:
+    parts = [
+        reference_probabilities(model, images[i : i + batch], tta)
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(parts).astype(np.float16)
+
+
+def fold_probabilities(root: Path, k: int, cfg, manifest: dict, samples: list) -> FoldProbs:
+    """The OOF probabilities of fold ``k`` for every view (cached in ``tune/probs``)."""
+    fdir = root / f"fold_{k}"
+    hashes = _checkpoint_hashes(fdir)
+    cache = root / "tune" / "probs" / f"fold_{k}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if all(str(z[f"sha_{n}"]) == h for n, h in hashes.items()):
+                return FoldProbs(
+                    ids=[str(i) for i in z["ids"]],
+                    groups=[str(g) for g in z["groups"]],
+                    truth=z["truth"],
+                    probs={v: z[f"p_{v}"] for v in VIEWS},
+                    class_names=[str(c) for c in z["class_names"]],
+                )
+    fold_samples = select(samples, fold_manifest(manifest, k - 1), "val")
+    probs, data = {}, None
+    for ckpt in ("best", "last"):
+        model = load_run_model(RunDir(fdir), ckpt)
+        if data is None:
+            data = load_arrays(fold_samples, cfg.data, model.output_shape[-1])
+            if data.problems:
+                raise DataError(
+                    f"fold {k}: {len(data.problems)} sample(s) unreadable: {data.problems[0]}"
+                )
+        probs[ckpt] = _predict(model, data.images, tta=False)
+        if ckpt == "last":
+            probs["last_tta"] = _predict(model, data.images, tta=True)
+    out = FoldProbs(
+        ids=[s.id for s in data.samples],
+        groups=[s.group for s in data.samples],
+        truth=data.targets,
+        probs=probs,
+        class_names=list(manifest.get("class_names") or []),
+    )
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        ids=np.array(out.ids),
+        groups=np.array(out.groups),
+        truth=out.truth,
+        class_names=np.array(out.class_names, dtype=str),
+        **{f"p_{v}": p for v, p in probs.items()},
+        **{f"sha_{n}": np.array(h) for n, h in hashes.items()},
+    )
+    atomic_write_bytes(cache, buf.getvalue())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation: patient volumes and post-processing
+
+
+def _natural_key(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def patient_volumes(groups: list[str], ids: list[str]) -> dict[str, list[int]]:
+    """Indices of each group's samples, ordered as slices of a volume (natural id order)."""
+    out: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        out.setdefault(g, []).append(i)
+    return {g: sorted(idx, key=lambda i: _natural_key(ids[i])) for g, idx in out.items()}
+
+
+def _foreground(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Binary foreground of [N, H, W, K] probabilities (threshold for K=1, argmax > 0 else)."""
+    if probs.shape[-1] == 1:
+        return probs[..., 0].astype(np.float32) > threshold
+    return probs.argmax(-1) > 0
+
+
+class _PatientTable:
+    """Per patient and setting: volume (tp, fp, fn), from 3D components computed once per
+    threshold, so that a grid of settings costs almost nothing."""
+
+    def __init__(self, probs: np.ndarray, truth: np.ndarray, volumes: dict[str, list[int]]):
+        from scipy import ndimage
+
+        self.groups = sorted(volumes)
+        self.truth_total = {g: int((truth[volumes[g]] > 0).sum()) for g in self.groups}
+        thresholds = THRESHOLDS if probs.shape[-1] == 1 else (0.5,)
+        self.thresholds = thresholds
+        self.components: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
+        structure = ndimage.generate_binary_structure(3, 1)
+        for g in self.groups:
+            idx = volumes[g]
+            t = truth[idx] > 0
+            for th in thresholds:
+                fg = _foreground(probs[idx], th)
+                lab, n = ndimage.label(fg, structure=structure)
+                sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+                overlap = np.bincount(lab[t], minlength=n + 1)[1:]
+                self.components[(g, th)] = (sizes, overlap)
+
+    def counts(self, g: str, s: Setting) -> tuple[int, int, int]:
+        sizes, overlap = self.components[(g, s.threshold)]
+        keep = sizes >= max(s.min_lesion_voxels, 1)
+        if s.largest_component and len(sizes):
+            largest = np.zeros(len(sizes), bool)
+            largest[int(np.argmax(sizes))] = True
+            keep &= largest
+        tp = int(overlap[keep].sum())
+        fp = int(sizes[keep].sum()) - tp
+        return tp, fp, self.truth_total[g] - tp
+
+    def mean_dice(self, groups: list[str], s: Setting) -> float:
+        return float(np.mean([dice_from_counts(*self.counts(g, s)) for g in groups]))
+
+
+def _grid(levers: tuple[str, ...], thresholds: tuple[float, ...]) -> list[Setting]:
+    ths = thresholds if "threshold" in levers else (0.5,)
+    mins = MIN_LESION_VOXELS if "min_lesion" in levers else (0,)
+    lccs = (False, True) if "largest_component" in levers else (False,)
+    return [Setting(t, m, c) for t, m, c in product(ths, mins, lccs)]
+
+
+def choose_setting(tables: list[_PatientTable], grid: list[Setting]) -> Setting:
+    """The setting of ``grid`` with the highest mean per-patient Dice over the patients of
+    ``tables`` (each table: one fold's patients, predicted by that fold's model); the first one
+    on a tie, so the default wins ties."""
+    scores = np.zeros(len(grid))
+    n = 0
+    for table in tables:
+        scores += np.array([table.mean_dice(table.groups, s) for s in grid]) * len(table.groups)
+        n += len(table.groups)
+    if n == 0:
+        raise DataError("no patients to choose post-processing on")
+    return grid[int(np.argmax(scores))]
+
+
+def _seg_rows(fp: FoldProbs, view: str, setting: Setting) -> list[dict]:
+    """oof.csv rows of fold ``k`` after post-processing each patient's volume."""
+    probs = fp.probs[view]
+    fg = _foreground(probs, setting.threshold).astype(np.uint8)
+    rows: dict[int, dict] = {}
+    for _, idx in patient_volumes(fp.groups, fp.ids).items():
+        vol = postprocess(
+            fg[idx],
+            min_size_voxels=setting.min_lesion_voxels,
+            largest_component=setting.largest_component,
+        )
+        for i, p in zip(idx, vol, strict=True):
+            t = fp.truth[i] > 0
+            tp, fpx, fn = confusion_counts(p > 0, t)
+            hd = hausdorff95(p > 0, t)
+            rows[i] = {
+                "id": fp.ids[i],
+                "group": fp.groups[i],
+                "tp": tp,
+                "fp": fpx,
+                "fn": fn,
+                "true_pixels": int(t.sum()),
+                "pred_pixels": int((p > 0).sum()),
+                "hd95": "" if np.isnan(hd) else round(hd, 3),
+            }
+    return [rows[i] for i in range(len(fp.ids))]
+
+
+def _cls_rows(fp: FoldProbs, view: str) -> list[dict]:
+    probs = fp.probs[view].astype(np.float32)
+    names = fp.class_names or [str(c) for c in range(probs.shape[-1])]
+    return [
+        {
+            "id": i,
+            "group": g,
+            "target": int(t),
+            "pred": int(p.argmax()),
+            **{f"p_{n}": round(float(v), 6) for n, v in zip(names, p, strict=True)},
+        }
+        for i, g, t, p in zip(fp.ids, fp.groups, fp.truth, probs, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+
+
+def _write_variant(root: Path, name: str, rows_by_fold: dict[int, list[dict]]) -> Path:
+    vdir = root / "tune" / name
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    for f in ("config.yaml", "splits.json"):
+        shutil.copy2(root / f, vdir / f)
+    for k, rows in rows_by_fold.items():
+        write_cases(vdir / f"fold_{k}" / "oof.csv", rows, {"fold": k})
+    return vdir
+
+
+def _headline(summary: dict) -> dict:
+    out = {}
+    for key in HEADLINE_KEYS:
+        block = summary["metrics"].get(key)
+        if block and block.get("pooled") is not None:
+            out[key] = {"value": block["pooled"], "ci95": block.get("ci95")}
+    return out
+
+
+def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Score the ablation variants of a finished CV run on its out-of-fold predictions.
+
+    Args:
+        run_dir: a ``medseg cv`` run folder whose folds have all finished.
+        n_boot: bootstrap replicates (patients/groups resampled) for the 95% intervals.
+        seed: bootstrap seed.
+
+    Returns:
+        ``tune.json``'s content: ``task``, ``variants`` (name, description, settings per fold,
+        headline metrics with ``ci95``), ``recommended`` (segmentation: the post-processing
+        chosen on all folds for the ensemble) and ``best_variant``.
+
+    Raises:
+        DataError: the run is not a finished CV run, or a fold checkpoint is missing.
+    """
+    from medseg.training.report import summarize, write_report
+
+    root = Path(run_dir)
+    if not (root / "ensemble.json").is_file() or not (root / "splits.json").is_file():
+        raise DataError(f"{root}: not a finished cross-validation run (no ensemble.json)")
+    cfg = open_run(root).config()
+    manifest = load_manifest(root / "splits.json")
+    k_folds = len(manifest.get("folds") or [])
+    missing = [k for k in range(1, k_folds + 1) if not (root / f"fold_{k}" / "oof.csv").is_file()]
+    if missing:
+        raise DataError(f"{root / f'fold_{missing[0]}'}: fold not finished; run medseg cv first")
+    scan = scan_from_config(cfg.data)
+    folds = {
+        k: fold_probabilities(root, k, cfg, manifest, scan.samples) for k in range(1, k_folds + 1)
+    }
+    seg = cfg.data.task == "segmentation"
+    variants: list[dict] = []
+
+    def add(name: str, description: str, rows: dict[int, list[dict]], settings=None):
+        vdir = _write_variant(root, name, rows)
+        summary = summarize(vdir, n_boot=n_boot, seed=seed)
+        variants.append(
+            {
+                "name": name,
+                "description": description,
+                "settings_per_fold": settings,
+                "metrics": _headline(summary),
+                "folder": str(vdir.relative_to(root)),
+            }
+        )
+        return vdir, summary
+
+    base = Setting()
+    plain = {
+        "best": "checkpoint with the best validation score of each fold (chosen on the scored "
+        "fold itself: optimistic)",
+        "last": "last checkpoint of each fold",
+        "last_tta": "last checkpoint, mean with the horizontal flip (TTA)",
+    }
+    recommended = None
+    if not seg:
+        for view in VIEWS:
+            add(view, plain[view], {k: _cls_rows(fp, view) for k, fp in folds.items()})
+    else:
+        for view in VIEWS:
+            add(
+                view,
+                plain[view] + ", threshold 0.5",
+                {k: _seg_rows(fp, view, base) for k, fp in folds.items()},
+            )
+        levers = {
+            "last_threshold": ("last", ("threshold",), "threshold tuned on the other folds"),
+            "last_min_lesion": (
+                "last",
+                ("min_lesion",),
+                "minimum 3D lesion size tuned on the other folds",
+            ),
+            "last_largest_component": (
+                "last",
+                ("largest_component",),
+                "3D largest component kept when it helps on the other folds",
+            ),
+            "last_tta_postprocess": (
+                "last_tta",
+                ("threshold", "min_lesion", "largest_component"),
+                "TTA; threshold, minimum lesion size and largest component tuned jointly on "
+                "the other folds",
+            ),
+        }
+        tables = {
+            view: {
+                k: _PatientTable(fp.probs[view], fp.truth, patient_volumes(fp.groups, fp.ids))
+                for k, fp in folds.items()
+            }
+            for view in ("last", "last_tta")
+        }
+        for name, (view, lever_names, description) in levers.items():
+            grid = _grid(lever_names, THRESHOLDS)
+            rows, settings = {}, {}
+            for k, fp in folds.items():
+                others = [t for j, t in tables[view].items() if j != k]
+                chosen = choose_setting(others, grid)
+                settings[k] = chosen.as_dict()
+                rows[k] = _seg_rows(fp, view, chosen)
+            add(name, description, rows, settings)
+        grid = _grid(("threshold", "min_lesion", "largest_component"), THRESHOLDS)
+        chosen = choose_setting(list(tables["last_tta"].values()), grid)
+        recommended = {"checkpoint": "last", "tta": True, **chosen.as_dict()}
+    key = "dice_per_group_mean" if seg else "accuracy"
+    honest = [v for v in variants if v["name"] != "best"]
+    best = max(honest, key=lambda v: v["metrics"][key]["value"])
+    write_report(root / best["folder"])
+    result = {
+        "task": cfg.data.task,
+        "run": root.name,
+        "folds": k_folds,
+        "n_groups": len({g for fp in folds.values() for g in fp.groups}),
+        "n_samples": sum(len(fp.ids) for fp in folds.values()),
+        "variants": variants,
+        "best_variant": best["name"],
+        "recommended": recommended,
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "group", "level": 0.95},
+    }
+    atomic_write_json(root / "tune" / "tune.json", result)
+    atomic_write_text(root / "tune" / "ablation.md", ablation_markdown(result))
+    logger.info("wrote %s", root / "tune" / "tune.json")
+    return result
+
+
+def _fmt(metric: dict | None) -> str:
+    if not metric:
+        return "-"
+    ci = metric.get("ci95")
+    tail = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
+    return f"{metric['value']:.3f}{tail}"
+
+
+def ablation_markdown(result: dict) -> str:
+    """The variants of :func:`tune` as a Markdown table (value [95% CI])."""
+    seg = result["task"] == "segmentation"
+    keys = (
+        ("dice_per_group_mean", "dice_per_group_median", "dice")
+        if seg
+        else ("accuracy", "macro_f1", "balanced_accuracy", "ece")
+    )
+    lines = [
+        f"| variant | {' | '.join(keys)} | what |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
+    for v in result["variants"]:
+        cells = [_fmt(v["metrics"].get(k)) for k in keys]
+        lines.append(f"| {v['name']} | {' | '.join(cells)} | {v['description']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,303 @@
+"""``medseg tune`` (out-of-fold ablation and post-processing chosen on the other folds) and
+``medseg evaluate MODEL --data FOLDER --out DIR`` (exports, CV ensembles and runs scored on any
+labelled folder)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from medseg.config import load_config
+from medseg.inference.export import export_run
+from medseg.inference.postprocess import postprocess
+from medseg.inference.scoring import evaluate_model
+from medseg.inference.tune import (
+    FoldProbs,
+    Setting,
+    _grid,
+    _PatientTable,
+    choose_setting,
+    fold_probabilities,
+    patient_volumes,
+)
+from medseg.models.hub import make_hub_module
+from medseg.models.metrics import confusion_counts, dice_from_counts
+from medseg.training.cv import run_cv
+from medseg.training.train import train
+
+from .conftest import REPO, TINY_UNET, run_cli
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def seg_cv(work, tiny_synth):
+    """A 3-fold CV of the tiny U-Net (2 epochs per fold) on the synthetic patients."""
+    cfg = load_config(
+        None,
+        [
+            *TINY_UNET,
+            "train.epochs=2",
+            "cv.folds=3",
+            f"data.root={tiny_synth / 'segmentation'}",
+            f"run.root={work / 'runs'}",
+            "run.name=segcv",
+        ],
+    )
+    return run_cv(cfg).path
+
+
+@pytest.fixture(scope="module")
+def cls_run(work, tiny_synth):
+    """A tiny MobileNetV2 classifier on a TF-Hub module built here (32x32, 1 epoch)."""
+    hub = make_hub_module(work / "hub", input_size=32, alpha=0.35, bn_momentum=0.0)
+    cfg = load_config(
+        REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
+        [
+            *TINY_UNET,
+            "train.epochs=1",
+            "train.batch_size=4",
+            f"model.hub_handle={hub}",
+            "data.val_fraction=0.25",
+            f"data.root={tiny_synth / 'classification'}",
+            f"run.root={work / 'runs'}",
+            "run.name=cls",
+        ],
+    )
+    return train(cfg).run.path
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing arithmetic
+
+
+def test_patient_table_counts_equal_postprocessed_masks():
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0, 1, (12, 20, 20, 1)).astype(np.float32)
+    probs[3:7, 5:12, 5:12, 0] += 0.5  # one blob across slices
+    truth = np.zeros((12, 20, 20), np.uint8)
+    truth[3:7, 6:12, 6:11] = 1
+    ids = [f"p/p_{i + 1}.tif" for i in range(12)]
+    volumes = patient_volumes(["p"] * 12, ids)
+    table = _PatientTable(probs, truth, volumes)
+    for s in _grid(("threshold", "min_lesion", "largest_component"), table.thresholds):
+        mask = postprocess(
+            (probs[..., 0] > s.threshold).astype(np.uint8),
+            min_size_voxels=s.min_lesion_voxels,
+            largest_component=s.largest_component,
+        )
+        assert table.counts("p", s) == confusion_counts(mask > 0, truth > 0), s
+
+
+def test_patient_volumes_order_slices_naturally():
+    ids = ["a/a_10.tif", "a/a_2.tif", "b/b_1.tif", "a/a_1.tif"]
+    assert patient_volumes(["a", "a", "b", "a"], ids) == {"a": [3, 1, 0], "b": [2]}
+
+
+def test_choose_setting_keeps_the_default_on_a_tie():
+    truth = np.zeros((2, 8, 8), np.uint8)
+    truth[:, 2:5, 2:5] = 1
+    probs = (truth[..., None] * 0.95 + 0.01).astype(np.float32)  # every threshold is perfect
+    table = _PatientTable(probs, truth, {"p": [0, 1]})
+    grid = _grid(("threshold", "min_lesion", "largest_component"), table.thresholds)
+    assert choose_setting([table], grid) == Setting()
+
+
+# --------------------------------------------------------------------------------------------
+# medseg tune
+
+
+def test_cv_scores_the_last_checkpoint(seg_cv):
+    ensemble = json.loads((seg_cv / "ensemble.json").read_text())
+    assert all(f["model"].endswith("last.keras") for f in ensemble["folds"])
+    for k in (1, 2, 3):
+        metrics = json.loads((seg_cv / f"fold_{k}" / "metrics.json").read_text())
+        assert metrics["val"]["checkpoint"] == "last"
+
+
+def test_tune_cli_scores_every_variant_out_of_fold(seg_cv):
+    proc = run_cli("tune", str(seg_cv), "--n-boot", "50", cwd=seg_cv.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| last_tta_postprocess |" in proc.stdout and "recommended" in proc.stdout
+    result = json.loads((seg_cv / "tune" / "tune.json").read_text())
+    names = [v["name"] for v in result["variants"]]
+    assert names == [
+        "best",
+        "last",
+        "last_tta",
+        "last_threshold",
+        "last_min_lesion",
+        "last_largest_component",
+        "last_tta_postprocess",
+    ]
+    assert result["best_variant"] != "best"  # never the optimistic one
+    all_ids = sorted(r["id"] for k in (1, 2, 3) for r in _rows(seg_cv / f"fold_{k}" / "oof.csv"))
+    for v in result["variants"]:
+        rows = [r for k in (1, 2, 3) for r in _rows(seg_cv / v["folder"] / f"fold_{k}" / "oof.csv")]
+        assert sorted(r["id"] for r in rows) == all_ids  # every sample exactly once
+        lo, hi = v["metrics"]["dice_per_group_mean"]["ci95"]
+        assert lo <= v["metrics"]["dice_per_group_mean"]["value"] <= hi
+    # "last" at threshold 0.5 is what medseg cv itself scored: the same counts per slice
+    for k in (1, 2, 3):
+        ours = {r["id"]: r for r in _rows(seg_cv / "tune" / "last" / f"fold_{k}" / "oof.csv")}
+        for r in _rows(seg_cv / f"fold_{k}" / "oof.csv"):
+            assert [ours[r["id"]][c] for c in ("tp", "fp", "fn")] == [r["tp"], r["fp"], r["fn"]]
+    assert (seg_cv / "tune" / "ablation.md").read_text().startswith("| variant |")
+    assert (seg_cv / "tune" / result["best_variant"] / "report.md").is_file()
+
+
+def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
+    result = json.loads((seg_cv / "tune" / "tune.json").read_text())
+    joint = next(v for v in result["variants"] if v["name"] == "last_tta_postprocess")
+    from medseg.data.scan import scan_from_config
+    from medseg.data.split import load_manifest
+    from medseg.training.runs import open_run
+
+    cfg = open_run(seg_cv).config()
+    manifest = load_manifest(seg_cv / "splits.json")
+    samples = scan_from_config(cfg.data).samples
+    folds = {k: fold_probabilities(seg_cv, k, cfg, manifest, samples) for k in (1, 2, 3)}
+
+    def mean_dice(fps: list[FoldProbs], s: Setting) -> float:
+        # brute force: post-process every patient volume and pool its counts
+        scores = []
+        for fp in fps:
+            p = fp.probs["last_tta"][..., 0].astype(np.float32)
+            for idx in patient_volumes(fp.groups, fp.ids).values():
+                vol = postprocess(
+                    (p[idx] > s.threshold).astype(np.uint8),
+                    min_size_voxels=s.min_lesion_voxels,
+                    largest_component=s.largest_component,
+                )
+                scores.append(dice_from_counts(*confusion_counts(vol > 0, fp.truth[idx] > 0)))
+        return float(np.mean(scores))
+
+    grid = _grid(("threshold", "min_lesion", "largest_component"), (0.5, 0.3, 0.4, 0.6, 0.7))
+    for k in (1, 2, 3):
+        others = [folds[j] for j in (1, 2, 3) if j != k]
+        chosen = Setting(**joint["settings_per_fold"][str(k)])
+        best = max(mean_dice(others, s) for s in grid)
+        assert mean_dice(others, chosen) == pytest.approx(best, abs=1e-9)
+
+
+def test_tune_refuses_an_unfinished_cv(work):
+    proc = run_cli("tune", str(work / "nowhere"), cwd=work)
+    assert proc.returncode == 2 and "not a finished cross-validation run" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# medseg evaluate MODEL --data FOLDER --out DIR
+
+
+def test_cv_ensemble_and_its_export_score_the_same_on_a_labelled_folder(seg_cv, work, tiny_synth):
+    data = tiny_synth / "segmentation"
+    export = export_run(seg_cv, work / "exports" / "segcv", checkpoint="last")
+    direct = evaluate_model(seg_cv, data, work / "ev_cv", checkpoint="last", n_boot=100)
+    served = evaluate_model(export, data, work / "ev_export", n_boot=100)
+    assert direct["dice"] == pytest.approx(served["dice"], abs=1e-3)
+    assert direct["dice_per_group_mean"] == pytest.approx(served["dice_per_group_mean"], abs=1e-3)
+    cases = _rows(work / "ev_export" / "cases.csv")
+    groups = _rows(work / "ev_export" / "groups.csv")
+    assert len(cases) == served["n_images"] == 36 and len(groups) == served["n_groups"] == 6
+    for g in groups:  # each patient's Dice is its slices' counts pooled
+        mine = [c for c in cases if c["group"] == g["group"]]
+        tp, fp, fn = (sum(int(c[k]) for c in mine) for k in ("tp", "fp", "fn"))
+        assert float(g["dice"]) == pytest.approx(dice_from_counts(tp, fp, fn), abs=1e-6)
+    lo, hi = served["dice_per_group_mean_ci95"]
+    assert lo <= served["dice_per_group_mean"] <= hi
+    assert (work / "ev_export" / "plots" / "group_dice.png").is_file()
+    # the native resolution of the folder's images, not the model's 32x32
+    assert sum(int(c["true_pixels"]) for c in cases) > 0
+    first = next(c for c in cases if int(c["true_pixels"]))
+    assert int(first["tp"]) + int(first["fn"]) == int(first["true_pixels"])
+
+
+def test_largest_component_never_adds_foreground(seg_cv, work, tiny_synth):
+    data = tiny_synth / "segmentation"
+    plain = work / "ev_plain"
+    lcc = work / "ev_lcc"
+    evaluate_model(seg_cv, data, plain, checkpoint="last", threshold=0.3, n_boot=0)
+    evaluate_model(
+        seg_cv, data, lcc, checkpoint="last", threshold=0.3, largest_component=True, n_boot=0
+    )
+    before = {r["group"]: int(r["tp"]) + int(r["fp"]) for r in _rows(plain / "groups.csv")}
+    after = {r["group"]: int(r["tp"]) + int(r["fp"]) for r in _rows(lcc / "groups.csv")}
+    assert all(after[g] <= before[g] for g in before)
+
+
+def test_evaluate_cli_classifier_on_a_labelled_folder(cls_run, work, tiny_synth):
+    data = tiny_synth / "classification"
+    out = work / "ev_cls"
+    proc = run_cli(
+        "evaluate",
+        str(cls_run),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--n-boot",
+        "50",
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    cases = _rows(out / "cases.csv")
+    assert metrics["n_images"] == len(cases) > 0
+    acc = np.mean([r["target"] == r["pred"] for r in cases])
+    assert metrics["accuracy"] == pytest.approx(acc)
+    assert np.sum(metrics["confusion_matrix"]) == len(cases)
+    for name in ("confusion.png", "roc.png", "reliability.png"):
+        assert (out / "plots" / name).is_file()
+    # the same folder again: refused, then replaced with --overwrite
+    again = run_cli("evaluate", str(cls_run), "--data", str(data), "--out", str(out), cwd=work)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # segmentation-only options are refused for a classifier
+    bad = run_cli(
+        "evaluate",
+        str(cls_run),
+        "--data",
+        str(data),
+        "--out",
+        str(work / "x"),
+        "--largest-component",
+        cwd=work,
+    )
+    assert bad.returncode == 2 and "segmentation models only" in bad.stderr
+
+
+def test_evaluate_refuses_a_folder_with_other_classes(cls_run, work, tiny_synth):
+    other = work / "other_classes"
+    src = tiny_synth / "classification"
+    shutil.copytree(src, other)
+    name = sorted(p.name for p in (other / "Training").iterdir())[0]
+    for split in ("Training", "Testing"):
+        (other / split / name).rename(other / split / "zzz_unknown")
+    proc = run_cli(
+        "evaluate", str(cls_run), "--data", str(other), "--out", str(work / "y"), cwd=work
+    )
+    assert proc.returncode == 2
+    assert str(other) in proc.stderr and "differ from the model's classes" in proc.stderr
+
+
+def test_evaluate_an_export_needs_data_and_out(seg_cv, work):
+    export = work / "exports" / "segcv"
+    if not export.exists():
+        export_run(seg_cv, export, checkpoint="last")
+    proc = run_cli("evaluate", str(export), cwd=work)
+    assert proc.returncode == 2 and "--data FOLDER and --out DIR" in proc.stderr
+    proc = run_cli(
+        "evaluate", str(export), "--data", str(work), "--out", str(work / "z"), "--tta", cwd=work
+    )
+    assert proc.returncode == 2 and "no test-time augmentation" in proc.stderr
