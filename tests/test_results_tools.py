@@ -79,6 +79,28 @@ def cls_run(work, tiny_synth):
     return train(cfg).run.path
 
 
+@pytest.fixture(scope="module")
+def cls_cv(work, tiny_synth):
+    """A 2-fold CV of the tiny classifier (1 epoch per fold)."""
+    hub = work / "hub"
+    if not hub.exists():
+        make_hub_module(hub, input_size=32, alpha=0.35, bn_momentum=0.0)
+    cfg = load_config(
+        REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
+        [
+            *TINY_UNET,
+            "train.epochs=1",
+            "train.batch_size=4",
+            "cv.folds=2",
+            f"model.hub_handle={hub}",
+            f"data.root={tiny_synth / 'classification'}",
+            f"run.root={work / 'runs'}",
+            "run.name=clscv",
+        ],
+    )
+    return run_cv(cfg).path
+
+
 # --------------------------------------------------------------------------------------------
 # Post-processing arithmetic
 
@@ -190,6 +212,22 @@ def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
         chosen = Setting(**joint["settings_per_fold"][str(k)])
         best = max(mean_dice(others, s) for s in grid)
         assert mean_dice(others, chosen) == pytest.approx(best, abs=1e-9)
+
+
+def test_tune_classifier_variants(cls_cv):
+    from medseg.inference.tune import tune
+
+    result = tune(cls_cv, n_boot=50)
+    assert [v["name"] for v in result["variants"]] == ["best", "last", "last_tta"]
+    assert result["recommended"] is None
+    for v in result["variants"]:
+        rows = [r for k in (1, 2) for r in _rows(cls_cv / v["folder"] / f"fold_{k}" / "oof.csv")]
+        acc = np.mean([r["target"] == r["pred"] for r in rows])
+        assert v["metrics"]["accuracy"]["value"] == pytest.approx(acc)
+    # the last checkpoint's rows are what medseg cv wrote (same predictions)
+    ours = {r["id"]: r["pred"] for r in _rows(cls_cv / "tune" / "last" / "fold_1" / "oof.csv")}
+    assert {r["id"]: r["pred"] for r in _rows(cls_cv / "fold_1" / "oof.csv")} == ours
+    assert (cls_cv / "tune" / result["best_variant"] / "plots").is_dir()
 
 
 def test_tune_refuses_an_unfinished_cv(work):
