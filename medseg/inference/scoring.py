@@ -214,7 +214,8 @@ def _classification(
     names = metrics["class_names"]
     samples = loaded.samples
     groups = sorted({s.group for s in samples})
-    gidx = np.array([groups.index(s.group) for s in samples]) if groups else np.zeros(0)
+    index = {g: k for k, g in enumerate(groups)}
+    gidx = np.array([index[s.group] for s in samples], dtype=np.int64)
     pred = probs.argmax(-1)
     correct = (pred == targets).astype(float)
 

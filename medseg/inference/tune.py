@@ -414,8 +414,9 @@ def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
             }
             for view in ("last", "last_tta")
         }
+        thresholds = next(iter(tables["last"].values())).thresholds  # (0.5,) for label maps
         for name, (view, lever_names, description) in levers.items():
-            grid = _grid(lever_names, THRESHOLDS)
+            grid = _grid(lever_names, thresholds)
             rows, settings = {}, {}
             for k, fp in folds.items():
                 others = [t for j, t in tables[view].items() if j != k]
@@ -423,7 +424,7 @@ def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
                 settings[k] = chosen.as_dict()
                 rows[k] = _seg_rows(fp, view, chosen)
             add(name, description, rows, settings)
-        grid = _grid(("threshold", "min_lesion", "largest_component"), THRESHOLDS)
+        grid = _grid(("threshold", "min_lesion", "largest_component"), thresholds)
         chosen = choose_setting(list(tables["last_tta"].values()), grid)
         recommended = {"checkpoint": "last", "tta": True, **chosen.as_dict()}
     key = "dice_per_group_mean" if seg else "accuracy"
