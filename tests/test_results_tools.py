@@ -44,12 +44,12 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seg_cv(work, tiny_synth):
-    """A 3-fold CV of the tiny U-Net (2 epochs per fold) on the synthetic patients."""
+    """A 3-fold CV of the tiny U-Net (1 epoch per fold) on the synthetic patients."""
     cfg = load_config(
         None,
         [
             *TINY_UNET,
-            "train.epochs=2",
+            "train.epochs=1",
             "cv.folds=3",
             f"data.root={tiny_synth / 'segmentation'}",
             f"run.root={work / 'runs'}",
@@ -60,9 +60,15 @@ def seg_cv(work, tiny_synth):
 
 
 @pytest.fixture(scope="module")
-def cls_run(work, tiny_synth):
-    """A tiny MobileNetV2 classifier on a TF-Hub module built here (32x32, 1 epoch)."""
-    hub = make_hub_module(work / "hub", input_size=32, alpha=0.35, bn_momentum=0.0)
+def hub(work):
+    """A tiny MobileNetV2 TF-Hub module built here (32x32, alpha 0.35; batch-norm momentum 0
+    calibrates the moving statistics in one epoch, so outputs depend on the input)."""
+    return make_hub_module(work / "hub", input_size=32, alpha=0.35, bn_momentum=0.0)
+
+
+@pytest.fixture(scope="module")
+def cls_run(work, tiny_synth, hub):
+    """A tiny MobileNetV2 classifier on the hub module (32x32, 1 epoch)."""
     cfg = load_config(
         REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
         [
@@ -80,11 +86,8 @@ def cls_run(work, tiny_synth):
 
 
 @pytest.fixture(scope="module")
-def cls_cv(work, tiny_synth):
+def cls_cv(work, tiny_synth, hub):
     """A 2-fold CV of the tiny classifier (1 epoch per fold)."""
-    hub = work / "hub"
-    if not hub.exists():
-        make_hub_module(hub, input_size=32, alpha=0.35, bn_momentum=0.0)
     cfg = load_config(
         REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
         [

@@ -42,8 +42,13 @@ from medseg.inference.postprocess import postprocess
 from medseg.inference.predict import Predictor
 from medseg.inference.tune import patient_volumes
 from medseg.io import read_image, read_mask, to_channels
-from medseg.models.metrics import confusion_counts, dice_from_counts, hausdorff95
-from medseg.training.evaluate import _classification_metrics, headline, write_cases
+from medseg.models.metrics import dice_from_counts
+from medseg.training.evaluate import (
+    classification_metrics,
+    headline,
+    segmentation_row,
+    write_cases,
+)
 from medseg.training.plots import plot_confusion, plot_roc
 from medseg.training.report import calibration_bins, plot_group_dice, plot_reliability
 from medseg.utils import atomic_write_json
@@ -151,22 +156,9 @@ def _segmentation(
                 )
     rows = []
     for s, m, t in zip(samples, masks, loaded.truth, strict=True):
-        p, tt = m > 0, np.asarray(t) > 0
-        tp, fp, fn = confusion_counts(p, tt)
-        hd = hausdorff95(p, tt)
-        rows.append(
-            {
-                "id": s.id,
-                "group": s.group,
-                "tp": tp,
-                "fp": fp,
-                "fn": fn,
-                "true_pixels": int(tt.sum()),
-                "pred_pixels": int(p.sum()),
-                "dice": round(dice_from_counts(tp, fp, fn), 6),
-                "hd95": "" if np.isnan(hd) else round(hd, 3),
-            }
-        )
+        row = segmentation_row(s.id, s.group, m, t)
+        row["dice"] = round(dice_from_counts(row["tp"], row["fp"], row["fn"]), 6)
+        rows.append(row)
     names = sorted(volumes)
     gidx = {g: k for k, g in enumerate(names)}
     counts = np.zeros((len(names), 3), np.int64)
@@ -210,7 +202,7 @@ def _classification(
     loaded: _Loaded, probs: np.ndarray, class_names: list[str], n_boot: int, seed: int
 ) -> tuple[dict, list[dict]]:
     targets = np.array(loaded.truth, dtype=np.int64)
-    metrics = _classification_metrics(probs, targets, class_names)
+    metrics = classification_metrics(probs, targets, class_names)
     names = metrics["class_names"]
     samples = loaded.samples
     groups = sorted({s.group for s in samples})

@@ -51,8 +51,8 @@ from medseg.data.split import fold_manifest, load_manifest, select
 from medseg.errors import DataError
 from medseg.inference.export import reference_probabilities
 from medseg.inference.postprocess import postprocess
-from medseg.models.metrics import confusion_counts, dice_from_counts, hausdorff95
-from medseg.training.evaluate import load_run_model, write_cases
+from medseg.models.metrics import dice_from_counts
+from medseg.training.evaluate import load_run_model, segmentation_row, write_cases
 from medseg.training.runs import RunDir, open_run
 from medseg.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 
@@ -266,19 +266,7 @@ def _seg_rows(fp: FoldProbs, view: str, setting: Setting) -> list[dict]:
             largest_component=setting.largest_component,
         )
         for i, p in zip(idx, vol, strict=True):
-            t = fp.truth[i] > 0
-            tp, fpx, fn = confusion_counts(p > 0, t)
-            hd = hausdorff95(p > 0, t)
-            rows[i] = {
-                "id": fp.ids[i],
-                "group": fp.groups[i],
-                "tp": tp,
-                "fp": fpx,
-                "fn": fn,
-                "true_pixels": int(t.sum()),
-                "pred_pixels": int((p > 0).sum()),
-                "hd95": "" if np.isnan(hd) else round(hd, 3),
-            }
+            rows[i] = segmentation_row(fp.ids[i], fp.groups[i], p, fp.truth[i])
     return [rows[i] for i in range(len(fp.ids))]
 
 

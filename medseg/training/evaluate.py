@@ -186,7 +186,7 @@ def score(
     """
     ids = [(s.id, s.group) for s in data.samples]
     if task == "classification":
-        result = _classification_metrics(probs, data.targets, class_names)
+        result = classification_metrics(probs, data.targets, class_names)
         names = result["class_names"]
         rows = [
             {
@@ -208,25 +208,29 @@ def score(
             str(k): segmentation_report(labels == k, data.targets == k)
             for k in range(1, probs.shape[-1])
         }
-    rows = []
-    for (i, g), p, t in zip(ids, pred, truth, strict=True):
-        tp, fp, fn = confusion_counts(p, t)
-        hd = hausdorff95(p, t)
-        rows.append(
-            {
-                "id": i,
-                "group": g,
-                "tp": tp,
-                "fp": fp,
-                "fn": fn,
-                "true_pixels": int(t.sum()),
-                "pred_pixels": int(p.sum()),
-                "hd95": "" if np.isnan(hd) else round(hd, 3),
-            }
-        )
+    rows = [segmentation_row(i, g, p, t) for (i, g), p, t in zip(ids, pred, truth, strict=True)]
     hds = [r["hd95"] for r in rows if r["hd95"] != ""]
     result["hd95_per_image_mean"] = float(np.mean(hds)) if hds else None
     return result, rows
+
+
+def segmentation_row(sample_id: str, group: str, pred: np.ndarray, truth: np.ndarray) -> dict:
+    """One per-case row of a segmentation: pixel counts of the binary masks ``pred`` and
+    ``truth`` (``tp``, ``fp``, ``fn``, ``true_pixels``, ``pred_pixels``) and ``hd95`` (empty when
+    either mask is empty)."""
+    pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
+    tp, fp, fn = confusion_counts(pred, truth)
+    hd = hausdorff95(pred, truth)
+    return {
+        "id": sample_id,
+        "group": group,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "true_pixels": int(truth.sum()),
+        "pred_pixels": int(pred.sum()),
+        "hd95": "" if np.isnan(hd) else round(hd, 3),
+    }
 
 
 def write_cases(path: Path, rows: list[dict], extra: dict | None = None) -> Path:
@@ -265,7 +269,7 @@ def headline(result: dict) -> str:
     )
 
 
-def _classification_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list) -> dict:
+def classification_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list) -> dict:
     pred = probs.argmax(-1)
     labels = list(range(probs.shape[-1]))
     names = class_names or [str(i) for i in labels]
