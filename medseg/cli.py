@@ -508,8 +508,16 @@ def _cmd_tune(args) -> int:
     result = tune(args.run, n_boot=args.n_boot)
     print(ablation_markdown(result), end="")
     print(f"best honest variant: {result['best_variant']}")
-    if result["recommended"]:
-        print(f"recommended post-processing (chosen on all folds): {result['recommended']}")
+    rec = result["recommended"]
+    if rec:
+        print(f"recommended post-processing (chosen on all folds): {rec}")
+        flags = f"--threshold {rec['threshold']} --min-lesion-voxels {rec['min_lesion_voxels']}"
+        flags += " --largest-component" if rec["largest_component"] else ""
+        print(
+            f"  export: medseg export {args.run} --checkpoint last"
+            + (" --tta" if rec["tta"] else "")
+        )
+        print(f"  then:   medseg predict|evaluate ... {flags}")
     print(f"written: {Path(args.run) / 'tune' / 'tune.json'}")
     return EXIT_OK
 
