@@ -66,42 +66,33 @@ def hub(work):
     return make_hub_module(work / "hub", input_size=32, alpha=0.35, bn_momentum=0.0)
 
 
-@pytest.fixture(scope="module")
-def cls_run(work, tiny_synth, hub):
-    """A tiny MobileNetV2 classifier on the hub module (32x32, 1 epoch)."""
-    cfg = load_config(
+def _classifier_config(work, tiny_synth, hub, *overrides: str):
+    """The recipe's classifier config on the hub module, tiny (32x32, 1 epoch)."""
+    return load_config(
         REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
         [
             *TINY_UNET,
             "train.epochs=1",
             "train.batch_size=4",
             f"model.hub_handle={hub}",
-            "data.val_fraction=0.25",
             f"data.root={tiny_synth / 'classification'}",
             f"run.root={work / 'runs'}",
-            "run.name=cls",
+            *overrides,
         ],
     )
+
+
+@pytest.fixture(scope="module")
+def cls_run(work, tiny_synth, hub):
+    """A tiny MobileNetV2 classifier run."""
+    cfg = _classifier_config(work, tiny_synth, hub, "data.val_fraction=0.25", "run.name=cls")
     return train(cfg).run.path
 
 
 @pytest.fixture(scope="module")
 def cls_cv(work, tiny_synth, hub):
-    """A 2-fold CV of the tiny classifier (1 epoch per fold)."""
-    cfg = load_config(
-        REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
-        [
-            *TINY_UNET,
-            "train.epochs=1",
-            "train.batch_size=4",
-            "cv.folds=2",
-            f"model.hub_handle={hub}",
-            f"data.root={tiny_synth / 'classification'}",
-            f"run.root={work / 'runs'}",
-            "run.name=clscv",
-        ],
-    )
-    return run_cv(cfg).path
+    """A 2-fold CV of the tiny classifier."""
+    return run_cv(_classifier_config(work, tiny_synth, hub, "cv.folds=2", "run.name=clscv")).path
 
 
 # --------------------------------------------------------------------------------------------
