@@ -480,6 +480,7 @@ def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflit
             "segmentation outputs are mapped back to the input size",
         },
         "layout": cfg.data.layout,
+        "slice_axis": cfg.data.slice_axis,
         "normalization": cfg.data.normalization,
         "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
         "threshold": cfg.predict.threshold,

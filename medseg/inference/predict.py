@@ -196,6 +196,7 @@ class Predictor:
                 "threshold": cfg.predict.threshold,
                 "num_outputs": int(model.output_shape[-1]),
                 "layout": cfg.data.layout,
+                "slice_axis": cfg.data.slice_axis,
                 "checkpoint": checkpoint,
                 "tta": {"enabled": bool(tta)},
                 "ensemble": {"folds": len(models)} if len(models) > 1 else None,

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import DataConfig
 from medseg.data.scan import detect_layout, scan_dataset
 from medseg.data.volumes import reslice
 from medseg.errors import ConfigError, DataError, RunExistsError
@@ -301,7 +300,6 @@ def evaluate_model(
     samples = [s for s in scan.samples if s.target is not None]
     if not samples:
         raise DataError(f"{data}: no labelled samples in layout '{layout}'")
-    data_cfg = DataConfig()
     if task == "classification":
         if predictor.classes and scan.class_names != predictor.classes:
             raise DataError(
@@ -311,7 +309,7 @@ def evaluate_model(
     elif layout == "class_folders":
         raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
     threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
-    loaded = _read(samples, task, predictor.channels, data_cfg.slice_axis)
+    loaded = _read(samples, task, predictor.channels, predictor.card.get("slice_axis", 0))
     t0 = time.perf_counter()
     probs = _predict(predictor, loaded.images, batch_size)
     seconds = time.perf_counter() - t0
