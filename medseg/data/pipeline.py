@@ -106,7 +106,7 @@ def load_samples(
     return list(zip(images, resized, strict=True))
 
 
-def _by_source(samples: list[Sample]) -> list[list[int]]:
+def by_source(samples: list[Sample]) -> list[list[int]]:
     """Indices of samples grouped by (image, target), in first-seen order."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(samples):
@@ -171,7 +171,7 @@ def load_arrays(
     strict = cfg.strict if strict is None else strict
     if not samples:
         raise DataError("no samples to load")
-    groups = _by_source(samples)
+    groups = by_source(samples)
 
     def job(idx: list[int]):
         try:

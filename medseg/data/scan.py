@@ -136,7 +136,7 @@ def scan_lgg(root: str | Path, strict: bool = False) -> ScanResult:
         files = list_image_files(patient, recursive=False)
         masks = {f.stem[: -len(MASK_SUFFIX)]: f for f in files if f.stem.endswith(MASK_SUFFIX)}
         images = {f.stem: f for f in files if not f.stem.endswith(MASK_SUFFIX)}
-        for stem in sorted(images, key=_natural_key):
+        for stem in sorted(images, key=natural_key):
             if stem not in masks:
                 _problem(
                     result, f"{images[stem]}: image has no mask ({stem}{MASK_SUFFIX}.*)", strict
@@ -773,5 +773,6 @@ def _regroup(result: ScanResult, group_by: str, threshold: int) -> list[Sample]:
     return list(group_near_duplicates(samples, threshold))
 
 
-def _natural_key(text: str) -> list:
+def natural_key(text: str) -> list:
+    """Sort key that orders embedded numbers numerically (``a_2`` before ``a_10``)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]

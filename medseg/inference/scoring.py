@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.data.pipeline import by_source
 from medseg.data.scan import detect_layout, scan_dataset
 from medseg.data.volumes import reslice
 from medseg.errors import ConfigError, DataError, RunExistsError
@@ -67,13 +68,11 @@ class _Loaded:
 
 
 def _read(samples: list, task: str, channels: int, slice_axis: int) -> _Loaded:
-    by_source: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        key = (s.image, s.target if isinstance(s.target, str) else None)
-        by_source.setdefault(key, []).append(i)
     images: list = [None] * len(samples)
     truth: list = [None] * len(samples)
-    for (image_path, target_path), idx in by_source.items():
+    for idx in by_source(samples):
+        image_path = samples[idx[0]].image
+        target_path = samples[idx[0]].target if task == "segmentation" else None
         image = to_channels(read_image(image_path).array, channels)
         mask = read_mask(target_path) if task == "segmentation" else None
         if mask is not None and mask.shape != image.shape[:-1]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from itertools import product
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.pipeline import load_arrays
-from medseg.data.scan import scan_from_config
+from medseg.data.scan import natural_key, scan_from_config
 from medseg.data.split import fold_manifest, load_manifest, select
 from medseg.errors import DataError
 from medseg.inference.export import reference_probabilities
@@ -176,16 +175,12 @@ def fold_probabilities(root: Path, k: int, cfg, manifest: dict, samples: list) -
 # Segmentation: patient volumes and post-processing
 
 
-def _natural_key(text: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
 def patient_volumes(groups: list[str], ids: list[str]) -> dict[str, list[int]]:
     """Indices of each group's samples, ordered as slices of a volume (natural id order)."""
     out: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         out.setdefault(g, []).append(i)
-    return {g: sorted(idx, key=lambda i: _natural_key(ids[i])) for g, idx in out.items()}
+    return {g: sorted(idx, key=lambda i: natural_key(ids[i])) for g, idx in out.items()}
 
 
 def _foreground(probs: np.ndarray, threshold: float) -> np.ndarray:
