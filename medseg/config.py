@@ -117,7 +117,12 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation (albumentations); probabilities are per image."""
+    """Training-time augmentation (albumentations); probabilities are per image.
+
+    ``missing_sequence`` is the probability of overwriting one or more channels with the
+    ``reference_channel`` (the FLAIR of the LGG images), as in scans whose missing sequences were
+    filled with FLAIR (6 of the 46 shared LGG patients).
+    """
 
     enabled: bool = True
     hflip: float = 0.5
@@ -131,6 +136,8 @@ class AugmentConfig:
     noise: float = 0.0
     elastic: float = 0.0
     grid_distortion: float = 0.0
+    missing_sequence: float = 0.0
+    reference_channel: int = 1
 
 
 @dataclass
@@ -460,6 +467,7 @@ def validate(cfg: Config) -> Config:
         "noise",
         "elastic",
         "grid_distortion",
+        "missing_sequence",
     ):
         p = getattr(a, name)
         _check(0.0 <= p <= 1.0, f"augment.{name}", f"probability must be in [0, 1], got {p}")
@@ -469,6 +477,12 @@ def validate(cfg: Config) -> Config:
         f"must be in [0, 180], got {a.rotate_limit}",
     )
     _check(0 <= a.scale_limit < 1, "augment.scale_limit", f"must be in [0, 1), got {a.scale_limit}")
+    _check(
+        a.missing_sequence == 0 or (d.channels > 1 and 0 <= a.reference_channel < d.channels),
+        "augment.reference_channel",
+        f"must name one of data.channels={d.channels} channels (and there must be several) "
+        f"when augment.missing_sequence > 0, got {a.reference_channel}",
+    )
     _check(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
     _check(m.base_filters >= 1, "model.base_filters", f"must be >= 1, got {m.base_filters}")
     _check(1 <= m.depth <= 7, "model.depth", f"must be in [1, 7], got {m.depth}")

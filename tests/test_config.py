@@ -234,6 +234,7 @@ def test_wrong_type_names_key(override: str, key: str):
         ("train.optimizer=adamax", "train.optimizer"),
         ("train.warmup_epochs=10", "train.warmup_epochs"),
         ("augment.hflip=1.5", "augment.hflip"),
+        ("augment.missing_sequence=-0.1", "augment.missing_sequence"),
         ("model.depth=0", "model.depth"),
         ("cv.only=[6]", "cv.only"),
     ],
@@ -241,6 +242,14 @@ def test_wrong_type_names_key(override: str, key: str):
 def test_impossible_value_names_key(override: str, key: str):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("extra", [["augment.reference_channel=3"], ["data.channels=1"]])
+def test_missing_sequence_needs_a_reference_among_several_channels(extra: list[str]):
+    with pytest.raises(ConfigError, match=r"augment\.reference_channel"):
+        load_config(None, ["augment.missing_sequence=0.5", *extra])
+    # Without the augmentation the same values are not checked.
+    load_config(None, extra)
 
 
 def test_choice_error_lists_choices():

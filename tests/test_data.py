@@ -17,7 +17,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from medseg.config import AugmentConfig, DataConfig  # noqa: E402
-from medseg.data.augment import build_augment  # noqa: E402
+from medseg.data.augment import MissingSequence, build_augment  # noqa: E402
 from medseg.data.pipeline import ArrayData, load_arrays, make_dataset  # noqa: E402
 from medseg.data.preprocess import normalize, preprocess_images, resize_masks  # noqa: E402
 from medseg.data.scan import Sample, scan_dataset  # noqa: E402
@@ -653,6 +653,34 @@ def test_augment_flips_image_and_mask_together(seg_data):
     # The flip is not a no-op on this data.
     assert not np.allclose(xs, seg_data.images)
     assert not np.array_equal(ys, (seg_data.targets > 0).astype(np.float32))
+
+
+def test_missing_sequence_copies_the_reference_channel():
+    # Channels hold 0, 1, 2 everywhere; channel 1 (FLAIR) is the one that is always present.
+    image = np.stack([np.full((6, 6), v, np.float32) for v in (0.0, 1.0, 2.0)], axis=-1)
+    aug = build_augment(
+        AugmentConfig(missing_sequence=1.0, hflip=0, affine=0, brightness_contrast=0), seed=0
+    )
+    assert isinstance(aug.transforms[0], MissingSequence)
+    seen = set()
+    for _ in range(60):
+        out = aug(image=image, mask=np.ones((6, 6), np.uint8))
+        np.testing.assert_array_equal(out["mask"], 1)  # image-only
+        values = tuple(float(v) for v in out["image"][0, 0])
+        assert values[1] == 1.0  # the reference is never touched
+        assert values != (0.0, 1.0, 2.0)  # p=1: something is always replaced
+        seen.add(values)
+    # Each pattern of the real data: all channels FLAIR, or just one of the others.
+    assert seen == {(1.0, 1.0, 1.0), (1.0, 1.0, 2.0), (0.0, 1.0, 1.0)}
+    off = build_augment(AugmentConfig(hflip=1.0, affine=0, brightness_contrast=0))
+    assert not any(isinstance(t, MissingSequence) for t in off.transforms)
+
+
+def test_missing_sequence_one_channel_and_bad_reference():
+    gray = np.random.default_rng(0).random((4, 4, 1), dtype=np.float32)
+    np.testing.assert_array_equal(MissingSequence(reference=0, p=1.0)(image=gray)["image"], gray)
+    with pytest.raises(ValueError, match="reference channel 3 of 3"):
+        MissingSequence(reference=3, p=1.0)(image=np.zeros((4, 4, 3), np.float32))
 
 
 def test_augment_classification_keeps_labels(cls_data):

@@ -2,8 +2,9 @@
 
 Geometric transforms (flips, 90-degree rotations, affine, elastic, grid distortion) are applied to
 image and mask together, the mask with nearest-neighbour interpolation so labels stay labels;
-intensity transforms (brightness/contrast, gamma, noise) to the image only. The pipeline is seeded
-(``A.Compose(seed=...)``) and used for the training split only.
+intensity transforms (missing sequence, brightness/contrast, gamma, noise) to the image only. The
+pipeline is seeded
+(``A.Compose(seed=...)``) and used for the training split only; it sees normalised images.
 """
 
 from __future__ import annotations
@@ -15,11 +16,56 @@ import numpy as np
 from medseg.config import AugmentConfig
 
 
+class MissingSequence(A.ImageOnlyTransform):
+    """Overwrite a random non-empty set of channels with the reference channel.
+
+    Multi-sequence MRI stored as channels sometimes has a missing sequence filled with another
+    one: in the LGG set of Buda et al. four of the 46 shared patients have the FLAIR image in all
+    three channels and two more in the post-contrast channel, and a model trained only on complete
+    scans misses their tumours. Albumentations has channel dropout and shuffling but no such copy.
+
+    Args:
+        reference: index of the channel that is always present (1: FLAIR in the LGG images).
+        p: probability per image.
+
+    Example:
+        >>> aug = MissingSequence(reference=1, p=1.0)
+        >>> out = aug(image=np.random.rand(8, 8, 3).astype(np.float32))["image"]
+    """
+
+    def __init__(self, reference: int = 1, p: float = 0.5):
+        super().__init__(p=p)
+        self.reference = reference
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        image = data["image"]
+        n = image.shape[-1] if image.ndim == 3 else 1
+        if not 0 <= self.reference < n:
+            raise ValueError(f"MissingSequence: reference channel {self.reference} of {n}")
+        others = [c for c in range(n) if c != self.reference]
+        if not others:
+            return {"channels": []}
+        k = self.py_random.randint(1, len(others))
+        return {"channels": sorted(self.py_random.sample(others, k))}
+
+    def apply(self, img: np.ndarray, channels: list[int], **params) -> np.ndarray:
+        if not channels:
+            return img
+        out = img.copy()
+        out[..., channels] = img[..., self.reference : self.reference + 1]
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("reference",)
+
+
 def build_augment(cfg: AugmentConfig, seed: int = 0) -> A.Compose | None:
     """An albumentations pipeline for the config, or None when augmentation is off or empty."""
     if not cfg.enabled:
         return None
     transforms: list = []
+    if cfg.missing_sequence > 0:
+        transforms.append(MissingSequence(reference=cfg.reference_channel, p=cfg.missing_sequence))
     if cfg.hflip > 0:
         transforms.append(A.HorizontalFlip(p=cfg.hflip))
     if cfg.vflip > 0:
