@@ -26,6 +26,7 @@ import numpy as np
 
 from medseg.data.scan import scan_dataset
 from medseg.io import read_image
+from medseg.models.metrics import dice_from_counts
 
 FLAIR = 1
 
@@ -54,10 +55,7 @@ def per_patient_dice(run: Path) -> dict[str, float]:
                 s[0] += int(row["tp"])
                 s[1] += int(row["fp"])
                 s[2] += int(row["fn"])
-    return {
-        g: (2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 1.0)
-        for g, (tp, fp, fn) in sums.items()
-    }
+    return {g: dice_from_counts(*counts) for g, counts in sums.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Geometric transforms (flips, 90-degree rotations, affine, elastic, grid distortion) are applied to
 image and mask together, the mask with nearest-neighbour interpolation so labels stay labels;
 intensity transforms (missing sequence, brightness/contrast, gamma, noise) to the image only. The
-pipeline is seeded
-(``A.Compose(seed=...)``) and used for the training split only; it sees normalised images.
+pipeline is seeded (``A.Compose(seed=...)``), used for the training split only, and sees
+normalised images.
 """
 
 from __future__ import annotations
