@@ -16,6 +16,7 @@ from medseg.inference.export import export_run
 from medseg.inference.postprocess import postprocess
 from medseg.inference.scoring import evaluate_model
 from medseg.inference.tune import (
+    THRESHOLDS,
     FoldProbs,
     Setting,
     _grid,
@@ -131,6 +132,20 @@ def test_choose_setting_keeps_the_default_on_a_tie():
     assert choose_setting([table], grid) == Setting()
 
 
+def test_choose_setting_reaches_low_thresholds_for_an_under_confident_model():
+    # tumour at 0.15, one scattered false alarm at 0.12: only a threshold below 0.12 finds the
+    # tumour, and the largest component then removes the false alarm
+    truth = np.zeros((3, 10, 10), np.uint8)
+    truth[:, 2:6, 2:6] = 1
+    probs = np.where(truth[..., None] > 0, 0.15, 0.01).astype(np.float32)
+    probs[1, 8, 8, 0] = 0.12
+    table = _PatientTable(probs, truth, {"p": [0, 1, 2]})
+    grid = _grid(("threshold", "min_lesion", "largest_component"), table.thresholds)
+    chosen = choose_setting([table], grid)
+    assert chosen.threshold == 0.1 and (chosen.largest_component or chosen.min_lesion_voxels > 1)
+    assert table.counts("p", chosen) == (48, 0, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # medseg tune
 
@@ -200,7 +215,7 @@ def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
                 scores.append(dice_from_counts(*confusion_counts(vol > 0, fp.truth[idx] > 0)))
         return float(np.mean(scores))
 
-    grid = _grid(("threshold", "min_lesion", "largest_component"), (0.5, 0.3, 0.4, 0.6, 0.7))
+    grid = _grid(("threshold", "min_lesion", "largest_component"), THRESHOLDS)
     for k in (1, 2, 3):
         others = [folds[j] for j in (1, 2, 3) if j != k]
         chosen = Setting(**joint["settings_per_fold"][str(k)])
