@@ -142,7 +142,7 @@ def test_choose_setting_reaches_low_thresholds_for_an_under_confident_model():
     table = _PatientTable(probs, truth, {"p": [0, 1, 2]})
     grid = _grid(("threshold", "min_lesion", "largest_component"), table.thresholds)
     chosen = choose_setting([table], grid)
-    assert chosen.threshold == 0.1 and (chosen.largest_component or chosen.min_lesion_voxels > 1)
+    assert chosen.threshold < 0.12 and (chosen.largest_component or chosen.min_lesion_voxels > 1)
     assert table.counts("p", chosen) == (48, 0, 0)
 
 
