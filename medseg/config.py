@@ -83,7 +83,11 @@ class DataConfig:
         image_size: ``[height, width]`` the model sees.
         resize: ``stretch`` (resize to image_size) or ``pad`` (keep the aspect ratio, pad with
             zeros).
-        channels: channels the model sees; grey images are repeated, RGB is converted.
+        channels: channels of one image (slice); grey images are repeated, RGB is converted.
+        context_slices: 2.5D input for slices of a volume or of a patient folder (``lgg``): the
+            ``k`` slices on each side are stacked as channels around the slice itself, so the
+            model sees ``channels * (2k + 1)`` channels (:attr:`input_channels`), neighbours
+            first-to-last, the edge slice repeated at the volume's ends. 0: plain 2D.
         normalization: per-image intensity normalisation: ``minmax`` (to [0, 1]), ``percentile``
             (clip to the 0.5th-99.5th percentile, then [0, 1]), ``percentile_channel`` (the same
             per channel: MRI sequences stacked as channels), ``zscore``, ``window`` (CT:
@@ -107,12 +111,18 @@ class DataConfig:
     image_size: list[int] = field(default_factory=lambda: [128, 128])
     resize: str = "stretch"
     channels: int = 3
+    context_slices: int = 0
     normalization: str = "minmax"
     window: list[float] = field(default_factory=lambda: [40.0, 400.0])
     cache: bool = True
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     strict: bool = False
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model input: ``channels`` per slice times the stacked slices."""
+        return self.channels * (2 * self.context_slices + 1)
 
 
 @dataclass
@@ -437,6 +447,27 @@ def validate(cfg: Config) -> Config:
         f"expected [height, width], each >= 8, got {d.image_size}",
     )
     _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    _check(
+        0 <= d.context_slices <= 4,
+        "data.context_slices",
+        f"must be in [0, 4], got {d.context_slices}",
+    )
+    if d.context_slices:
+        _check(
+            d.task == "segmentation" and d.layout in ("lgg", "dicom_series", "nifti"),
+            "data.context_slices",
+            "needs slices in order: a segmentation run on the 'lgg', 'dicom_series' or "
+            f"'nifti' layout, got {d.task} on '{d.layout}'",
+        )
+        # the stack is normalised slice by slice in training and as one image when served:
+        # only per-channel or per-pixel normalisations give the same numbers both ways
+        _check(
+            d.normalization in ("percentile_channel", "window", "none"),
+            "data.normalization",
+            "with data.context_slices the normalisation must be per channel or per pixel "
+            f"('percentile_channel', 'window' or 'none'), got '{d.normalization}'",
+        )
+        _check(d.cache, "data.cache", "data.context_slices needs data.cache: true")
     _check(
         0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}"
     )

@@ -24,24 +24,37 @@ class MissingSequence(A.ImageOnlyTransform):
     three channels and two more in the post-contrast channel, and a model trained only on complete
     scans misses their tumours. Albumentations has channel dropout and shuffling but no such copy.
 
+    With 2.5D input (``data.context_slices``) the image is a stack of slices of
+    ``channels_per_slice`` channels each; the same channels are then replaced in every slice of
+    the stack, as in a scan with a missing sequence.
+
     Args:
-        reference: index of the channel that is always present (1: FLAIR in the LGG images).
+        reference: index of the channel that is always present (1: FLAIR in the LGG images),
+            within one slice.
         p: probability per image.
+        channels_per_slice: channels of one slice (None: the whole image is one slice).
 
     Example:
         >>> aug = MissingSequence(reference=1, p=1.0)
         >>> out = aug(image=np.random.rand(8, 8, 3).astype(np.float32))["image"]
     """
 
-    def __init__(self, reference: int = 1, p: float = 0.5):
+    def __init__(self, reference: int = 1, p: float = 0.5, channels_per_slice: int | None = None):
         super().__init__(p=p)
         self.reference = reference
+        self.channels_per_slice = channels_per_slice
 
-    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
-        image = data["image"]
-        n = image.shape[-1] if image.ndim == 3 else 1
+    def _slice_channels(self, image: np.ndarray) -> tuple[int, int]:
+        total = image.shape[-1] if image.ndim == 3 else 1
+        n = self.channels_per_slice or total
+        if total % n:
+            raise ValueError(f"MissingSequence: {total} channels are not slices of {n}")
         if not 0 <= self.reference < n:
             raise ValueError(f"MissingSequence: reference channel {self.reference} of {n}")
+        return n, total // n
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        n, _ = self._slice_channels(data["image"])
         others = [c for c in range(n) if c != self.reference]
         if not others:
             return {"channels": []}
@@ -51,21 +64,36 @@ class MissingSequence(A.ImageOnlyTransform):
     def apply(self, img: np.ndarray, channels: list[int], **params) -> np.ndarray:
         if not channels:
             return img
+        n, slices = self._slice_channels(img)
         out = img.copy()
-        out[..., channels] = img[..., self.reference : self.reference + 1]
+        for s in range(slices):
+            ref = s * n + self.reference
+            out[..., [s * n + c for c in channels]] = img[..., ref : ref + 1]
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("reference",)
+        return ("reference", "channels_per_slice")
 
 
-def build_augment(cfg: AugmentConfig, seed: int = 0) -> A.Compose | None:
-    """An albumentations pipeline for the config, or None when augmentation is off or empty."""
+def build_augment(
+    cfg: AugmentConfig, seed: int = 0, channels_per_slice: int | None = None
+) -> A.Compose | None:
+    """An albumentations pipeline for the config, or None when augmentation is off or empty.
+
+    ``channels_per_slice``: ``data.channels`` when the images are 2.5D stacks of slices
+    (``data.context_slices``), for the missing-sequence transform.
+    """
     if not cfg.enabled:
         return None
     transforms: list = []
     if cfg.missing_sequence > 0:
-        transforms.append(MissingSequence(reference=cfg.reference_channel, p=cfg.missing_sequence))
+        transforms.append(
+            MissingSequence(
+                reference=cfg.reference_channel,
+                p=cfg.missing_sequence,
+                channels_per_slice=channels_per_slice,
+            )
+        )
     if cfg.hflip > 0:
         transforms.append(A.HorizontalFlip(p=cfg.hflip))
     if cfg.vflip > 0:

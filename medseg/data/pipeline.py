@@ -22,6 +22,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -29,8 +30,8 @@ import tensorflow as tf
 from medseg.config import DataConfig
 from medseg.data.augment import apply_augment
 from medseg.data.preprocess import preprocess_images, resize_masks
-from medseg.data.scan import Sample
-from medseg.data.volumes import reslice
+from medseg.data.scan import Sample, natural_key
+from medseg.data.volumes import reslice, stack_slices
 from medseg.errors import ConfigError, DataError
 from medseg.io import read_image, read_mask, to_channels
 
@@ -196,13 +197,42 @@ def load_arrays(
     kept.sort(key=lambda t: t[0])
     images = np.stack([r[0] for _, r in kept]).astype(np.float32)
     targets = np.stack([r[1] for _, r in kept])
-    return ArrayData(images, targets, [samples[i] for i, _ in kept], problems)
+    kept_samples = [samples[i] for i, _ in kept]
+    if cfg.context_slices:
+        images = stack_context(images, kept_samples, cfg.context_slices)
+    return ArrayData(images, targets, kept_samples, problems)
+
+
+def slice_order(samples: list[Sample]) -> list[list[int]]:
+    """Indices of ``samples`` per volume, each list in slice order.
+
+    A volume is the image of slices of a volume (ordered by ``index``) or the folder of 2D slice
+    files (``lgg``: a patient, ordered by the file names' natural order).
+    """
+    volumes: dict[str, list[tuple]] = {}
+    for i, s in enumerate(samples):
+        if s.index is not None:
+            key, pos = s.image, [s.index]
+        else:
+            key, pos = str(Path(s.image).parent), natural_key(Path(s.image).name)
+        volumes.setdefault(key, []).append((pos, i))
+    return [[i for _, i in sorted(v)] for v in volumes.values()]
+
+
+def stack_context(images: np.ndarray, samples: list[Sample], k: int) -> np.ndarray:
+    """:func:`stack_slices` for every volume among ``samples`` (``images`` in sample order)."""
+    out = np.empty((*images.shape[:3], images.shape[3] * (2 * k + 1)), np.float32)
+    for order in slice_order(samples):
+        out[order] = stack_slices(images[order], k)
+    return out
 
 
 def open_lazy(samples: list[Sample], cfg: DataConfig, num_classes: int) -> LazyData:
     """A :class:`LazyData` over ``samples``; decodes the first one to learn the shapes."""
     if not samples:
         raise DataError("no samples to load")
+    if cfg.context_slices:
+        raise ConfigError("data.context_slices needs data.cache: true")
     x, y = load_samples([samples[0]], cfg, num_classes)[0]
     return LazyData(samples, cfg, num_classes, x.shape, y.dtype)
 

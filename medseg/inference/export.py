@@ -481,6 +481,7 @@ def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflit
         },
         "layout": cfg.data.layout,
         "slice_axis": cfg.data.slice_axis,
+        "context_slices": cfg.data.context_slices,
         "normalization": cfg.data.normalization,
         "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
         "threshold": cfg.predict.threshold,

@@ -77,6 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.overlay import overlay
+from medseg.data.volumes import stack_slices
 from medseg.errors import (
     ConfigError,
     DataError,
@@ -197,6 +198,7 @@ class Predictor:
                 "num_outputs": int(model.output_shape[-1]),
                 "layout": cfg.data.layout,
                 "slice_axis": cfg.data.slice_axis,
+                "context_slices": cfg.data.context_slices,
                 "checkpoint": checkpoint,
                 "tta": {"enabled": bool(tta)},
                 "ensemble": {"folds": len(models)} if len(models) > 1 else None,
@@ -216,8 +218,16 @@ class Predictor:
                 f"{path}: not a medseg export (saved_model/ + medseg.json) or run folder"
             )
         self.task: str = self.card["task"]
-        self.channels: int = int(self.card["input"]["channels"])
+        # 2.5D models (data.context_slices = k) take 2k + 1 slices of `channels` channels each
+        self.context_slices: int = int(self.card.get("context_slices") or 0)
+        self.input_channels: int = int(self.card["input"]["channels"])
+        self.channels: int = self.input_channels // (2 * self.context_slices + 1)
         self.classes: list[str] = list(self.card.get("classes") or [])
+
+    def model_input(self, images: np.ndarray) -> np.ndarray:
+        """``[N, H, W, C]`` raw pixels (the slices of one volume, in order, for a 2.5D model)
+        -> what the model takes: the model's channels per slice, neighbours stacked."""
+        return stack_slices(to_channels(images, self.channels), self.context_slices)
 
     def keras_models(self) -> list:
         """The Keras model(s) behind this predictor (one per fold for an ensemble export), for
@@ -600,10 +610,10 @@ class _Clock:
     seconds: float = 0.0
 
 
-def _run_model(predictor: Predictor, volume: np.ndarray, opts: _Options, clock: _Clock):
-    """Yield the model outputs for ``volume`` ([N, H, W, C] raw pixels), in batches."""
-    for i in range(0, len(volume), opts.batch_size):
-        batch = to_channels(volume[i : i + opts.batch_size], predictor.channels)
+def _run_model(predictor: Predictor, images: np.ndarray, opts: _Options, clock: _Clock):
+    """Yield the model outputs for ``images`` (:meth:`Predictor.model_input`), in batches."""
+    for i in range(0, len(images), opts.batch_size):
+        batch = images[i : i + opts.batch_size]
         t0 = time.perf_counter()
         out = predictor(batch)
         clock.seconds += time.perf_counter() - t0
@@ -615,14 +625,20 @@ def _predict_case(
     predictor: Predictor, image: Image, case: Case, case_dir: Path, opts: _Options, clock: _Clock
 ) -> dict:
     volume = image.array if image.is_volume else image.array[np.newaxis]
+    if predictor.context_slices and not image.is_volume:
+        k = predictor.context_slices
+        raise DataError(
+            f"{case.source}: a 2D image, but the model takes {2 * k + 1} neighbouring slices "
+            f"(data.context_slices={k}); give it a volume (NIfTI file, DICOM series)"
+        )
     row: dict = {"slices": len(volume), "height": volume.shape[1], "width": volume.shape[2]}
+    images = predictor.model_input(volume)
     if predictor.task == "classification":
-        probs = [o["probabilities"] for o in _run_model(predictor, volume, opts, clock)]
+        probs = [o["probabilities"] for o in _run_model(predictor, images, opts, clock)]
         mean = np.concatenate(probs).mean(axis=0)  # a volume: the mean over its slices
         names = predictor.classes or [str(i) for i in range(len(mean))]
         row.update(label=int(mean.argmax()), **{"class": names[int(mean.argmax())]})
         row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, mean, strict=True)})
-        images = to_channels(volume, predictor.channels)
         if opts.mc_samples:
             r = mc_predict(
                 predictor.keras_models(),
@@ -646,7 +662,7 @@ def _predict_case(
     binary = n_out == 1
     dtype = np.uint8 if n_out <= 256 else np.int32
     parts = []
-    for out in _run_model(predictor, volume, opts, clock):
+    for out in _run_model(predictor, images, opts, clock):
         if binary and opts.threshold is not None:
             parts.append(apply_threshold(out["probabilities"], opts.threshold))
         else:
@@ -698,7 +714,7 @@ def _predict_case(
     if opts.mc_samples:
         r = mc_predict(
             predictor.keras_models(),
-            to_channels(volume, predictor.channels),
+            images,
             opts.mc_samples,
             prep=predictor.prep,
             batch_size=opts.batch_size,

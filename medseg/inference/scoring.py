@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.pipeline import by_source
+from medseg.data.pipeline import by_source, slice_order
 from medseg.data.scan import detect_layout, scan_dataset
-from medseg.data.volumes import reslice
+from medseg.data.volumes import reslice, stack_slices
 from medseg.errors import ConfigError, DataError, RunExistsError
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predict import Predictor
@@ -67,7 +67,9 @@ class _Loaded:
     samples: list
 
 
-def _read(samples: list, task: str, channels: int, slice_axis: int) -> _Loaded:
+def _read(
+    samples: list, task: str, channels: int, slice_axis: int, context_slices: int = 0
+) -> _Loaded:
     images: list = [None] * len(samples)
     truth: list = [None] * len(samples)
     for idx in by_source(samples):
@@ -91,7 +93,23 @@ def _read(samples: list, task: str, channels: int, slice_axis: int) -> _Loaded:
             else:
                 images[i] = image
                 truth[i] = mask if mask is not None else int(s.target)
+    if context_slices:
+        _stack_context(images, samples, context_slices)
     return _Loaded(images, truth, samples)
+
+
+def _stack_context(images: list[np.ndarray], samples: list, k: int) -> None:
+    """Replace each slice in ``images`` by its 2.5D stack (``data.context_slices`` = ``k``)."""
+    for order in slice_order(samples):
+        shapes = {images[i].shape for i in order}
+        if len(shapes) > 1:
+            raise DataError(
+                f"{samples[order[0]].image}: the slices of one volume differ in shape "
+                f"{sorted(shapes)}; a 2.5D model needs equal neighbouring slices"
+            )
+        stacked = stack_slices(np.stack([images[i] for i in order]), k)
+        for j, i in enumerate(order):
+            images[i] = stacked[j]
 
 
 def _predict(predictor: Predictor, images: list[np.ndarray], batch: int) -> list[np.ndarray]:
@@ -308,7 +326,13 @@ def evaluate_model(
     elif layout == "class_folders":
         raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
     threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
-    loaded = _read(samples, task, predictor.channels, predictor.card.get("slice_axis", 0))
+    loaded = _read(
+        samples,
+        task,
+        predictor.channels,
+        predictor.card.get("slice_axis", 0),
+        predictor.context_slices,
+    )
     t0 = time.perf_counter()
     probs = _predict(predictor, loaded.images, batch_size)
     seconds = time.perf_counter() - t0

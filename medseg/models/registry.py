@@ -29,7 +29,7 @@ def _unet(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
     _require_task(cfg, "segmentation")
     return UNet(
-        input_shape=(*cfg.data.image_size, cfg.data.channels),
+        input_shape=(*cfg.data.image_size, cfg.data.input_channels),
         num_classes=num_outputs,
         base_filters=m.base_filters,
         depth=m.depth,
@@ -49,7 +49,7 @@ def _mobilenetv2_classifier(cfg: Config, num_outputs: int) -> keras.Model:
     if m.hub_handle and m.weights:
         raise ConfigError("model.hub_handle and model.weights: give one backbone source, not both")
     return build_mobilenetv2_classifier(
-        (*cfg.data.image_size, cfg.data.channels),
+        (*cfg.data.image_size, cfg.data.input_channels),
         num_outputs,
         dropout=m.dropout,
         l1=m.l1,
@@ -66,7 +66,7 @@ def _mobilenetv2_unet(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
     _require_task(cfg, "segmentation")
     return MobileNetV2UNet(
-        input_shape=(*cfg.data.image_size, cfg.data.channels),
+        input_shape=(*cfg.data.image_size, cfg.data.input_channels),
         num_classes=num_outputs,
         alpha=m.alpha,
         weights=m.weights or None,

@@ -69,10 +69,12 @@ def check_model_fits(model: keras.Model, cfg, path: str | Path) -> None:
             f"{path}: model output shape {list(outputs)} does not fit a {task} run (expected "
             f"{want}); the checkpoint is from another task or not a medseg model"
         )
-    if len(inputs) != 4 or inputs[-1] != cfg.data.channels:
+    c = cfg.data.input_channels
+    if len(inputs) != 4 or inputs[-1] != c:
         raise ModelError(
             f"{path}: model input shape {list(inputs)} does not fit data.channels="
-            f"{cfg.data.channels} (expected [N, H, W, {cfg.data.channels}])"
+            f"{cfg.data.channels} with data.context_slices={cfg.data.context_slices} (expected "
+            f"[N, H, W, {c}])"
         )
 
 

@@ -314,7 +314,9 @@ def _train(
     common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": batch * workers}
     train_ds = make_dataset(
         data["train"],
-        augment=build_augment(cfg.augment, seed=cfg.train.seed),
+        augment=build_augment(
+            cfg.augment, seed=cfg.train.seed, channels_per_slice=cfg.data.channels
+        ),
         shuffle=True,
         seed=cfg.train.seed,
         oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
