@@ -135,7 +135,14 @@ class Predictor:
         checkpoint: ``best`` or ``last`` (run and CV folders).
         tta: also average over the horizontal flip (run and CV folders; an export was built
             with or without it, see its ``medseg.json``).
+
+    Attributes:
+        channels: channels of one slice the model takes (raw images are converted to them).
+        context_slices: ``k`` of a 2.5D model (``data.context_slices``): it takes each slice
+            with ``k`` neighbours on each side, ``channels * (2k + 1)`` channels; 0 for 2D.
     """
+
+    context_slices: int = 0
 
     def __init__(self, path: str | Path, *, checkpoint: str = "best", tta: bool = False):
         import tensorflow as tf
@@ -219,9 +226,8 @@ class Predictor:
             )
         self.task: str = self.card["task"]
         # 2.5D models (data.context_slices = k) take 2k + 1 slices of `channels` channels each
-        self.context_slices: int = int(self.card.get("context_slices") or 0)
-        self.input_channels: int = int(self.card["input"]["channels"])
-        self.channels: int = self.input_channels // (2 * self.context_slices + 1)
+        self.context_slices = int(self.card.get("context_slices") or 0)
+        self.channels: int = int(self.card["input"]["channels"]) // (2 * self.context_slices + 1)
         self.classes: list[str] = list(self.card.get("classes") or [])
 
     def model_input(self, images: np.ndarray) -> np.ndarray:
