@@ -17,9 +17,10 @@ from medseg.config import load_config
 from medseg.data.augment import MissingSequence
 from medseg.data.pipeline import load_arrays, slice_order
 from medseg.data.preprocess import preprocess_images
-from medseg.data.scan import Sample, scan_dataset
+from medseg.data.scan import Sample, natural_key, scan_dataset
 from medseg.data.volumes import context_indices, stack_slices
 from medseg.errors import ConfigError
+from medseg.io import read_image
 from tests.conftest import TINY_UNET
 
 
@@ -150,7 +151,7 @@ def test_load_arrays_stacks_the_neighbours_of_the_same_patient(tiny_synth):
 @pytest.mark.slow
 def test_a_2p5d_unet_trains_tunes_exports_scores_and_predicts(tiny_synth, tmp_path):
     from medseg.inference.export import export_run
-    from medseg.inference.predict import predict
+    from medseg.inference.predict import Predictor, predict
     from medseg.inference.scoring import evaluate_model
     from medseg.inference.tune import tune
     from medseg.training.cv import run_cv
@@ -172,12 +173,41 @@ def test_a_2p5d_unet_trains_tunes_exports_scores_and_predicts(tiny_synth, tmp_pa
     card = json.loads((export / "medseg.json").read_text())
     assert card["context_slices"] == 1 and card["input"]["channels"] == 9
 
+    # a one-epoch net is under-confident: a threshold at its 90th percentile on one patient's
+    # stacked slices gives masks worth comparing
+    patient = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    slices = [p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")]
+    slices.sort(key=lambda p: natural_key(p.name))
+    predictor = Predictor(export)
+    raw = np.stack([read_image(p).array for p in slices])
+    thr = float(np.quantile(predictor(predictor.model_input(raw))["probabilities"], 0.9))
+
     # the export stacks the raw slices it is given and scores the folder like the CV folds
-    served = evaluate_model(export, root, tmp_path / "ev_export", n_boot=0)
-    direct = evaluate_model(run, root, tmp_path / "ev_run", checkpoint="last", n_boot=0)
-    assert len(_rows(tmp_path / "ev_export" / "cases.csv")) == n
+    served = evaluate_model(export, root, tmp_path / "ev_export", threshold=thr, n_boot=0)
+    direct = evaluate_model(
+        run, root, tmp_path / "ev_run", checkpoint="last", threshold=thr, n_boot=0
+    )
+    served_rows = _rows(tmp_path / "ev_export" / "cases.csv")
+    direct_rows = {r["id"]: r for r in _rows(tmp_path / "ev_run" / "cases.csv")}
+    assert len(served_rows) == len(direct_rows) == n
+    assert sum(int(r["pred_pixels"]) for r in served_rows) > 0  # not empty masks compared
+    for r in served_rows:
+        assert int(r["pred_pixels"]) == pytest.approx(
+            int(direct_rows[r["id"]]["pred_pixels"]), abs=2
+        )
     assert served["dice"] == pytest.approx(direct["dice"], abs=1e-3)
     assert served["dice_per_group_mean"] == pytest.approx(direct["dice_per_group_mean"], abs=1e-3)
+
+    # a patient folder of 2D slices is one volume: each slice predicted with its neighbours,
+    # as the scoring above did
+    result = predict(export, [patient], tmp_path / "pred_folder", threshold=thr, progress=False)
+    scored = {r["id"]: r for r in _rows(tmp_path / "ev_export" / "cases.csv")}
+    assert result.n_failed == 0 and len(result.rows) == len(list(patient.glob("*_mask.*")))
+    assert any(r["foreground_pixels"] for r in result.rows)
+    for r in result.rows:
+        assert r["foreground_pixels"] == int(
+            scored[f"{patient.name}/{r['case_id']}.tif"]["pred_pixels"]
+        )
 
     # a volume is stacked like the training slices; a lone 2D image cannot be
     vol = np.random.default_rng(3).uniform(0, 255, (40, 36, 5)).astype(np.float32)
@@ -188,4 +218,5 @@ def test_a_2p5d_unet_trains_tunes_exports_scores_and_predicts(tiny_synth, tmp_pa
     rows = {r["case_id"]: r for r in result.rows}
     assert rows["vol"]["status"] == "ok" and rows["vol"]["slices"] == 5
     assert rows["one"]["status"] == "error" and "neighbouring slices" in rows["one"]["error"]
+    assert "one.png" in rows["one"]["error"]
     assert nib.load(result.out_dir / "vol" / "mask.nii.gz").shape == (40, 36, 5)

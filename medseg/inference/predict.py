@@ -29,7 +29,11 @@ Prediction
     Volumes are predicted slice by slice (axis 0 of the ``(slice, row, col, C)`` array of
     :mod:`medseg.io`), ``batch_size`` slices per model call, and stacked back in the source
     geometry. Binary masks use the model's threshold, or ``threshold`` when given (applied to the
-    returned probabilities); multi-class masks are the argmax. ``min_lesion_voxels`` and
+    returned probabilities); multi-class masks are the argmax. A 2.5D model
+    (``data.context_slices`` = ``k``) gets each slice with its ``k`` neighbours on each side:
+    the neighbouring slices of a volume, or, for a 2D image, the neighbouring 2D images of its
+    folder in natural file-name order (a folder of slices is one volume, as in the ``lgg``
+    layout; edges repeated as in training). ``min_lesion_voxels`` and
     ``largest_component`` then post-process the mask (:mod:`medseg.inference.postprocess`:
     connected components in 3D for volumes, in 2D for images).
 
@@ -77,7 +81,8 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.overlay import overlay
-from medseg.data.volumes import stack_slices
+from medseg.data.scan import natural_key
+from medseg.data.volumes import context_indices, stack_slices
 from medseg.errors import (
     ConfigError,
     DataError,
@@ -110,7 +115,7 @@ from medseg.io import (
     read_image,
     to_channels,
 )
-from medseg.io.base import raise_walk_error
+from medseg.io.base import PLAIN_SUFFIXES, raise_walk_error
 from medseg.io.dicom_series import NON_IMAGE_NAMES, NON_IMAGE_SUFFIXES
 from medseg.utils import (
     atomic_write_json,
@@ -627,18 +632,57 @@ def _run_model(predictor: Predictor, images: np.ndarray, opts: _Options, clock: 
         yield out
 
 
+def _folder_slices(folder: Path) -> list[Path]:
+    """The 2D image files (PNG, JPEG, TIFF, BMP; no ``*_mask.*``) of ``folder`` in natural
+    file-name order: the slices of one volume for a 2.5D model."""
+    files = [
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+        and image_suffix(p) in PLAIN_SUFFIXES
+        and not _stem(p).endswith("_mask")
+        and p.is_file()
+    ]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _context_input(predictor: Predictor, image: Image, case: Case) -> np.ndarray:
+    """The 2.5D model input ``[1, H, W, C * (2k + 1)]`` of a 2D image: the image with its
+    ``k`` neighbours on each side among the slices of its folder (:func:`_folder_slices`),
+    stacked as in training (edges repeated)."""
+    k = predictor.context_slices
+    path = case.paths[0]
+    slices = _folder_slices(path.parent) if image_suffix(path) in PLAIN_SUFFIXES else []
+    names = [p.name for p in slices]
+    if path.name not in names or len(slices) < 2 * k + 1:
+        raise DataError(
+            f"{case.source}: a 2D image, but the model takes {2 * k + 1} neighbouring slices "
+            f"(data.context_slices={k}) and its folder holds {len(slices)} 2D slice file(s); "
+            "give it a volume (NIfTI file, DICOM series) or a folder of a volume's slices "
+            "(PNG/TIFF, one volume per folder, in file-name order)"
+        )
+    raw = []
+    for i in context_indices(len(slices), k)[names.index(path.name)]:
+        other = slices[i]
+        array = image.array if other.name == path.name else read_image(other).array
+        if array.shape != image.array.shape:
+            raise DataError(
+                f"{other}: shape {array.shape} differs from its neighbouring slice "
+                f"{case.source} {image.array.shape}; a 2.5D model needs equal slices"
+            )
+        raw.append(array)
+    return predictor.model_input(np.stack(raw))[k : k + 1]
+
+
 def _predict_case(
     predictor: Predictor, image: Image, case: Case, case_dir: Path, opts: _Options, clock: _Clock
 ) -> dict:
     volume = image.array if image.is_volume else image.array[np.newaxis]
-    if predictor.context_slices and not image.is_volume:
-        k = predictor.context_slices
-        raise DataError(
-            f"{case.source}: a 2D image, but the model takes {2 * k + 1} neighbouring slices "
-            f"(data.context_slices={k}); give it a volume (NIfTI file, DICOM series)"
-        )
     row: dict = {"slices": len(volume), "height": volume.shape[1], "width": volume.shape[2]}
-    images = predictor.model_input(volume)
+    if predictor.context_slices and not image.is_volume:
+        images = _context_input(predictor, image, case)
+    else:
+        images = predictor.model_input(volume)
     if predictor.task == "classification":
         probs = [o["probabilities"] for o in _run_model(predictor, images, opts, clock)]
         mean = np.concatenate(probs).mean(axis=0)  # a volume: the mean over its slices
