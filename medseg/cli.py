@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap replicates for the 95%% intervals"
     )
+    p.add_argument(
+        "--with",
+        dest="ensemble_with",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="another finished CV run on the same folds (repeatable): score the out-of-fold "
+        "ensemble (mean probabilities) of the runs instead; written to <run>/tune-ensemble/",
+    )
 
     p = sub.add_parser(
         "evaluate",
@@ -505,7 +514,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_tune(args) -> int:
     from medseg.inference.tune import ablation_markdown, tune
 
-    result = tune(args.run, n_boot=args.n_boot)
+    result = tune(args.run, n_boot=args.n_boot, ensemble_with=args.ensemble_with)
+    out_name = "tune-ensemble" if args.ensemble_with else "tune"
     print(ablation_markdown(result), end="")
     print(f"best honest variant: {result['best_variant']}")
     rec = result["recommended"]
@@ -513,12 +523,13 @@ def _cmd_tune(args) -> int:
         print(f"recommended post-processing (chosen on all folds): {rec}")
         flags = f"--threshold {rec['threshold']} --min-lesion-voxels {rec['min_lesion_voxels']}"
         flags += " --largest-component" if rec["largest_component"] else ""
-        print(
-            f"  export: medseg export {args.run} --checkpoint last"
-            + (" --tta" if rec["tta"] else "")
-        )
-        print(f"  then:   medseg predict|evaluate ... {flags}")
-    print(f"written: {Path(args.run) / 'tune' / 'tune.json'}")
+        if not args.ensemble_with:  # an ensemble of several runs has no export (yet)
+            print(
+                f"  export: medseg export {args.run} --checkpoint last"
+                + (" --tta" if rec["tta"] else "")
+            )
+            print(f"  then:   medseg predict|evaluate ... {flags}")
+    print(f"written: {Path(args.run) / out_name / 'tune.json'}")
     return EXIT_OK
 
 

@@ -244,6 +244,72 @@ def test_tune_refuses_an_unfinished_cv(work):
     assert proc.returncode == 2 and "not a finished cross-validation run" in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def seg_cv_other(work, tiny_synth):
+    """Another recipe (wider U-Net, flips) on the same 3 folds as ``seg_cv``."""
+    cfg = load_config(
+        None,
+        [
+            *TINY_UNET,
+            "model.base_filters=6",
+            "augment.enabled=true",
+            "augment.hflip=0.5",
+            "train.epochs=1",
+            "cv.folds=3",
+            f"data.root={tiny_synth / 'segmentation'}",
+            f"run.root={work / 'runs'}",
+            "run.name=segcv_other",
+        ],
+    )
+    return run_cv(cfg).path
+
+
+def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, seg_cv_other):
+    from medseg.inference.tune import tune
+
+    tune(seg_cv_other, n_boot=0)  # its own probabilities, cached in its tune/probs
+    own = (seg_cv / "tune" / "tune.json").read_text() if (seg_cv / "tune").is_dir() else None
+    proc = run_cli(
+        "tune", str(seg_cv), "--with", str(seg_cv_other), "--n-boot", "0", cwd=seg_cv.parent
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tune-ensemble" in proc.stdout and "medseg export" not in proc.stdout
+    result = json.loads((seg_cv / "tune-ensemble" / "tune.json").read_text())
+    assert result["ensemble_with"] == [str(seg_cv_other)]
+    if own is not None:  # the run's own tuning is left as it was
+        assert (seg_cv / "tune" / "tune.json").read_text() == own
+    from medseg.data.split import load_manifest
+    from medseg.inference.tune import _all_fold_probabilities, _mean_over_runs
+
+    _, manifest, folds = _all_fold_probabilities(seg_cv)
+    mean = _mean_over_runs(seg_cv, manifest, folds, [seg_cv_other])
+    assert manifest == load_manifest(seg_cv_other / "splits.json")
+    for k in (1, 2, 3):
+        a = np.load(seg_cv / "tune" / "probs" / f"fold_{k}.npz")
+        b = np.load(seg_cv_other / "tune" / "probs" / f"fold_{k}.npz")
+        assert list(a["ids"]) == list(b["ids"]) == mean[k].ids
+        for view in ("best", "last", "last_tta"):
+            pa, pb = a[f"p_{view}"].astype(np.float32), b[f"p_{view}"].astype(np.float32)
+            assert np.abs(pa - pb).max() > 1e-3  # two different models: not a vacuous mean
+            np.testing.assert_allclose(
+                mean[k].probs[view].astype(np.float32), (pa + pb) / 2, atol=1e-3
+            )
+        # the ensemble's rows are its mean probabilities thresholded at 0.5
+        fg = mean[k].probs["last"].astype(np.float32)[..., 0] > 0.5
+        rows = _rows(seg_cv / "tune-ensemble" / "last" / f"fold_{k}" / "oof.csv")
+        assert [int(r["pred_pixels"]) for r in rows] == [int(f.sum()) for f in fg]
+    # the mean of a run with itself is the run
+    alone = tune(seg_cv, n_boot=0)
+    with_itself = tune(seg_cv, n_boot=0, ensemble_with=[seg_cv])
+    for v, w in zip(alone["variants"], with_itself["variants"], strict=True):
+        assert v["metrics"] == w["metrics"]
+
+
+def test_tune_with_a_run_on_other_folds_is_refused(seg_cv, cls_cv):
+    proc = run_cli("tune", str(seg_cv), "--with", str(cls_cv), "--n-boot", "0", cwd=seg_cv.parent)
+    assert proc.returncode != 0 and str(cls_cv) in proc.stderr and "folds differ" in proc.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # medseg evaluate MODEL --data FOLDER --out DIR
 

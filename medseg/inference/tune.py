@@ -31,6 +31,9 @@ Files, inside the CV run folder::
     tune/<variant>/fold_<k>/oof.csv, config.yaml, splits.json, cv_summary.json, report.md, plots/
     tune/tune.json               the variants: settings, parameters chosen per fold, metrics
     tune/ablation.md             the same as a Markdown table
+    tune-ensemble/...            the same for the out-of-fold ensemble with other CV runs on the
+                                 same folds (``medseg tune RUN --with OTHER``): each sample's
+                                 probabilities are the mean of the runs' models that never saw it
 """
 
 from __future__ import annotations
@@ -286,8 +289,10 @@ def _cls_rows(fp: FoldProbs, view: str) -> list[dict]:
 # Variants
 
 
-def _write_variant(root: Path, name: str, rows_by_fold: dict[int, list[dict]]) -> Path:
-    vdir = root / "tune" / name
+def _write_variant(
+    root: Path, name: str, rows_by_fold: dict[int, list[dict]], out_name: str = "tune"
+) -> Path:
+    vdir = root / out_name / name
     if vdir.exists():
         shutil.rmtree(vdir)
     vdir.mkdir(parents=True)
@@ -307,13 +312,80 @@ def _headline(summary: dict) -> dict:
     return out
 
 
-def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
+def _finished_cv(root: Path) -> tuple:
+    """``(config, manifest, number of folds)`` of a finished CV run folder."""
+    if not (root / "ensemble.json").is_file() or not (root / "splits.json").is_file():
+        raise DataError(f"{root}: not a finished cross-validation run (no ensemble.json)")
+    cfg = open_run(root).config()
+    manifest = load_manifest(root / "splits.json")
+    k_folds = len(manifest.get("folds") or [])
+    missing = [k for k in range(1, k_folds + 1) if not (root / f"fold_{k}" / "oof.csv").is_file()]
+    if missing:
+        raise DataError(f"{root / f'fold_{missing[0]}'}: fold not finished; run medseg cv first")
+    return cfg, manifest, k_folds
+
+
+def _all_fold_probabilities(root: Path) -> tuple:
+    """``(config, manifest, {fold: FoldProbs})`` of a finished CV run."""
+    cfg, manifest, k_folds = _finished_cv(root)
+    samples = scan_from_config(cfg.data).samples
+    folds = {k: fold_probabilities(root, k, cfg, manifest, samples) for k in range(1, k_folds + 1)}
+    return cfg, manifest, folds
+
+
+def _mean_over_runs(root: Path, manifest: dict, folds: dict, others: list[Path]) -> dict:
+    """Per fold, the mean probabilities of ``root``'s fold models and ``others``' (CV runs of
+    the same task on the same folds): an out-of-fold ensemble of several recipes."""
+    members = [folds]
+    for other in others:
+        other_cfg, other_manifest, other_folds = _all_fold_probabilities(other)
+        if other_manifest.get("folds") != manifest.get("folds"):
+            raise DataError(
+                f"{other}: its folds differ from those of {root} (splits.json); an out-of-fold "
+                "ensemble needs the same folds (same data, cv.folds and seed)"
+            )
+        for k, fp in folds.items():
+            ofp = other_folds[k]
+            if ofp.ids != fp.ids or ofp.probs["last"].shape[-1] != fp.probs["last"].shape[-1]:
+                raise DataError(
+                    f"{other / f'fold_{k}'}: its out-of-fold samples or outputs differ from "
+                    f"those of {root / f'fold_{k}'}"
+                )
+        members.append(other_folds)
+    return {
+        k: FoldProbs(
+            ids=fp.ids,
+            groups=fp.groups,
+            truth=fp.truth,
+            probs={
+                v: np.mean([m[k].probs[v].astype(np.float32) for m in members], axis=0).astype(
+                    np.float16
+                )
+                for v in VIEWS
+            },
+            class_names=fp.class_names,
+        )
+        for k, fp in folds.items()
+    }
+
+
+def tune(
+    run_dir: str | Path,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ensemble_with: list[str | Path] | tuple = (),
+) -> dict:
     """Score the ablation variants of a finished CV run on its out-of-fold predictions.
 
     Args:
         run_dir: a ``medseg cv`` run folder whose folds have all finished.
         n_boot: bootstrap replicates (patients/groups resampled) for the 95% intervals.
         seed: bootstrap seed.
+        ensemble_with: other finished CV runs on the same folds (e.g. another recipe): each
+            fold's variants then score the mean probabilities of all the runs' fold models (an
+            out-of-fold ensemble), written to ``<run>/tune-ensemble/`` instead of
+            ``<run>/tune/``; the members are listed in its ``tune.json``.
 
     Returns:
         ``tune.json``'s content: ``task``, ``variants`` (name, description, settings per fold,
@@ -326,23 +398,18 @@ def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
     from medseg.training.report import summarize, write_report
 
     root = Path(run_dir)
-    if not (root / "ensemble.json").is_file() or not (root / "splits.json").is_file():
-        raise DataError(f"{root}: not a finished cross-validation run (no ensemble.json)")
-    cfg = open_run(root).config()
-    manifest = load_manifest(root / "splits.json")
-    k_folds = len(manifest.get("folds") or [])
-    missing = [k for k in range(1, k_folds + 1) if not (root / f"fold_{k}" / "oof.csv").is_file()]
-    if missing:
-        raise DataError(f"{root / f'fold_{missing[0]}'}: fold not finished; run medseg cv first")
-    scan = scan_from_config(cfg.data)
-    folds = {
-        k: fold_probabilities(root, k, cfg, manifest, scan.samples) for k in range(1, k_folds + 1)
-    }
+    cfg, manifest, folds = _all_fold_probabilities(root)
+    k_folds = len(folds)
+    ensemble_runs = [Path(o) for o in ensemble_with]
+    out_name = "tune"
+    if ensemble_runs:
+        folds = _mean_over_runs(root, manifest, folds, ensemble_runs)
+        out_name = "tune-ensemble"
     seg = cfg.data.task == "segmentation"
     variants: list[dict] = []
 
     def add(name: str, description: str, rows: dict[int, list[dict]], settings=None):
-        vdir = _write_variant(root, name, rows)
+        vdir = _write_variant(root, name, rows, out_name)
         summary = summarize(vdir, n_boot=n_boot, seed=seed)
         variants.append(
             {
@@ -419,6 +486,7 @@ def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
     result = {
         "task": cfg.data.task,
         "run": root.name,
+        "ensemble_with": [str(o) for o in ensemble_runs],
         "folds": k_folds,
         "n_groups": len({g for fp in folds.values() for g in fp.groups}),
         "n_samples": sum(len(fp.ids) for fp in folds.values()),
@@ -427,9 +495,9 @@ def tune(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
         "recommended": recommended,
         "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "group", "level": 0.95},
     }
-    atomic_write_json(root / "tune" / "tune.json", result)
-    atomic_write_text(root / "tune" / "ablation.md", ablation_markdown(result))
-    logger.info("wrote %s", root / "tune" / "tune.json")
+    atomic_write_json(root / out_name / "tune.json", result)
+    atomic_write_text(root / out_name / "ablation.md", ablation_markdown(result))
+    logger.info("wrote %s", root / out_name / "tune.json")
     return result
 
 
