@@ -43,8 +43,7 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("results")
 
 
-@pytest.fixture(scope="module")
-def seg_cv(work, tiny_synth):
+def _seg_cv(work, tiny_synth, name: str, *overrides: str):
     """A 3-fold CV of the tiny U-Net (1 epoch per fold) on the synthetic patients."""
     cfg = load_config(
         None,
@@ -54,10 +53,17 @@ def seg_cv(work, tiny_synth):
             "cv.folds=3",
             f"data.root={tiny_synth / 'segmentation'}",
             f"run.root={work / 'runs'}",
-            "run.name=segcv",
+            f"run.name={name}",
+            *overrides,
         ],
     )
     return run_cv(cfg).path
+
+
+@pytest.fixture(scope="module")
+def seg_cv(work, tiny_synth):
+    """A 3-fold CV of the tiny U-Net (1 epoch per fold) on the synthetic patients."""
+    return _seg_cv(work, tiny_synth, "segcv")
 
 
 @pytest.fixture(scope="module")
@@ -247,21 +253,8 @@ def test_tune_refuses_an_unfinished_cv(work):
 @pytest.fixture(scope="module")
 def seg_cv_other(work, tiny_synth):
     """Another recipe (wider U-Net, flips) on the same 3 folds as ``seg_cv``."""
-    cfg = load_config(
-        None,
-        [
-            *TINY_UNET,
-            "model.base_filters=6",
-            "augment.enabled=true",
-            "augment.hflip=0.5",
-            "train.epochs=1",
-            "cv.folds=3",
-            f"data.root={tiny_synth / 'segmentation'}",
-            f"run.root={work / 'runs'}",
-            "run.name=segcv_other",
-        ],
-    )
-    return run_cv(cfg).path
+    flips = ("augment.enabled=true", "augment.hflip=0.5")
+    return _seg_cv(work, tiny_synth, "segcv_other", "model.base_filters=6", *flips)
 
 
 def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, seg_cv_other):
