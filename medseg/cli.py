@@ -146,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="with --data: folder for the per-case results")
     p.add_argument("--layout", help="layout of --data (default: the model's, or detected)")
+    p.add_argument(
+        "--with",
+        dest="ensemble_with",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="with --data: another model (repeatable); score the mean of the models' "
+        "probabilities (e.g. two recipes' CV folders, as `medseg tune --with` scored them)",
+    )
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--tta", action="store_true", help="mean with the horizontal flip")
     p.add_argument("--threshold", type=float, help="foreground threshold (binary models)")
@@ -492,6 +501,7 @@ def _cmd_evaluate(args) -> int:
             largest_component=args.largest_component,
             overwrite=args.overwrite,
             n_boot=args.n_boot,
+            ensemble_with=args.ensemble_with,
         )
         print(f"{args.data}: {headline(metrics)}")
         for key in ("dice_per_group_mean", "accuracy", "macro_f1"):
@@ -501,10 +511,11 @@ def _cmd_evaluate(args) -> int:
         print(f"written: {Path(args.out) / 'metrics.json'}, cases.csv")
         return EXIT_OK
     extra = [o for o in ("tta", "largest_component", "overwrite") if getattr(args, o)]
+    extra += ["with"] if args.ensemble_with else []
     if extra or args.threshold is not None or args.min_lesion_voxels or args.layout:
         raise ConfigError(
-            "--tta, --threshold, --min-lesion-voxels, --largest-component, --layout and "
-            "--overwrite need --data FOLDER --out DIR"
+            "--tta, --threshold, --min-lesion-voxels, --largest-component, --layout, --with "
+            "and --overwrite need --data FOLDER --out DIR"
         )
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, data=args.data)
     print(f"{metrics['split']}: {headline(metrics)}")

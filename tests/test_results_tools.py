@@ -407,3 +407,34 @@ def test_evaluate_an_export_needs_data_and_out(seg_cv, work):
         "evaluate", str(export), "--data", str(work), "--out", str(work / "z"), "--tta", cwd=work
     )
     assert proc.returncode == 2 and "no test-time augmentation" in proc.stderr
+
+
+def test_evaluate_with_another_model_scores_the_mean_of_their_probabilities(
+    seg_cv, seg_cv_other, work, tiny_synth
+):
+    from medseg.data.scan import scan_dataset
+    from medseg.inference.predict import Predictor
+    from medseg.io import read_image
+
+    data = tiny_synth / "segmentation"
+    samples = scan_dataset(data, "lgg").samples
+    raw = np.stack([read_image(s.image).array for s in samples])
+    a, b = (Predictor(run, checkpoint="last") for run in (seg_cv, seg_cv_other))
+    pa, pb = (p(p.model_input(raw))["probabilities"][..., 0] for p in (a, b))
+    assert np.abs(pa - pb).max() > 1e-3  # two different models: not a vacuous mean
+    mean = (pa + pb) / 2
+    thr = float(np.quantile(mean, 0.9))  # one-epoch nets: a threshold that gives masks
+    out = work / "ev_with"
+    args = ["--checkpoint", "last", "--threshold", str(thr), "--n-boot", "0"]
+    proc = run_cli(
+        "evaluate", str(seg_cv), "--with", str(seg_cv_other), "--data", str(data),
+        "--out", str(out), *args, cwd=work,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["id"]: r for r in _rows(out / "cases.csv")}
+    assert len(rows) == len(samples)
+    for s, m in zip(samples, mean, strict=True):
+        assert int(rows[s.id]["pred_pixels"]) == pytest.approx(int((m > thr).sum()), abs=2)
+    assert json.loads((out / "metrics.json").read_text())["ensemble_with"] == [str(seg_cv_other)]
+    bad = run_cli("evaluate", str(seg_cv), "--with", str(seg_cv_other), cwd=work)
+    assert bad.returncode == 2 and "--data FOLDER" in bad.stderr

@@ -280,6 +280,7 @@ def evaluate_model(
     overwrite: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
+    ensemble_with: list[str | Path] | tuple = (),
 ) -> dict:
     """Score ``model`` on every labelled sample of the dataset folder ``data``.
 
@@ -296,6 +297,9 @@ def evaluate_model(
         batch_size: images per model call.
         overwrite: replace an earlier result in ``out``.
         n_boot, seed: bootstrap of the 95% intervals (groups resampled).
+        ensemble_with: more models of the same task and outputs (exports, runs, CV folders;
+            e.g. another recipe, with other input channels or 2.5D input): the scores are those
+            of the mean of all the models' probabilities, each model fed as it is served.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -309,6 +313,15 @@ def evaluate_model(
     if (out / "metrics.json").exists() and not overwrite:
         raise RunExistsError(f"{out}: already holds an evaluation (metrics.json); use --overwrite")
     predictor = Predictor(model, checkpoint=checkpoint, tta=tta)
+    members = [Predictor(m, checkpoint=checkpoint, tta=tta) for m in ensemble_with]
+    for m, other in zip(members, ensemble_with, strict=True):
+        same = m.task == predictor.task and m.classes == predictor.classes
+        same = same and m.card.get("num_outputs") == predictor.card.get("num_outputs")
+        if not same:
+            raise DataError(
+                f"{other}: its task, classes or outputs differ from those of {model}; an "
+                "ensemble averages the probabilities of models of the same outputs"
+            )
     task = predictor.task
     check_options(task, threshold, min_lesion_voxels, largest_component)
     layout = layout or predictor.card.get("layout") or detect_layout(data)
@@ -326,16 +339,16 @@ def evaluate_model(
     elif layout == "class_folders":
         raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
     threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
-    loaded = _read(
-        samples,
-        task,
-        predictor.channels,
-        predictor.card.get("slice_axis", 0),
-        predictor.context_slices,
-    )
-    t0 = time.perf_counter()
-    probs = _predict(predictor, loaded.images, batch_size)
-    seconds = time.perf_counter() - t0
+    seconds = 0.0
+    all_probs = []
+    for p in [predictor, *members]:  # each model reads the images as it is served
+        loaded = _read(samples, task, p.channels, p.card.get("slice_axis", 0), p.context_slices)
+        t0 = time.perf_counter()
+        all_probs.append(_predict(p, loaded.images, batch_size))
+        seconds += time.perf_counter() - t0
+    probs = all_probs[0]
+    if members:
+        probs = [np.mean(ps, axis=0) for ps in zip(*all_probs, strict=True)]
     plots = out / "plots"
     if task == "segmentation":
         metrics, rows, group_rows = _segmentation(
@@ -353,6 +366,7 @@ def evaluate_model(
     write_cases(out / "cases.csv", rows)
     metrics.update(
         model=str(model),
+        ensemble_with=[str(m) for m in ensemble_with],
         data=str(data),
         layout=layout,
         task=task,
