@@ -338,7 +338,7 @@ def _mean_over_runs(root: Path, manifest: dict, folds: dict, others: list[Path])
     the same task on the same folds): an out-of-fold ensemble of several recipes."""
     members = [folds]
     for other in others:
-        other_cfg, other_manifest, other_folds = _all_fold_probabilities(other)
+        _, other_manifest, other_folds = _all_fold_probabilities(other)
         if other_manifest.get("folds") != manifest.get("folds"):
             raise DataError(
                 f"{other}: its folds differ from those of {root} (splits.json); an out-of-fold "
