@@ -360,6 +360,45 @@ def test_predict_nifti_keeps_the_input_affine(tmp_path):
     assert "seg" not in row  # a DICOM SEG only for DICOM series
 
 
+class TopRowModel(IntensityModel):
+    """Foreground on the first row of every slice it is given; records the slices' shapes."""
+
+    def __init__(self, slice_axis: int):
+        super().__init__()
+        self.card = dict(self.card, slice_axis=slice_axis)
+        self.shapes: list[tuple] = []
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self.shapes.append(images.shape[1:3])
+        probs = np.zeros(images.shape[:3] + (1,), np.float32)
+        probs[:, 0] = 1.0
+        return {"probabilities": probs, "mask": (probs[..., 0] > 0.5).astype(np.int32)}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_predict_cuts_volumes_along_the_models_slice_axis(tmp_path, axis):
+    src = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((6, 7, 5), 100, np.int16), np.eye(4)), src)
+    volume = read_image(src).array  # (slice, row, col, C) as medseg.io reads it
+    d, h, w = volume.shape[:3]
+    model = TopRowModel(axis)
+    result = predict(model, [src], tmp_path / "out", progress=False)
+    assert result.rows[0]["status"] == "ok"
+    mask = read_image(result.out_dir / "vol" / "mask.nii.gz").array[..., 0]
+    assert mask.shape == (d, h, w)
+    expected = np.zeros((d, h, w), np.uint8)
+    # the first row of a slice: axis 0 -> row 0; coronal/sagittal slices are cut superior up,
+    # so their first row is the last slice of axis 0 (medseg.data.volumes.reslice)
+    if axis == 0:
+        assert set(model.shapes) == {(h, w)}
+        expected[:, 0, :] = 1
+    else:
+        assert set(model.shapes) == {(d, (h, w)[2 - axis])}
+        expected[-1] = 1
+    np.testing.assert_array_equal(mask, expected)
+    assert result.rows[0]["foreground_pixels"] == int(expected.sum())
+
+
 def test_predict_mixed_folder_gives_error_rows_and_goes_on(tmp_path, pydicom_files):
     folder = tmp_path / "mixed"
     write_pngs(folder, 2)

@@ -26,10 +26,11 @@ Cases
     (still file-name safe) and ``patient_id``/``patient_name``/``study_date`` columns.
 
 Prediction
-    Volumes are predicted slice by slice (axis 0 of the ``(slice, row, col, C)`` array of
-    :mod:`medseg.io`), ``batch_size`` slices per model call, and stacked back in the source
-    geometry. Binary masks use the model's threshold, or ``threshold`` when given (applied to the
-    returned probabilities); multi-class masks are the argmax. A 2.5D model
+    Volumes are predicted slice by slice, cut along the model's ``data.slice_axis`` as in
+    training (axis 0, 1 or 2 of the ``(slice, row, col, C)`` array of :mod:`medseg.io`; see
+    :func:`medseg.data.volumes.reslice`), ``batch_size`` slices per model call, and stacked back
+    in the source geometry. Binary masks use the model's threshold, or ``threshold`` when given
+    (applied to the returned probabilities); multi-class masks are the argmax. A 2.5D model
     (``data.context_slices`` = ``k``) gets each slice with its ``k`` neighbours on each side:
     the neighbouring slices of a volume, or, for a 2D image, the neighbouring 2D images of its
     folder in natural file-name order (a folder of slices is one volume, as in the ``lgg``
@@ -82,7 +83,7 @@ import numpy as np
 
 from medseg.data.overlay import overlay
 from medseg.data.scan import natural_key
-from medseg.data.volumes import context_indices, stack_slices
+from medseg.data.volumes import context_indices, reslice, stack_slices, unreslice
 from medseg.errors import (
     ConfigError,
     DataError,
@@ -677,8 +678,11 @@ def _context_input(predictor: Predictor, image: Image, case: Case) -> np.ndarray
 def _predict_case(
     predictor: Predictor, image: Image, case: Case, case_dir: Path, opts: _Options, clock: _Clock
 ) -> dict:
-    volume = image.array if image.is_volume else image.array[np.newaxis]
-    row: dict = {"slices": len(volume), "height": volume.shape[1], "width": volume.shape[2]}
+    source = image.array if image.is_volume else image.array[np.newaxis]
+    row: dict = {"slices": len(source), "height": source.shape[1], "width": source.shape[2]}
+    # a volume is cut along the model's data.slice_axis, as in training; masks go back
+    axis = int(predictor.card.get("slice_axis") or 0) if image.is_volume else 0
+    volume = reslice(source, axis)
     if predictor.context_slices and not image.is_volume:
         images = _context_input(predictor, image, case)
     else:
@@ -717,7 +721,7 @@ def _predict_case(
             parts.append(apply_threshold(out["probabilities"], opts.threshold))
         else:
             parts.append(out["mask"].astype(dtype))
-    mask = np.concatenate(parts).astype(dtype)
+    mask = unreslice(np.concatenate(parts).astype(dtype), axis)
     if image.is_volume:
         mask = postprocess(
             mask,
@@ -758,7 +762,7 @@ def _predict_case(
         row["mask"] = f"{case.case_id}/mask.png"
     k = int(per_slice.argmax()) if fg else len(mask) // 2
     if opts.overlays:
-        write_png(case_dir / "overlay.png", overlay(volume[k], mask[k]))
+        write_png(case_dir / "overlay.png", overlay(source[k], mask[k]))
         if image.is_volume:
             row["overlay_slice"] = k
     if opts.mc_samples:
@@ -769,14 +773,13 @@ def _predict_case(
             prep=predictor.prep,
             batch_size=opts.batch_size,
         )
-        row["uncertainty"] = round(float(segmentation_uncertainty(r["variance_map"], mask > 0)), 6)
+        variance = unreslice(r["variance_map"], axis)
+        row["uncertainty"] = round(float(segmentation_uncertainty(variance, mask > 0)), 6)
         if image.is_volume:
-            write_mask_nifti(
-                case_dir / "uncertainty.nii.gz", r["variance_map"], image.meta, continuous=True
-            )
+            write_mask_nifti(case_dir / "uncertainty.nii.gz", variance, image.meta, continuous=True)
             row["uncertainty_volume"] = f"{case.case_id}/uncertainty.nii.gz"
-        display = uncertainty_display(r["variance_map"][k])
-        write_png(case_dir / "uncertainty.png", heatmap_overlay(volume[k], display))
+        display = uncertainty_display(variance[k])
+        write_png(case_dir / "uncertainty.png", heatmap_overlay(source[k], display))
         row["uncertainty_map"] = f"{case.case_id}/uncertainty.png"
     return row
 
