@@ -205,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
         "write masks, overlays, predictions.csv and predictions.json into --out.",
     )
     p.add_argument("--model", "-m", required=True, help="export folder or run folder")
+    p.add_argument(
+        "--with",
+        dest="ensemble_with",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="another model of the same outputs (repeatable): predict with the mean of the "
+        "models' probabilities, each fed as it is served (e.g. the 2D and 2.5D LGG recipes' "
+        "exports, as `medseg tune --with` scored them)",
+    )
     p.add_argument("inputs", nargs="+", help="files or folders")
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument(
@@ -534,12 +544,14 @@ def _cmd_tune(args) -> int:
         print(f"recommended post-processing (chosen on all folds): {rec}")
         flags = f"--threshold {rec['threshold']} --min-lesion-voxels {rec['min_lesion_voxels']}"
         flags += " --largest-component" if rec["largest_component"] else ""
-        if not args.ensemble_with:  # an ensemble of several runs has no export (yet)
-            print(
-                f"  export: medseg export {args.run} --checkpoint last"
-                + (" --tta" if rec["tta"] else "")
-            )
-            print(f"  then:   medseg predict|evaluate ... {flags}")
+        tta = " --tta" if rec["tta"] else ""
+        exports = []
+        for run in [args.run, *args.ensemble_with]:  # several runs: one export each
+            exports.append(str(Path("models") / Path(run).name))
+            print(f"  export: medseg export {run} --checkpoint last{tta} --out {exports[-1]}")
+        models = " ".join([exports[0], *(f"--with {e}" for e in exports[1:])])
+        print(f"  then:   medseg predict --model {models} INPUTS --out DIR {flags}")
+        print(f"          medseg evaluate {models} --data FOLDER --out DIR {flags}")
     print(f"written: {Path(args.run) / out_name / 'tune.json'}")
     return EXIT_OK
 
@@ -580,6 +592,7 @@ def _cmd_predict(args) -> int:
         executor=args.executor,
         address=args.address,
         ray_workers=args.ray_workers,
+        ensemble_with=args.ensemble_with,
     )
     print(
         f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "

@@ -19,9 +19,10 @@ from medseg.data.pipeline import load_arrays, slice_order
 from medseg.data.preprocess import preprocess_images
 from medseg.data.scan import Sample, natural_key, scan_dataset
 from medseg.data.volumes import context_indices, stack_slices
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DataError
+from medseg.inference.predict import EnsemblePredictor, Predictor
 from medseg.io import read_image
-from tests.conftest import TINY_UNET
+from tests.conftest import TINY_UNET, run_cli
 
 
 def _rows(path: Path) -> list[dict]:
@@ -220,3 +221,85 @@ def test_a_2p5d_unet_trains_tunes_exports_scores_and_predicts(tiny_synth, tmp_pa
     assert rows["one"]["status"] == "error" and "neighbouring slices" in rows["one"]["error"]
     assert "one.png" in rows["one"]["error"]
     assert nib.load(result.out_dir / "vol" / "mask.nii.gz").shape == (40, 36, 5)
+
+
+class _Member:
+    """A stand-in model: foreground probability = mean of its input channels / 10 + ``bias``."""
+
+    model_input = Predictor.model_input
+
+    def __init__(self, name: str, k: int, bias: float, num_outputs: int = 1):
+        self.path, self.task, self.classes = Path(name), "segmentation", []
+        self.context_slices, self.channels, self.bias = k, 1, bias
+        self.card = {"input": {"channels": 2 * k + 1}, "num_outputs": num_outputs, "threshold": 0.3}
+        self.seen: list[np.ndarray] = []
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self.seen.append(images)
+        return {"probabilities": images.mean(-1, keepdims=True) / 10 + self.bias}
+
+
+def test_ensemble_predictor_feeds_each_model_its_own_input_and_averages():
+    flat, ctx = _Member("flat", 0, 0.0), _Member("ctx", 1, 0.1)
+    ens = EnsemblePredictor([flat, ctx])
+    assert ens.context_slices == 1 and ens.threshold == 0.3
+    vol = _volume()[..., :1]  # [4, 2, 2, 1]: value = slice index
+    x = ens.model_input(vol)
+    assert x.shape == (4, 2, 2, 4)  # 1 channel for the 2D model, 3 for the 2.5D one
+    out = ens(x)
+    np.testing.assert_array_equal(flat.seen[0], vol)
+    np.testing.assert_array_equal(ctx.seen[0], stack_slices(vol, 1))
+    # slice i: 2D i/10; 2.5D mean(i-1, i, i+1)/10 + 0.1 (edges repeated)
+    neighbours = np.array([1 / 3, 1, 2, 8 / 3])
+    expected = (np.arange(4) / 10 + neighbours / 10 + 0.1) / 2
+    np.testing.assert_allclose(out["probabilities"][:, 0, 0, 0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["mask"][:, 0, 0], expected > 0.3)
+    with pytest.raises(DataError, match="other.*outputs differ"):
+        EnsemblePredictor([flat, _Member("other", 0, 0.0, num_outputs=3)])
+    with pytest.raises(ConfigError, match="--with"):
+        ens.keras_models()
+
+
+@pytest.mark.slow
+def test_predict_with_a_2d_and_a_2p5d_model_averages_their_probabilities(
+    tiny_synth, tiny_unet_run, tmp_path
+):
+    from medseg.training.train import train
+
+    root = tiny_synth / "segmentation"
+    overrides = [f"data.root={root}", *TINY_UNET, *CTX, "train.epochs=1"]
+    overrides += [f"run.root={tmp_path / 'runs'}", "run.name=ctx"]
+    ctx_run = train(load_config(None, overrides)).run.path
+    patient = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    slices = [p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")]
+    slices.sort(key=lambda p: natural_key(p.name))
+    raw = np.stack([read_image(p).array for p in slices])
+    vol = np.random.default_rng(5).uniform(0, 255, (32, 30, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    vol_raw = read_image(tmp_path / "vol.nii.gz").array
+
+    flat, ctx = Predictor(tiny_unet_run), Predictor(ctx_run)
+    pa, pb = (p(p.model_input(raw))["probabilities"][..., 0] for p in (flat, ctx))
+    assert np.abs(pa - pb).max() > 1e-3  # two different models: not a vacuous mean
+    mean = (pa + pb) / 2
+    thr = float(np.quantile(mean, 0.9))  # one-epoch nets: a threshold that gives masks
+    vol_mean = np.mean([p(p.model_input(vol_raw))["probabilities"] for p in (flat, ctx)], 0)
+
+    out = tmp_path / "pred"
+    args = ["--model", str(tiny_unet_run), "--with", str(ctx_run), "--threshold", str(thr)]
+    proc = run_cli("predict", *args, str(patient), str(tmp_path / "vol.nii.gz"), "--out",
+                   str(out), "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["case_id"]: r for r in _rows(out / "predictions.csv")}
+    assert len(rows) == len(slices) + 1
+    assert sum(int(r["foreground_pixels"]) for r in rows.values()) > 0
+    for path, m in zip(slices, mean, strict=True):
+        assert int(rows[path.stem]["foreground_pixels"]) == pytest.approx(
+            int((m > thr).sum()), abs=2
+        )
+    assert int(rows["vol"]["foreground_pixels"]) == pytest.approx(
+        int((vol_mean > thr).sum()), abs=2
+    )
+    bad = run_cli("predict", *args, "--mc-samples", "2", str(patient), "--out",
+                  str(tmp_path / "bad"), cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and "--with" in bad.stderr

@@ -266,7 +266,11 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, 
         "tune", str(seg_cv), "--with", str(seg_cv_other), "--n-boot", "0", cwd=seg_cv.parent
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tune-ensemble" in proc.stdout and "medseg export" not in proc.stdout
+    assert "tune-ensemble" in proc.stdout
+    # how to serve it: each run exported, predicted together
+    for run in (seg_cv, seg_cv_other):
+        assert f"medseg export {run} --checkpoint last" in proc.stdout
+    assert "medseg predict --model models/segcv --with models/segcv_other" in proc.stdout
     result = json.loads((seg_cv / "tune-ensemble" / "tune.json").read_text())
     assert result["ensemble_with"] == [str(seg_cv_other)]
     if own is not None:  # the run's own tuning is left as it was

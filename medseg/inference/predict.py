@@ -282,6 +282,89 @@ class Predictor:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+class EnsemblePredictor:
+    """The mean of several models' probabilities, as one :class:`Predictor` (``--with``).
+
+    For recipes trained as separate runs whose out-of-fold ensemble ``medseg tune --with``
+    measured (e.g. a 2D and a 2.5D U-Net): each member is fed as it is served (its own
+    channels and neighbouring slices), its probabilities at the input resolution are averaged,
+    and binary masks are the mean above the first model's threshold (multi-class: the argmax).
+    :meth:`model_input` puts the members' inputs side by side along the channel axis, so the
+    slices of a volume can be batched as for one model; :meth:`__call__` splits them again.
+
+    Args:
+        members: the loaded models, first the one whose threshold and card are used.
+
+    Raises:
+        DataError: the models' tasks, classes or numbers of outputs differ.
+    """
+
+    def __init__(self, members: list[Predictor]):
+        first = members[0]
+        check_same_outputs(members)
+        axes = {int(m.card.get("slice_axis") or 0) for m in members}
+        if len(axes) > 1:
+            raise ConfigError(
+                f"{first.path}: the models cut volumes along different axes (data.slice_axis "
+                f"{sorted(axes)}); an ensemble needs one slice axis"
+            )
+        self.members = members
+        self.path = first.path
+        self.task: str = first.task
+        self.classes: list[str] = first.classes
+        self.prep = None
+        self.threshold = float(first.card.get("threshold", 0.5))
+        # the widest neighbourhood: a 2D member takes the middle slice of it
+        self.context_slices: int = max(m.context_slices for m in members)
+        self.channels: int = first.channels
+        self._widths = [int(m.card["input"]["channels"]) for m in members]
+        self.card = dict(first.card, ensemble_of=[str(m.path) for m in members])
+
+    def model_input(self, images: np.ndarray) -> np.ndarray:
+        """``[N, H, W, C]`` raw pixels -> every member's input, concatenated along channels."""
+        return np.concatenate([m.model_input(images) for m in self.members], axis=-1)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run every member on its part of :meth:`model_input`; the mean probabilities."""
+        start, probs = 0, []
+        for member, width in zip(self.members, self._widths, strict=True):
+            probs.append(member(images[..., start : start + width])["probabilities"])
+            start += width
+        mean = np.mean(probs, axis=0).astype(np.float32)
+        if self.task == "classification":
+            return {"probabilities": mean, "label": mean.argmax(-1).astype(np.int32)}
+        if mean.shape[-1] == 1:
+            mask = (mean[..., 0] > self.threshold).astype(np.int32)
+        else:
+            mask = mean.argmax(-1).astype(np.int32)
+        return {"probabilities": mean, "mask": mask}
+
+    def keras_models(self) -> list:
+        raise ConfigError(
+            "--mc-samples and --explain take one model; not an ensemble of models (--with)"
+        )
+
+    def gradcam(self):
+        return self.keras_models()
+
+
+def check_same_outputs(members: list[Predictor]) -> None:
+    """Refuse to average models of different tasks, classes or numbers of outputs.
+
+    Raises:
+        DataError: naming the first model that differs from the first one.
+    """
+    first = members[0]
+    for m in members[1:]:
+        same = m.task == first.task and m.classes == first.classes
+        same = same and m.card.get("num_outputs") == first.card.get("num_outputs")
+        if not same:
+            raise DataError(
+                f"{m.path}: its task, classes or outputs differ from those of {first.path}; an "
+                "ensemble averages the probabilities of models of the same outputs"
+            )
+
+
 @dataclass
 class PredictResult:
     """Summary of a batch: the output folder, the rows of ``predictions.csv`` and the speed.
@@ -622,7 +705,9 @@ class _Clock:
     seconds: float = 0.0
 
 
-def _run_model(predictor: Predictor, images: np.ndarray, opts: _Options, clock: _Clock):
+def _run_model(
+    predictor: Predictor | EnsemblePredictor, images: np.ndarray, opts: _Options, clock: _Clock
+):
     """Yield the model outputs for ``images`` (:meth:`Predictor.model_input`), in batches."""
     for i in range(0, len(images), opts.batch_size):
         batch = images[i : i + opts.batch_size]
@@ -647,7 +732,9 @@ def _folder_slices(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def _context_input(predictor: Predictor, image: Image, case: Case) -> np.ndarray:
+def _context_input(
+    predictor: Predictor | EnsemblePredictor, image: Image, case: Case
+) -> np.ndarray:
     """The 2.5D model input ``[1, H, W, C * (2k + 1)]`` of a 2D image: the image with its
     ``k`` neighbours on each side among the slices of its folder (:func:`_folder_slices`),
     stacked as in training (edges repeated)."""
@@ -676,7 +763,12 @@ def _context_input(predictor: Predictor, image: Image, case: Case) -> np.ndarray
 
 
 def _predict_case(
-    predictor: Predictor, image: Image, case: Case, case_dir: Path, opts: _Options, clock: _Clock
+    predictor: Predictor | EnsemblePredictor,
+    image: Image,
+    case: Case,
+    case_dir: Path,
+    opts: _Options,
+    clock: _Clock,
 ) -> dict:
     source = image.array if image.is_volume else image.array[np.newaxis]
     row: dict = {"slices": len(source), "height": source.shape[1], "width": source.shape[2]}
@@ -784,7 +876,7 @@ def _predict_case(
     return row
 
 
-def _segment_names(predictor: Predictor, n_out: int) -> dict[int, str]:
+def _segment_names(predictor: Predictor | EnsemblePredictor, n_out: int) -> dict[int, str]:
     if n_out == 1:
         return {1: "tumour"}
     classes = predictor.classes
@@ -804,7 +896,12 @@ def _commit(tmp_dir: Path, case_dir: Path) -> None:
 
 
 def _run_case(
-    predictor: Predictor, case: Case, reader: _Reader, out: Path, opts: _Options, clock: _Clock
+    predictor: Predictor | EnsemblePredictor,
+    case: Case,
+    reader: _Reader,
+    out: Path,
+    opts: _Options,
+    clock: _Clock,
 ) -> dict:
     row: dict = {"case_id": case.case_id, "source": case.source, "status": "ok", "error": ""}
     if case.identifiers:  # only with keep_identifiers
@@ -857,7 +954,7 @@ def _resolve_options(task: str, card: dict, opts: _Options) -> _Options:
     return dataclasses.replace(opts, threshold=threshold, explain=explain)
 
 
-def _prepare_model(predictor: Predictor, opts: _Options) -> None:
+def _prepare_model(predictor: Predictor | EnsemblePredictor, opts: _Options) -> None:
     """Build what ``opts`` needs from the model (Grad-CAM, MC-dropout), so that problems of
     the model with these options fail the run before any case is written."""
     if opts.explain:
@@ -997,6 +1094,7 @@ def predict(
     executor: str = "local",
     address: str | None = None,
     ray_workers: int | None = None,
+    ensemble_with: list[str | Path] | tuple = (),
 ) -> PredictResult:
     """Predict every case of ``inputs`` with ``model``; write per-case outputs and the tables.
 
@@ -1030,6 +1128,10 @@ def predict(
         address: Ray cluster address (``ray`` only; default: start a local Ray instance).
         ray_workers: number of Ray actors (``ray`` only; default: one per GPU of the cluster,
             else one per CPU).
+        ensemble_with: more models (export, run or CV folders) of the same outputs: predict
+            with the mean of all the models' probabilities (:class:`EnsemblePredictor`), e.g.
+            the 2D and 2.5D recipes whose ensemble ``medseg tune --with`` measured. Not with
+            ``mc_samples``, ``explain`` or the ``ray`` executor.
 
     Returns:
         The output folder, the per-case rows (failed cases have ``status == "error"``) and the
@@ -1040,8 +1142,10 @@ def predict(
             another call) and ``overwrite`` is false.
         OutputError: the output disk is full (the batch can be continued by the same call).
         ConfigError: a bad ``batch_size``, ``threshold``, ``min_lesion_voxels`` or
-            ``executor``, or ``executor="ray"`` without Ray installed.
-        DataError: an input does not exist, or a folder holds no supported file.
+            ``executor``, ``executor="ray"`` without Ray installed, or ``ensemble_with`` with
+            ``mc_samples``, ``explain`` or ``executor="ray"``.
+        DataError: an input does not exist, or a folder holds no supported file, or the
+            ``ensemble_with`` models' outputs differ from the model's.
         ModelError: the model cannot be loaded.
     """
     from tqdm import tqdm
@@ -1055,6 +1159,11 @@ def predict(
         raise ConfigError(f"mc_samples must be 0 (off) or >= 2, got {mc_samples}")
     if min_lesion_voxels < 0:
         raise ConfigError(f"min_lesion_voxels must be >= 0, got {min_lesion_voxels}")
+    if ensemble_with and (mc_samples or explain or executor == "ray"):
+        raise ConfigError(
+            "--with (an ensemble of models) works with the local executor, without "
+            "--mc-samples and --explain"
+        )
     if threshold is not None:
         try:
             threshold = check_threshold(threshold)
@@ -1072,6 +1181,7 @@ def predict(
             "mc_samples": mc_samples,
             "explain": explain,
             "keep_identifiers": keep_identifiers,
+            **({"with": [str(Path(m).resolve()) for m in ensemble_with]} if ensemble_with else {}),
         },
     )
     batch = _Batch.open(out, signature, overwrite)  # a finished batch needs overwrite
@@ -1102,7 +1212,9 @@ def predict(
         return result
     if address or ray_workers:
         logger.warning("--address and --ray-workers apply to --executor ray; ignored")
-    predictor = model if isinstance(model, Predictor) else Predictor(model)
+    predictor = model if isinstance(model, (Predictor, EnsemblePredictor)) else Predictor(model)
+    if ensemble_with:
+        predictor = EnsemblePredictor([predictor, *(Predictor(m) for m in ensemble_with)])
     opts = _resolve_options(predictor.task, predictor.card, opts)
     _prepare_model(predictor, opts)
     start = time.perf_counter()

@@ -39,7 +39,7 @@ from medseg.data.scan import detect_layout, scan_dataset
 from medseg.data.volumes import reslice, stack_slices
 from medseg.errors import ConfigError, DataError, RunExistsError
 from medseg.inference.postprocess import postprocess
-from medseg.inference.predict import Predictor
+from medseg.inference.predict import Predictor, check_same_outputs
 from medseg.inference.tune import patient_volumes
 from medseg.io import read_image, read_mask, to_channels
 from medseg.models.metrics import dice_from_counts
@@ -314,14 +314,7 @@ def evaluate_model(
         raise RunExistsError(f"{out}: already holds an evaluation (metrics.json); use --overwrite")
     predictor = Predictor(model, checkpoint=checkpoint, tta=tta)
     members = [Predictor(m, checkpoint=checkpoint, tta=tta) for m in ensemble_with]
-    for m, other in zip(members, ensemble_with, strict=True):
-        same = m.task == predictor.task and m.classes == predictor.classes
-        same = same and m.card.get("num_outputs") == predictor.card.get("num_outputs")
-        if not same:
-            raise DataError(
-                f"{other}: its task, classes or outputs differ from those of {model}; an "
-                "ensemble averages the probabilities of models of the same outputs"
-            )
+    check_same_outputs([predictor, *members])
     task = predictor.task
     check_options(task, threshold, min_lesion_voxels, largest_component)
     layout = layout or predictor.card.get("layout") or detect_layout(data)
