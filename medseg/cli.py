@@ -32,6 +32,13 @@ def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def _add_with(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    """``--with MODEL`` (repeatable): more models or runs averaged with the first."""
+    p.add_argument(
+        "--with", dest="ensemble_with", action="append", default=[], metavar=metavar, help=help
+    )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -119,13 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap replicates for the 95%% intervals"
     )
-    p.add_argument(
-        "--with",
-        dest="ensemble_with",
-        action="append",
-        default=[],
-        metavar="RUN",
-        help="another finished CV run on the same folds (repeatable): score the out-of-fold "
+    _add_with(
+        p,
+        "RUN",
+        "another finished CV run on the same folds (repeatable): score the out-of-fold "
         "ensemble (mean probabilities) of the runs instead; written to <run>/tune-ensemble/",
     )
 
@@ -146,13 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="with --data: folder for the per-case results")
     p.add_argument("--layout", help="layout of --data (default: the model's, or detected)")
-    p.add_argument(
-        "--with",
-        dest="ensemble_with",
-        action="append",
-        default=[],
-        metavar="MODEL",
-        help="with --data: another model (repeatable); score the mean of the models' "
+    _add_with(
+        p,
+        "MODEL",
+        "with --data: another model (repeatable); score the mean of the models' "
         "probabilities (e.g. two recipes' CV folders, as `medseg tune --with` scored them)",
     )
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
@@ -205,13 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         "write masks, overlays, predictions.csv and predictions.json into --out.",
     )
     p.add_argument("--model", "-m", required=True, help="export folder or run folder")
-    p.add_argument(
-        "--with",
-        dest="ensemble_with",
-        action="append",
-        default=[],
-        metavar="MODEL",
-        help="another model of the same outputs (repeatable): predict with the mean of the "
+    _add_with(
+        p,
+        "MODEL",
+        "another model of the same outputs (repeatable): predict with the mean of the "
         "models' probabilities, each fed as it is served (e.g. the 2D and 2.5D LGG recipes' "
         "exports, as `medseg tune --with` scored them)",
     )
