@@ -297,6 +297,7 @@ class EnsemblePredictor:
 
     Raises:
         DataError: the models' tasks, classes or numbers of outputs differ.
+        ConfigError: the models cut volumes along different axes (``data.slice_axis``).
     """
 
     def __init__(self, members: list[Predictor]):
