@@ -313,11 +313,9 @@ class EnsemblePredictor:
         self.path = first.path
         self.task: str = first.task
         self.classes: list[str] = first.classes
-        self.prep = None
         self.threshold = float(first.card.get("threshold", 0.5))
         # the widest neighbourhood: a 2D member takes the middle slice of it
         self.context_slices: int = max(m.context_slices for m in members)
-        self.channels: int = first.channels
         self._widths = [int(m.card["input"]["channels"]) for m in members]
         self.card = dict(first.card, ensemble_of=[str(m.path) for m in members])
 

@@ -333,9 +333,12 @@ def evaluate_model(
         raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
     threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
     seconds = 0.0
-    all_probs = []
+    all_probs, reads = [], {}
     for p in [predictor, *members]:  # each model reads the images as it is served
-        loaded = _read(samples, task, p.channels, p.card.get("slice_axis", 0), p.context_slices)
+        key = (p.channels, p.card.get("slice_axis", 0), p.context_slices)
+        if key not in reads:  # models fed alike share one read of the folder
+            reads[key] = _read(samples, task, *key)
+        loaded = reads[key]
         t0 = time.perf_counter()
         all_probs.append(_predict(p, loaded.images, batch_size))
         seconds += time.perf_counter() - t0

@@ -312,8 +312,8 @@ def _headline(summary: dict) -> dict:
     return out
 
 
-def _finished_cv(root: Path) -> tuple:
-    """``(config, manifest, number of folds)`` of a finished CV run folder."""
+def _all_fold_probabilities(root: Path) -> tuple:
+    """``(config, manifest, {fold: FoldProbs})`` of a finished CV run folder."""
     if not (root / "ensemble.json").is_file() or not (root / "splits.json").is_file():
         raise DataError(f"{root}: not a finished cross-validation run (no ensemble.json)")
     cfg = open_run(root).config()
@@ -322,12 +322,6 @@ def _finished_cv(root: Path) -> tuple:
     missing = [k for k in range(1, k_folds + 1) if not (root / f"fold_{k}" / "oof.csv").is_file()]
     if missing:
         raise DataError(f"{root / f'fold_{missing[0]}'}: fold not finished; run medseg cv first")
-    return cfg, manifest, k_folds
-
-
-def _all_fold_probabilities(root: Path) -> tuple:
-    """``(config, manifest, {fold: FoldProbs})`` of a finished CV run."""
-    cfg, manifest, k_folds = _finished_cv(root)
     samples = scan_from_config(cfg.data).samples
     folds = {k: fold_probabilities(root, k, cfg, manifest, samples) for k in range(1, k_folds + 1)}
     return cfg, manifest, folds
