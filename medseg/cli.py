@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "RUN",
         "another finished CV run on the same folds (repeatable): score the out-of-fold "
-        "ensemble (mean probabilities) of the runs instead; written to <run>/tune-ensemble/",
+        "ensemble (mean probabilities) of the runs instead; written to "
+        "<run>/tune-with-<OTHER>/ (one folder per set of partners)",
     )
 
     p = sub.add_parser(
@@ -534,7 +535,6 @@ def _cmd_tune(args) -> int:
     from medseg.inference.tune import ablation_markdown, tune
 
     result = tune(args.run, n_boot=args.n_boot, ensemble_with=args.ensemble_with)
-    out_name = "tune-ensemble" if args.ensemble_with else "tune"
     print(ablation_markdown(result), end="")
     print(f"best honest variant: {result['best_variant']}")
     rec = result["recommended"]
@@ -550,7 +550,7 @@ def _cmd_tune(args) -> int:
         models = " ".join([exports[0], *(f"--with {e}" for e in exports[1:])])
         print(f"  then:   medseg predict --model {models} INPUTS --out DIR {flags}")
         print(f"          medseg evaluate {models} --data FOLDER --out DIR {flags}")
-    print(f"written: {Path(args.run) / out_name / 'tune.json'}")
+    print(f"written: {Path(args.run) / result['folder'] / 'tune.json'}")
     return EXIT_OK
 
 

@@ -266,13 +266,16 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, 
         "tune", str(seg_cv), "--with", str(seg_cv_other), "--n-boot", "0", cwd=seg_cv.parent
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tune-ensemble" in proc.stdout
+    ens = seg_cv / "tune-with-segcv_other"  # named by its partner
+    assert f"written: {ens / 'tune.json'}" in proc.stdout
     # how to serve it: each run exported, predicted together
     for run in (seg_cv, seg_cv_other):
         assert f"medseg export {run} --checkpoint last" in proc.stdout
     assert "medseg predict --model models/segcv --with models/segcv_other" in proc.stdout
-    result = json.loads((seg_cv / "tune-ensemble" / "tune.json").read_text())
+    written = (ens / "tune.json").read_text()
+    result = json.loads(written)
     assert result["ensemble_with"] == [str(seg_cv_other)]
+    assert result["folder"] == "tune-with-segcv_other"
     if own is not None:  # the run's own tuning is left as it was
         assert (seg_cv / "tune" / "tune.json").read_text() == own
     from medseg.data.split import load_manifest
@@ -293,13 +296,16 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, 
             )
         # the ensemble's rows are its mean probabilities thresholded at 0.5
         fg = mean[k].probs["last"].astype(np.float32)[..., 0] > 0.5
-        rows = _rows(seg_cv / "tune-ensemble" / "last" / f"fold_{k}" / "oof.csv")
+        rows = _rows(ens / "last" / f"fold_{k}" / "oof.csv")
         assert [int(r["pred_pixels"]) for r in rows] == [int(f.sum()) for f in fg]
     # the mean of a run with itself is the run
     alone = tune(seg_cv, n_boot=0)
     with_itself = tune(seg_cv, n_boot=0, ensemble_with=[seg_cv])
     for v, w in zip(alone["variants"], with_itself["variants"], strict=True):
         assert v["metrics"] == w["metrics"]
+    # ... and scoring it with another partner left the first ensemble's results as they were
+    assert with_itself["folder"] == "tune-with-segcv"
+    assert (ens / "tune.json").read_text() == written
 
 
 def test_tune_with_a_run_on_other_folds_is_refused(seg_cv, cls_cv):

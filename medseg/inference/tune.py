@@ -31,9 +31,12 @@ Files, inside the CV run folder::
     tune/<variant>/fold_<k>/oof.csv, config.yaml, splits.json, cv_summary.json, report.md, plots/
     tune/tune.json               the variants: settings, parameters chosen per fold, metrics
     tune/ablation.md             the same as a Markdown table
-    tune-ensemble/...            the same for the out-of-fold ensemble with other CV runs on the
-                                 same folds (``medseg tune RUN --with OTHER``): each sample's
-                                 probabilities are the mean of the runs' models that never saw it
+    tune-with-<OTHER>/...        the same for the out-of-fold ensemble with other CV runs on the
+                                 same folds (``medseg tune RUN --with OTHER [--with ...]``; the
+                                 other runs' folder names joined by ``+``): each sample's
+                                 probabilities are the mean of the runs' models that never saw it;
+                                 one folder per set of partners, so scoring RUN with another
+                                 partner never overwrites an earlier ensemble's results
 """
 
 from __future__ import annotations
@@ -363,6 +366,21 @@ def _mean_over_runs(root: Path, manifest: dict, folds: dict, others: list[Path])
     }
 
 
+def tune_folder(ensemble_with: list[str | Path] | tuple = ()) -> str:
+    """The folder, inside the CV run, that :func:`tune` writes to.
+
+    ``tune`` for the run alone; ``tune-with-<name>[+<name>...]`` for the out-of-fold ensemble
+    with other runs (their folder names, in the order given), so that each set of partners keeps
+    its own results.
+
+    Example:
+        >>> tune_folder(["runs/lgg-ctx1", "runs/lgg-144"])
+        'tune-with-lgg-ctx1+lgg-144'
+    """
+    names = [Path(o).resolve().name for o in ensemble_with]
+    return "tune-with-" + "+".join(names) if names else "tune"
+
+
 def tune(
     run_dir: str | Path,
     *,
@@ -378,13 +396,15 @@ def tune(
         seed: bootstrap seed.
         ensemble_with: other finished CV runs on the same folds (e.g. another recipe): each
             fold's variants then score the mean probabilities of all the runs' fold models (an
-            out-of-fold ensemble), written to ``<run>/tune-ensemble/`` instead of
-            ``<run>/tune/``; the members are listed in its ``tune.json``.
+            out-of-fold ensemble), written to ``<run>/tune-with-<other runs' names>/``
+            (:func:`tune_folder`) instead of ``<run>/tune/``; the members are listed in its
+            ``tune.json``.
 
     Returns:
         ``tune.json``'s content: ``task``, ``variants`` (name, description, settings per fold,
         headline metrics with ``ci95``), ``recommended`` (segmentation: the post-processing
-        chosen on all folds for the ensemble) and ``best_variant``.
+        chosen on all folds for the ensemble), ``best_variant`` and ``folder`` (where it was
+        written, inside ``run_dir``).
 
     Raises:
         DataError: the run is not a finished CV run, or a fold checkpoint is missing.
@@ -395,10 +415,9 @@ def tune(
     cfg, manifest, folds = _all_fold_probabilities(root)
     k_folds = len(folds)
     ensemble_runs = [Path(o) for o in ensemble_with]
-    out_name = "tune"
+    out_name = tune_folder(ensemble_runs)
     if ensemble_runs:
         folds = _mean_over_runs(root, manifest, folds, ensemble_runs)
-        out_name = "tune-ensemble"
     seg = cfg.data.task == "segmentation"
     variants: list[dict] = []
 
@@ -488,6 +507,7 @@ def tune(
         "best_variant": best["name"],
         "recommended": recommended,
         "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "group", "level": 0.95},
+        "folder": out_name,
     }
     atomic_write_json(root / out_name / "tune.json", result)
     atomic_write_text(root / out_name / "ablation.md", ablation_markdown(result))
