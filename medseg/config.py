@@ -230,6 +230,10 @@ class TrainConfig:
         class_weights: weight classification classes by inverse frequency in the training split.
         oversample_tumour: segmentation: fraction of each training batch drawn from slices whose
             mask has foreground (0 keeps the data's own mix).
+        patch_size: segmentation with ``model.name: unet``: train on random ``[height, width]``
+            crops of the ``data.image_size`` images (as nnU-Net trains on patches), validate and
+            predict on whole images; each step costs about the patch's share of the pixels.
+            Empty: whole images.
         monitor: metric that picks ``best.keras`` (``val_loss``, ``val_dice``, ...).
         monitor_mode: ``min`` or ``max``.
         seed: seed for splits, shuffling, augmentation and weight initialisation.
@@ -255,6 +259,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: bool = False
     oversample_tumour: float = 0.0
+    patch_size: list[int] = field(default_factory=list)
     monitor: str = "val_loss"
     monitor_mode: str = "min"
     seed: int = 0
@@ -545,6 +550,25 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.min_lr_fraction <= 1, "train.min_lr_fraction", "must be in [0, 1]")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(0 <= t.oversample_tumour < 1, "train.oversample_tumour", "must be in [0, 1)")
+    if t.patch_size:
+        _check(
+            len(t.patch_size) == 2
+            and all(8 <= p <= s for p, s in zip(t.patch_size, d.image_size, strict=True)),
+            "train.patch_size",
+            f"expected [height, width], each >= 8 and at most data.image_size {d.image_size}, "
+            f"got {t.patch_size}",
+        )
+        _check(
+            d.task == "segmentation" and m.name == "unet",
+            "train.patch_size",
+            f"trains a U-Net on crops: needs data.task 'segmentation' and model.name 'unet', "
+            f"got {d.task} with '{m.name}'",
+        )
+        _check(
+            all(p % 2**m.depth == 0 for p in t.patch_size),
+            "train.patch_size",
+            f"{t.patch_size} must be divisible by 2**model.depth = {2**m.depth}",
+        )
     _check_choice("train.monitor_mode", t.monitor_mode, MONITOR_MODES)
     _check(t.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1")
     _check(cfg.cv.folds >= 2, "cv.folds", f"must be >= 2, got {cfg.cv.folds}")

@@ -2,8 +2,9 @@
 
 Geometric transforms (flips, 90-degree rotations, affine, elastic, grid distortion) are applied to
 image and mask together, the mask with nearest-neighbour interpolation so labels stay labels;
-intensity transforms (missing sequence, brightness/contrast, gamma, noise) to the image only. The
-pipeline is seeded (``A.Compose(seed=...)``), used for the training split only, and sees
+intensity transforms (missing sequence, brightness/contrast, gamma, noise) to the image only. With
+a patch size (``train.patch_size``) a random crop of that size ends the pipeline. The pipeline is
+seeded (``A.Compose(seed=...)``), used for the training split only, and sees
 normalised images.
 """
 
@@ -76,15 +77,24 @@ class MissingSequence(A.ImageOnlyTransform):
 
 
 def build_augment(
-    cfg: AugmentConfig, seed: int = 0, channels_per_slice: int | None = None
+    cfg: AugmentConfig,
+    seed: int = 0,
+    channels_per_slice: int | None = None,
+    patch_size: tuple[int, int] | list[int] | None = None,
 ) -> A.Compose | None:
-    """An albumentations pipeline for the config, or None when augmentation is off or empty.
+    """An albumentations pipeline for the config, or None when it would do nothing.
 
-    ``channels_per_slice``: ``data.channels`` when the images are 2.5D stacks of slices
-    (``data.context_slices``), for the missing-sequence transform.
+    Args:
+        cfg: the augmentation section.
+        seed: seeds the pipeline's random draws.
+        channels_per_slice: ``data.channels`` when the images are 2.5D stacks of slices
+            (``data.context_slices``), for the missing-sequence transform.
+        patch_size: ``[height, width]`` of a random crop applied after every other transform
+            (``train.patch_size``), kept when ``cfg.enabled`` is false; None or empty: no crop.
     """
+    crop = [A.RandomCrop(*patch_size, p=1.0)] if patch_size else []
     if not cfg.enabled:
-        return None
+        return A.Compose(crop, seed=seed) if crop else None
     transforms: list = []
     if cfg.missing_sequence > 0:
         transforms.append(
@@ -144,6 +154,8 @@ def build_augment(
         transforms.append(A.RandomGamma(gamma_limit=(80, 120), p=cfg.gamma))
     if cfg.noise > 0:
         transforms.append(A.GaussNoise(std_range=(0.01, 0.05), p=cfg.noise))
+    # last: the geometric transforms see the whole image, so their borders are cropped away
+    transforms += crop
     if not transforms:
         return None
     return A.Compose(transforms, seed=seed)

@@ -296,6 +296,7 @@ def make_dataset(
     oversample_tumour: float = 0.0,
     deterministic: bool = False,
     shard: tuple[int, int] | None = None,
+    patch_size: tuple[int, int] | list[int] | None = None,
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of (image, target).
 
@@ -319,6 +320,8 @@ def make_dataset(
             ``batch_size`` is then the global batch (``tf.distribute`` splits each batch across
             the replicas of all workers), TensorFlow's own auto-sharding is switched off, and
             the dataset's length is unknown (see the code).
+        patch_size: ``[height, width]`` of the images ``augment`` returns when it ends with a
+            crop (``train.patch_size``); None: the data's own size.
     """
     if isinstance(data, ArrayData):
         h, w, c = data.images.shape[1:]
@@ -326,6 +329,10 @@ def make_dataset(
     else:
         h, w, c = data.shape
         target_dtype = data.target_dtype
+    if patch_size:
+        if augment is None:
+            raise ConfigError("make_dataset: a patch_size needs the augment pipeline that crops")
+        h, w = patch_size
     ds, n = _index_dataset(data, shuffle, seed, oversample_tumour)
     if shard is not None:
         num_shards, index = shard

@@ -28,8 +28,10 @@ def _require_task(cfg: Config, task: str) -> None:
 def _unet(cfg: Config, num_outputs: int) -> keras.Model:
     m = cfg.model
     _require_task(cfg, "segmentation")
+    # trained on patches (train.patch_size), validated and served on whole images
+    size = (None, None) if cfg.train.patch_size else tuple(cfg.data.image_size)
     return UNet(
-        input_shape=(*cfg.data.image_size, cfg.data.input_channels),
+        input_shape=(*size, cfg.data.input_channels),
         num_classes=num_outputs,
         base_filters=m.base_filters,
         depth=m.depth,

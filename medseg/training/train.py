@@ -315,8 +315,12 @@ def _train(
     train_ds = make_dataset(
         data["train"],
         augment=build_augment(
-            cfg.augment, seed=cfg.train.seed, channels_per_slice=cfg.data.channels
+            cfg.augment,
+            seed=cfg.train.seed,
+            channels_per_slice=cfg.data.channels,
+            patch_size=cfg.train.patch_size,
         ),
+        patch_size=cfg.train.patch_size or None,
         shuffle=True,
         seed=cfg.train.seed,
         oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
