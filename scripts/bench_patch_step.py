@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""What a training step on a patch (``train.patch_size``) costs against one on a whole image.
+
+Builds the recipe's U-Net (``configs/lgg-unet.yaml``) in 2D and 2.5D (``data.context_slices=1``),
+each once for whole images and once for patches, and times their training steps on random
+batches alternately, so that a change in the machine's speed hits all four alike. Prints one
+JSON object: the median seconds per step of each, and the patch-to-whole ratio in 2D and 2.5D.
+
+    .venv/bin/python scripts/bench_patch_step.py [--steps 25] [--patch 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import load_config
+from medseg.models.losses import get_loss
+from medseg.models.registry import build_model
+from medseg.training.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "lgg-unet.yaml"))
+    ap.add_argument("--steps", type=int, default=25, help="timed steps per model")
+    ap.add_argument("--patch", type=int, default=96, help="patch side in pixels")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    models = {}
+    for ctx in (0, 1):
+        for patch in (None, args.patch):
+            sets = [f"data.context_slices={ctx}"]
+            sets += [f"train.patch_size=[{patch},{patch}]"] if patch else []
+            cfg = load_config(args.config, sets)
+            model = build_model(cfg, 1)
+            model.compile(optimizer=build_optimizer(cfg.train, 100), loss=get_loss(cfg.train))
+            h, w = (patch, patch) if patch else cfg.data.image_size
+            batch = cfg.train.batch_size
+            x = rng.normal(size=(batch, h, w, cfg.data.input_channels)).astype(np.float32)
+            y = (rng.random((batch, h, w, 1)) > 0.9).astype(np.float32)
+            for _ in range(2):  # tracing and warm-up
+                model.train_on_batch(x, y)
+            key = f"{'2.5d' if ctx else '2d'}_{'patch' if patch else 'whole'}"
+            models[key] = (model, x, y)
+    times: dict[str, list[float]] = {key: [] for key in models}
+    for _ in range(args.steps):
+        for key, (model, x, y) in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[key].append(time.perf_counter() - start)
+    out = {f"{key}_s_per_step": round(float(np.median(t)), 4) for key, t in times.items()}
+    for dim in ("2d", "2.5d"):
+        out[f"{dim}_patch_to_whole"] = round(
+            out[f"{dim}_patch_s_per_step"] / out[f"{dim}_whole_s_per_step"], 3
+        )
+    out.update(patch=args.patch, steps=args.steps, config=args.config)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
