@@ -320,7 +320,7 @@ def _train(
             channels_per_slice=cfg.data.channels,
             patch_size=cfg.train.patch_size,
         ),
-        patch_size=cfg.train.patch_size or None,
+        patch_size=cfg.train.patch_size,
         shuffle=True,
         seed=cfg.train.seed,
         oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
