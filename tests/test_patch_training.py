@@ -99,7 +99,8 @@ def test_a_unet_trained_on_patches_is_scored_saved_and_exported_on_whole_images(
     )
     result = train(cfg)
     run = result.run.path
-    # validation and the run's evaluation saw whole 32x32 images
+    # the run validated and evaluated its model on the split's whole 32x32 images (the only
+    # size they have: a U-Net fixed to the 16x16 patches would have failed there)
     assert result.metrics["n_images"] > 0
     model = keras.models.load_model(run / "checkpoints" / "best.keras")
     assert model.input_shape == (None, None, None, 3)
