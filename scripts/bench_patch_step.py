@@ -37,7 +37,7 @@ def main() -> None:
     for ctx in (0, 1):
         for patch in (None, args.patch):
             sets = [f"data.context_slices={ctx}"]
-            sets += [f"train.patch_size=[{patch},{patch}]"] if patch else []
+            sets.append(f"train.patch_size=[{patch},{patch}]" if patch else "train.patch_size=[]")
             cfg = load_config(args.config, sets)
             model = build_model(cfg, 1)
             model.compile(optimizer=build_optimizer(cfg.train, 100), loss=get_loss(cfg.train))
