@@ -6,7 +6,9 @@ each once for whole images and once for patches, and times their training steps 
 batches alternately, so that a change in the machine's speed hits all four alike. Prints one
 JSON object: the median seconds per step of each, and the patch-to-whole ratio in 2D and 2.5D.
 
-    .venv/bin/python scripts/bench_patch_step.py [--steps 25] [--patch 96]
+    .venv/bin/python scripts/bench_patch_step.py [--steps 25] [--patch N]
+
+``--patch`` defaults to the side of the config's ``train.patch_size`` (96 where it has none).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "lgg-unet.yaml"))
     ap.add_argument("--steps", type=int, default=25, help="timed steps per model")
-    ap.add_argument("--patch", type=int, default=96, help="patch side in pixels")
+    ap.add_argument("--patch", type=int, default=None, help="patch side in pixels")
     args = ap.parse_args()
+    if args.patch is None:
+        args.patch = (load_config(args.config, []).train.patch_size or [96])[0]
     rng = np.random.default_rng(0)
     models = {}
     for ctx in (0, 1):
