@@ -8,7 +8,7 @@ JSON object: the median seconds per step of each, and the patch-to-whole ratio i
 
     .venv/bin/python scripts/bench_patch_step.py [--steps 25] [--patch N]
 
-``--patch`` defaults to the side of the config's ``train.patch_size`` (96 where it has none).
+The patch is the config's ``train.patch_size`` unless ``--patch N`` asks for N x N.
 """
 
 from __future__ import annotations
@@ -34,18 +34,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="timed steps per model")
     ap.add_argument("--patch", type=int, default=None, help="patch side in pixels")
     args = ap.parse_args()
-    if args.patch is None:
-        args.patch = (load_config(args.config, []).train.patch_size or [96])[0]
+    patch_size = [args.patch] * 2 if args.patch else load_config(args.config, []).train.patch_size
+    if not patch_size:
+        ap.error(f"{args.config} has no train.patch_size: give --patch N")
     rng = np.random.default_rng(0)
     models = {}
     for ctx in (0, 1):
-        for patch in (None, args.patch):
-            sets = [f"data.context_slices={ctx}"]
-            sets.append(f"train.patch_size=[{patch},{patch}]" if patch else "train.patch_size=[]")
+        for patch in ([], patch_size):
+            sets = [f"data.context_slices={ctx}", f"train.patch_size={patch}"]
             cfg = load_config(args.config, sets)
             model = build_model(cfg, 1)
             model.compile(optimizer=build_optimizer(cfg.train, 100), loss=get_loss(cfg.train))
-            h, w = (patch, patch) if patch else cfg.data.image_size
+            h, w = patch or cfg.data.image_size
             batch = cfg.train.batch_size
             x = rng.normal(size=(batch, h, w, cfg.data.input_channels)).astype(np.float32)
             y = (rng.random((batch, h, w, 1)) > 0.9).astype(np.float32)
@@ -64,7 +64,7 @@ def main() -> None:
         out[f"{dim}_patch_to_whole"] = round(
             out[f"{dim}_patch_s_per_step"] / out[f"{dim}_whole_s_per_step"], 3
         )
-    out.update(patch=args.patch, steps=args.steps, config=args.config)
+    out.update(patch=patch_size, steps=args.steps, config=args.config)
     print(json.dumps(out))
 
 
