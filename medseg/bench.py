@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from medseg.config import Config, load_config
+from medseg.config import Config, load_config, precision_policy
 from medseg.errors import ConfigError, MedsegError
 
 logger = logging.getLogger(__name__)
@@ -301,15 +301,14 @@ def bench_config(
             setter(int(os.environ[key]))
             threads[key] = int(os.environ[key])
 
-    if cfg.train.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(precision_policy(cfg.train))
     keras.utils.set_random_seed(cfg.train.seed)
     num_classes = cfg.model.num_classes if cfg.data.task == "segmentation" else 4
     out: dict = {
         "model": cfg.model.name,
         "input": [*cfg.data.image_size, cfg.data.channels],
         "batch": cfg.train.batch_size,
-        "mixed_precision": cfg.train.mixed_precision,
+        "mixed_precision": precision_policy(cfg.train),
         "jit_compile": cfg.train.jit_compile,
         "steps_per_execution": cfg.train.steps_per_execution,
         "threads": threads or "default",

@@ -51,6 +51,7 @@ OPTIMIZERS = (
 LR_SCHEDULES = ("cosine", "cosine_restarts", "constant")
 DISTRIBUTE = ("auto", "none", "mirrored", "multiworker")
 LR_SCALINGS = ("linear", "none")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 MONITOR_MODES = ("min", "max")
 
 
@@ -237,7 +238,12 @@ class TrainConfig:
         monitor: metric that picks ``best.keras`` (``val_loss``, ``val_dice``, ...).
         monitor_mode: ``min`` or ``max``.
         seed: seed for splits, shuffling, augmentation and weight initialisation.
-        mixed_precision: use ``mixed_float16`` (GPUs only; slower on CPU).
+        mixed_precision: Keras dtype policy for training: ``float32`` (or ``false``),
+            ``mixed_float16`` (or ``true``; GPUs, slower on CPU) or ``mixed_bfloat16`` (GPUs and
+            CPUs with AMX or AVX512-BF16, such as recent Intel Xeons: 0.70 of the float32 step
+            of the LGG recipe there; slower on CPUs without them, such as the AMD EPYC of
+            docs/performance.md). The model keeps its float32 output head and loss; a saved
+            model keeps its policy. See :func:`precision_policy`.
         jit_compile: XLA-compile the train step (GPUs; slower on this CPU).
         steps_per_execution: train steps per call into the graph.
     """
@@ -263,7 +269,7 @@ class TrainConfig:
     monitor: str = "val_loss"
     monitor_mode: str = "min"
     seed: int = 0
-    mixed_precision: bool = False
+    mixed_precision: bool | str = False
     jit_compile: bool = False
     steps_per_execution: int = 1
 
@@ -421,6 +427,15 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**kwargs)
 
 
+def precision_policy(train: TrainConfig) -> str:
+    """The Keras dtype policy that ``train.mixed_precision`` names (``false`` and ``true`` are
+    the older spellings of ``float32`` and ``mixed_float16``)."""
+    value = train.mixed_precision
+    if isinstance(value, bool):
+        return "mixed_float16" if value else "float32"
+    return value
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
@@ -541,6 +556,8 @@ def validate(cfg: Config) -> Config:
     _check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _check_choice("train.distribute", t.distribute, DISTRIBUTE)
     _check_choice("train.lr_scaling", t.lr_scaling, LR_SCALINGS)
+    if isinstance(t.mixed_precision, str):
+        _check_choice("train.mixed_precision", t.mixed_precision, PRECISIONS)
     _check(t.restart_epochs > 0, "train.restart_epochs", "must be > 0")
     _check(t.clipnorm >= 0, "train.clipnorm", "must be >= 0 (0: no clipping)")
     _check(t.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0: off)")

@@ -15,6 +15,7 @@ from medseg.config import (
     TrainConfig,
     config_from_dict,
     load_config,
+    precision_policy,
 )
 from medseg.errors import ConfigError
 
@@ -322,3 +323,23 @@ def test_hash_ignores_run_section():
     other = load_config(None, ["run.name=other", "run.root=elsewhere", "run.overwrite=true"])
     assert other.hash() == base.hash()
     assert other != base
+
+
+@pytest.mark.parametrize(
+    ("text", "policy"),
+    [
+        ("false", "float32"),
+        ("true", "mixed_float16"),
+        ("float32", "float32"),
+        ("mixed_float16", "mixed_float16"),
+        ("mixed_bfloat16", "mixed_bfloat16"),
+    ],
+)
+def test_mixed_precision_names_a_keras_policy(text: str, policy: str):
+    cfg = load_config(None, [f"train.mixed_precision={text}"])
+    assert precision_policy(cfg.train) == policy
+
+
+def test_unknown_precision_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="train.mixed_precision: 'bfloat16' is not one of .*"):
+        load_config(None, ["train.mixed_precision=bfloat16"])

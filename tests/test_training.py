@@ -190,3 +190,26 @@ def test_mirrored_strategy_on_two_logical_cpus(tiny_synth, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "replicas 2" in proc.stdout and "epochs 1" in proc.stdout
     assert (tmp_path / "m1" / "checkpoints" / "best.keras").is_file()
+
+
+def test_a_mixed_bfloat16_run_keeps_its_policy_when_saved_and_serves_float32(tiny_synth, tmp_path):
+    from medseg.inference.export import export_run
+
+    cfg = _cfg(
+        tiny_synth, tmp_path, "bf16", "train.epochs=1", "train.mixed_precision=mixed_bfloat16"
+    )
+    result = train(cfg)
+    assert np.isfinite(result.metrics["dice"])
+    model = keras.models.load_model(result.run.path / "checkpoints" / "last.keras")
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    # the body computes in bfloat16, the output head (and so the loss) stays float32
+    assert convs[0].compute_dtype == "bfloat16"
+    assert convs[-1].compute_dtype == "float32"
+    probs = model.predict(np.random.default_rng(0).random((2, 32, 32, 3), "float32"), verbose=0)
+    assert probs.dtype == np.float32 and np.isfinite(probs).all()
+    # export_run reloads the SavedModel and checks it against the Keras model
+    assert (export_run(result.run.path, tmp_path / "export") / "saved_model").is_dir()
+    # the next float32 run in the same process is float32 again
+    again = train(_cfg(tiny_synth, tmp_path, "f32", "train.epochs=1"))
+    reloaded = keras.models.load_model(again.run.path / "checkpoints" / "last.keras")
+    assert all(layer.compute_dtype == "float32" for layer in reloaded.layers if layer.weights)

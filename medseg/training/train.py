@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medseg.config import Config
+from medseg.config import Config, precision_policy
 from medseg.data.augment import build_augment
 from medseg.data.pipeline import (
     ArrayData,
@@ -246,8 +246,7 @@ def train(
     """
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything else.
     placement = make_placement(cfg)
-    if cfg.train.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(precision_policy(cfg.train))
     _seed(cfg)
     if placement.is_chief:
         return _train(cfg, placement, callbacks, manifest, eval_checkpoint)
