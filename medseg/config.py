@@ -242,8 +242,9 @@ class TrainConfig:
             ``mixed_float16`` (or ``true``; GPUs, slower on CPU) or ``mixed_bfloat16`` (GPUs and
             CPUs with AMX or AVX512-BF16, such as recent Intel Xeons: 0.70 of the float32 step
             of the LGG recipe there; slower on CPUs without them, such as the AMD EPYC of
-            docs/performance.md). The model keeps its float32 output head and loss; a saved
-            model keeps its policy. See :func:`precision_policy`.
+            docs/performance.md). The output head and the loss stay float32, the weights are
+            float32 either way; saved models load (and are served) in the loading process's
+            policy, float32 unless set. See :func:`precision_policy`.
         jit_compile: XLA-compile the train step (GPUs; slower on this CPU).
         steps_per_execution: train steps per call into the graph.
     """

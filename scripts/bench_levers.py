@@ -26,7 +26,8 @@ VARIANTS = {
     "baseline": (["--infer-paths", FAST_PATHS + ",tflite"], {}),
     "steps_per_execution_4": (["--set", "train.steps_per_execution=4"], {}),
     "xla": (["--set", "train.jit_compile=true"], {}),
-    "mixed_float16": (["--set", "train.mixed_precision=true"], {}),
+    "mixed_float16": (["--set", "train.mixed_precision=mixed_float16"], {}),
+    "mixed_bfloat16": (["--set", "train.mixed_precision=mixed_bfloat16"], {}),
     "batch_x2": ([], {}),  # batch sizes set per model below
     "inter_op_1": ([], {"TF_NUM_INTEROP_THREADS": "1"}),
     "onednn_off": ([], {"TF_ENABLE_ONEDNN_OPTS": "0"}),

@@ -192,24 +192,41 @@ def test_mirrored_strategy_on_two_logical_cpus(tiny_synth, tmp_path):
     assert (tmp_path / "m1" / "checkpoints" / "best.keras").is_file()
 
 
-def test_a_mixed_bfloat16_run_keeps_its_policy_when_saved_and_serves_float32(tiny_synth, tmp_path):
+class ComputeDtypes(keras.callbacks.Callback):
+    """Records the compute dtype of the first and last convolution at the start of training."""
+
+    def on_train_begin(self, logs=None):
+        convs = [layer for layer in self.model.layers if isinstance(layer, keras.layers.Conv2D)]
+        self.first, self.last = convs[0].compute_dtype, convs[-1].compute_dtype
+
+
+@pytest.fixture
+def float32_after():
+    """Puts the process-wide Keras dtype policy back to float32 whatever the test did."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_mixed_bfloat16_run_trains_in_bfloat16_and_serves_in_float32(
+    tiny_synth, tmp_path, float32_after
+):
     from medseg.inference.export import export_run
 
-    cfg = _cfg(
-        tiny_synth, tmp_path, "bf16", "train.epochs=1", "train.mixed_precision=mixed_bfloat16"
-    )
-    result = train(cfg)
+    seen = ComputeDtypes()
+    bf16 = "train.mixed_precision=mixed_bfloat16"
+    result = train(_cfg(tiny_synth, tmp_path, "bf16", "train.epochs=1", bf16), [seen])
+    # the body computed in bfloat16, the output head (and so the loss) in float32
+    assert (seen.first, seen.last) == ("bfloat16", "float32")
     assert np.isfinite(result.metrics["dice"])
+    # a new process (float32 policy) loads the saved model in float32: the weights are float32
+    # either way, and the model is served (export_run checks the SavedModel against it) in it
+    keras.mixed_precision.set_global_policy("float32")
     model = keras.models.load_model(result.run.path / "checkpoints" / "last.keras")
-    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    # the body computes in bfloat16, the output head (and so the loss) stays float32
-    assert convs[0].compute_dtype == "bfloat16"
-    assert convs[-1].compute_dtype == "float32"
+    assert all(layer.compute_dtype == "float32" for layer in model.layers if layer.weights)
     probs = model.predict(np.random.default_rng(0).random((2, 32, 32, 3), "float32"), verbose=0)
     assert probs.dtype == np.float32 and np.isfinite(probs).all()
-    # export_run reloads the SavedModel and checks it against the Keras model
     assert (export_run(result.run.path, tmp_path / "export") / "saved_model").is_dir()
-    # the next float32 run in the same process is float32 again
-    again = train(_cfg(tiny_synth, tmp_path, "f32", "train.epochs=1"))
-    reloaded = keras.models.load_model(again.run.path / "checkpoints" / "last.keras")
-    assert all(layer.compute_dtype == "float32" for layer in reloaded.layers if layer.weights)
+    # the next run with the default policy trains in float32 again, whatever the last one set
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    train(_cfg(tiny_synth, tmp_path, "f32", "train.epochs=1"), [seen])
+    assert (seen.first, seen.last) == ("float32", "float32")
