@@ -240,11 +240,11 @@ class TrainConfig:
         seed: seed for splits, shuffling, augmentation and weight initialisation.
         mixed_precision: Keras dtype policy for training: ``float32`` (or ``false``),
             ``mixed_float16`` (or ``true``; GPUs, slower on CPU) or ``mixed_bfloat16`` (GPUs and
-            CPUs with AMX or AVX512-BF16, such as recent Intel Xeons: 0.70 of the float32 step
-            of the LGG recipe there; slower on CPUs without them, such as the AMD EPYC of
-            docs/performance.md). The output head and the loss stay float32, the weights are
-            float32 either way; saved models load (and are served) in the loading process's
-            policy, float32 unless set. See :func:`precision_policy`.
+            CPUs with AMX, such as recent Intel Xeons: 0.85 of the float32 96x96 step of the LGG
+            recipe there, ``scripts/bench_patch_step.py``; slower on CPUs without AMX, such as
+            the AMD EPYC of docs/performance.md). The output head and the loss stay float32,
+            the weights are float32 either way; saved models load (and are served) in the
+            loading process's policy, float32 unless set. See :func:`precision_policy`.
         jit_compile: XLA-compile the train step (GPUs; slower on this CPU).
         steps_per_execution: train steps per call into the graph.
     """
