@@ -216,7 +216,12 @@ class TrainConfig:
             restarting at the peak) or ``constant``.
         restart_epochs: length of the first cycle of ``cosine_restarts``.
         clipnorm: clip each gradient to this L2 norm (0: no clipping).
-        early_stopping: stop when ``monitor`` has not improved for this many epochs (0: off).
+        early_stopping: stop when ``monitor`` has not improved for this many epochs (0: off);
+            with ``validation_freq`` above 1, for this many validated epochs.
+        validation_freq: validate every this many epochs, and after the last one. The
+            ``val_*`` curves, ``best.keras`` and early stopping see only those epochs;
+            cross-validation scores ``last``, so on a slow CPU the validation time (about a
+            seventh of an epoch of the LGG recipe) goes to training instead. 1: every epoch.
         deterministic: seed Python/NumPy/TF and enable TensorFlow op determinism (slower).
         distribute: ``auto`` (``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` names
             several workers, else ``MirroredStrategy`` when several GPUs are visible),
@@ -260,6 +265,7 @@ class TrainConfig:
     restart_epochs: float = 5.0
     clipnorm: float = 0.0
     early_stopping: int = 0
+    validation_freq: int = 1
     deterministic: bool = False
     distribute: str = "auto"
     loss: str = "bce_dice"
@@ -562,6 +568,7 @@ def validate(cfg: Config) -> Config:
     _check(t.restart_epochs > 0, "train.restart_epochs", "must be > 0")
     _check(t.clipnorm >= 0, "train.clipnorm", "must be >= 0 (0: no clipping)")
     _check(t.early_stopping >= 0, "train.early_stopping", "must be >= 0 (0: off)")
+    _check(t.validation_freq >= 1, "train.validation_freq", "must be >= 1 (1: every epoch)")
     _check(
         0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be >= 0 and < train.epochs"
     )

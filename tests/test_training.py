@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -116,6 +117,52 @@ def test_early_stopping_and_nan(tiny_synth, tmp_path):
                 "model.batch_norm=false",
             )
         )
+
+
+def test_validation_every_n_epochs_and_after_the_last(tiny_synth, tmp_path):
+    # Validated epochs (1-based): 2, 4 and the last, 5. Val_loss never improves (learning rate
+    # ~0) and patience 2 counts validated epochs only, so all five epochs run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "val_loss not available" warnings
+        result = train(
+            _cfg(
+                tiny_synth,
+                tmp_path,
+                "vf",
+                "train.epochs=5",
+                "train.validation_freq=2",
+                "train.early_stopping=2",
+                "train.learning_rate=1e-20",
+                "train.lr_schedule=constant",
+                "model.batch_norm=false",
+                "model.dropout=0",
+            )
+        )
+    assert len(result.history["loss"]) == 5
+    assert len(result.history["val_loss"]) == 3
+    run = tmp_path / "vf"
+    rows = list(csv.DictReader((run / "logs" / "history.csv").read_text().splitlines()))
+    assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True, True]
+    assert (run / "checkpoints" / "best.keras").is_file()
+    assert (run / "plots" / "curves.png").is_file()
+    assert result.metrics["split"] == "val"
+
+    # patience 1: the first validation (epoch 2) sets the best, the next (epoch 4) stops it
+    stopped = train(
+        _cfg(
+            tiny_synth,
+            tmp_path,
+            "vf-es",
+            "train.epochs=8",
+            "train.validation_freq=2",
+            "train.early_stopping=1",
+            "train.learning_rate=1e-20",
+            "train.lr_schedule=constant",
+            "model.batch_norm=false",
+            "model.dropout=0",
+        )
+    )
+    assert len(stopped.history["loss"]) == 4
 
 
 @pytest.fixture

@@ -41,9 +41,18 @@ def _discard(tmp: str, final: str, error: BaseException) -> None:
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """``ModelCheckpoint`` that writes to a temporary file and renames it into place."""
+    """``ModelCheckpoint`` that writes to a temporary file and renames it into place.
+
+    With ``save_best_only``, an epoch whose logs lack ``monitor`` (not validated, with
+    ``fit(validation_freq=...)``) is skipped without Keras's warning.
+    """
 
     _sha256: str | None = None  # of the file this callback committed last
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_best_only and self.monitor not in (logs or {}):
+            return
+        super().on_epoch_end(epoch, logs)
 
     def _save_model(self, epoch, batch, logs):
         final = self.filepath
@@ -58,6 +67,18 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             self.filepath = final
         if os.path.exists(tmp):
             self._sha256 = commit_checkpoint(tmp, final, previous=self._sha256)
+
+
+class ValidatedEarlyStopping(keras.callbacks.EarlyStopping):
+    """``EarlyStopping`` that counts only the epochs whose logs hold ``monitor``.
+
+    With ``fit(validation_freq=N)`` the other epochs are not validated: they neither use up
+    the patience nor warn that the metric is missing.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor in (logs or {}):
+            super().on_epoch_end(epoch, logs)
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):

@@ -35,8 +35,16 @@ def plot_history(history_csv: str | Path, out: str | Path) -> Path | None:
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         ax.plot(epochs, [float(r[name]) for r in rows], label="train")
-        if f"val_{name}" in rows[0]:
-            ax.plot(epochs, [float(r[f"val_{name}"]) for r in rows], label="val")
+        # blank in the epochs that were not validated (train.validation_freq)
+        val = [
+            (e, float(r[f"val_{name}"]))
+            for e, r in zip(epochs, rows, strict=True)
+            if r.get(f"val_{name}")
+        ]
+        if val:
+            ax.plot(
+                *zip(*val, strict=True), marker="." if len(val) < len(rows) else None, label="val"
+            )
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.legend()

@@ -39,6 +39,7 @@ from medseg.training.callbacks import (
     AtomicBackupAndRestore,
     AtomicCSVLogger,
     AtomicModelCheckpoint,
+    ValidatedEarlyStopping,
 )
 from medseg.training.distributed import (
     Placement,
@@ -164,6 +165,18 @@ def _best_so_far(path: Path, monitor: str, mode: str) -> float | None:
     return max(values) if mode == "max" else min(values)
 
 
+def validation_epochs(epochs: int, every: int) -> int | list[int]:
+    """The 1-based epochs ``fit`` validates: every ``every``-th one and the last one.
+
+    Example:
+        >>> validation_epochs(10, 4)
+        [4, 8, 10]
+    """
+    if every == 1:
+        return 1
+    return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+
+
 def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
     t = cfg.train
     history = run.logs / "history.csv"
@@ -188,7 +201,7 @@ def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
     ]
     if t.early_stopping:
         callbacks.append(
-            keras.callbacks.EarlyStopping(
+            ValidatedEarlyStopping(
                 monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping, verbose=1
             )
         )
@@ -406,6 +419,7 @@ def _train(
             history = model.fit(
                 train_ds,
                 validation_data=val_ds,
+                validation_freq=validation_epochs(cfg.train.epochs, cfg.train.validation_freq),
                 epochs=cfg.train.epochs,
                 callbacks=fit_callbacks,
                 class_weight=weights,
