@@ -553,3 +553,25 @@ def test_output_is_deterministic(tmp_path, cls_run):
     md = (c / "report.md").read_text()
     write_report(c, summarize(c, n_boot=100))
     assert (c / "report.md").read_text() == md
+
+
+def test_training_curves_show_validation_every_n_epochs(tmp_path, monkeypatch):
+    # train.validation_freq=2: val_* blank in the epochs that were not validated
+    path = tmp_path / "history.csv"
+    rows = ["epoch,loss,val_loss"] + [
+        f"{e},{1 - e / 10},{(0.9 - e / 20) if e % 2 else ''}" for e in range(6)
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    drawn = []
+    real_plot = report.plt.Axes.plot
+
+    def plot(ax, *args, **kwargs):
+        drawn.append([list(a) for a in args if not isinstance(a, str)])
+        return real_plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(report.plt.Axes, "plot", plot)
+    assert report.plot_cv_history({1: path}, tmp_path / "curves.png").is_file()
+    train_line, val_line = drawn
+    assert train_line[0] == [1, 2, 3, 4, 5, 6]
+    assert val_line[0] == [2, 4, 6]  # epochs 1, 3, 5 (0-based) were validated
+    assert val_line[1] == pytest.approx([0.85, 0.75, 0.65])

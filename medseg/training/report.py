@@ -727,7 +727,21 @@ def plot_cv_history(histories: dict[int, Path], out: Path) -> Path | None:
             if name in rows[0]:
                 ax.plot(epochs, values(rows, name), "--", color=colour, linewidth=1)
             if f"val_{name}" in rows[0]:
-                ax.plot(epochs, values(rows, f"val_{name}"), "-", color=colour, linewidth=1.4)
+                # only the validated epochs (train.validation_freq): NaN gaps would hide the line
+                val = [
+                    (e, v)
+                    for e, v in zip(epochs, values(rows, f"val_{name}"), strict=True)
+                    if math.isfinite(v)
+                ]
+                if val:
+                    sparse = len(val) < len(rows)
+                    ax.plot(
+                        *zip(*val, strict=True),
+                        "-",
+                        color=colour,
+                        linewidth=1.4,
+                        marker="." if sparse else None,
+                    )
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
