@@ -16,7 +16,7 @@ import pytest
 from medseg.config import load_config
 from medseg.errors import ModelError, RunExistsError
 from medseg.training.evaluate import evaluate
-from medseg.training.train import resume, train
+from medseg.training.train import resume, train, validation_epochs
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,9 @@ def test_early_stopping_and_nan(tiny_synth, tmp_path):
 
 
 def test_validation_every_n_epochs_and_after_the_last(tiny_synth, tmp_path):
+    assert validation_epochs(5, 1) == 1
+    assert validation_epochs(8, 4) == [4, 8]
+    assert validation_epochs(5, 2) == [2, 4, 5]
     # Validated epochs (1-based): 2, 4 and the last, 5. Val_loss never improves (learning rate
     # ~0) and patience 2 counts validated epochs only, so all five epochs run.
     with warnings.catch_warnings():
