@@ -51,7 +51,7 @@ OPTIMIZERS = (
 LR_SCHEDULES = ("cosine", "cosine_restarts", "constant")
 DISTRIBUTE = ("auto", "none", "mirrored", "multiworker")
 LR_SCALINGS = ("linear", "none")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 MONITOR_MODES = ("min", "max")
 
 
@@ -221,7 +221,7 @@ class TrainConfig:
         validation_freq: validate every this many epochs, and after the last one. The
             ``val_*`` curves, ``best.keras`` and early stopping see only those epochs;
             cross-validation scores ``last``, so on a slow CPU the validation time (about a
-            seventh of an epoch of the LGG recipe) goes to training instead. 1: every epoch.
+            tenth of an epoch of the LGG recipe) goes to training instead. 1: every epoch.
         deterministic: seed Python/NumPy/TF and enable TensorFlow op determinism (slower).
         distribute: ``auto`` (``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` names
             several workers, else ``MirroredStrategy`` when several GPUs are visible),
@@ -244,10 +244,11 @@ class TrainConfig:
         monitor_mode: ``min`` or ``max``.
         seed: seed for splits, shuffling, augmentation and weight initialisation.
         mixed_precision: Keras dtype policy for training: ``float32`` (or ``false``),
-            ``mixed_float16`` (or ``true``; GPUs, slower on CPU) or ``mixed_bfloat16`` (GPUs and
+            ``mixed_float16`` (or ``true``; GPUs, slower on CPU), ``mixed_bfloat16`` (GPUs and
             CPUs with AMX, such as recent Intel Xeons: 0.85 of the float32 96x96 step of the LGG
             recipe there, ``scripts/bench_patch_step.py``; slower on CPUs without AMX, such as
-            the AMD EPYC of docs/performance.md). The output head and the loss stay float32,
+            the AMD EPYC of docs/performance.md), or ``auto``: ``mixed_bfloat16`` on a CPU with
+            AMX and no GPU, ``float32`` otherwise. The output head and the loss stay float32,
             the weights are float32 either way; saved models load (and are served) in the
             loading process's policy, float32 unless set. See :func:`precision_policy`.
         jit_compile: XLA-compile the train step (GPUs; slower on this CPU).
@@ -434,12 +435,35 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**kwargs)
 
 
+def cpu_has_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (the ``amx_bf16`` flag of Linux's cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return any(
+        line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines()
+    )
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def precision_policy(train: TrainConfig) -> str:
-    """The Keras dtype policy that ``train.mixed_precision`` names (``false`` and ``true`` are
-    the older spellings of ``float32`` and ``mixed_float16``)."""
+    """The Keras dtype policy that ``train.mixed_precision`` names.
+
+    ``false`` and ``true`` are the older spellings of ``float32`` and ``mixed_float16``;
+    ``auto`` is ``mixed_bfloat16`` on a CPU with AMX when no GPU is visible, else ``float32``
+    (the one case where bfloat16 was measured faster on CPU; on GPUs name the policy).
+    """
     value = train.mixed_precision
     if isinstance(value, bool):
         return "mixed_float16" if value else "float32"
+    if value == "auto":
+        return "mixed_bfloat16" if cpu_has_amx() and not _gpu_visible() else "float32"
     return value
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+import medseg.config as config_module
 from medseg.config import (
     SECTIONS,
     Config,
     DataConfig,
     TrainConfig,
     config_from_dict,
+    cpu_has_amx,
     load_config,
     precision_policy,
 )
@@ -238,6 +240,7 @@ def test_wrong_type_names_key(override: str, key: str):
         ("augment.missing_sequence=-0.1", "augment.missing_sequence"),
         ("model.depth=0", "model.depth"),
         ("cv.only=[6]", "cv.only"),
+        ("train.validation_freq=0", "train.validation_freq"),
     ],
 )
 def test_impossible_value_names_key(override: str, key: str):
@@ -338,6 +341,26 @@ def test_hash_ignores_run_section():
 def test_mixed_precision_names_a_keras_policy(text: str, policy: str):
     cfg = load_config(None, [f"train.mixed_precision={text}"])
     assert precision_policy(cfg.train) == policy
+
+
+@pytest.mark.parametrize(
+    ("amx", "gpu", "policy"),
+    [(True, False, "mixed_bfloat16"), (False, False, "float32"), (True, True, "float32")],
+)
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch, amx, gpu, policy):
+    monkeypatch.setattr(config_module, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(config_module, "_gpu_visible", lambda: gpu)
+    cfg = load_config(None, ["train.mixed_precision=auto"])
+    assert precision_policy(cfg.train) == policy
+
+
+def test_cpu_has_amx_reads_the_flags_of_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert not cpu_has_amx(info)  # AVX512-BF16 is not AMX
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    assert cpu_has_amx(info)
+    assert not cpu_has_amx(tmp_path / "missing")
 
 
 def test_unknown_precision_lists_the_valid_ones():

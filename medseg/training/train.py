@@ -259,7 +259,10 @@ def train(
     """
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything else.
     placement = make_placement(cfg)
-    keras.mixed_precision.set_global_policy(precision_policy(cfg.train))
+    policy = precision_policy(cfg.train)
+    if cfg.train.mixed_precision == "auto":
+        logger.info("train.mixed_precision auto: %s", policy)
+    keras.mixed_precision.set_global_policy(policy)
     _seed(cfg)
     if placement.is_chief:
         return _train(cfg, placement, callbacks, manifest, eval_checkpoint)
