@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +23,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def logged_points(epochs: list[int], rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """``(epoch, value)`` of the ``history.csv`` rows that hold a number for ``key``: with
+    ``train.validation_freq`` the ``val_*`` cells of epochs that were not validated are blank."""
+    points = []
+    for e, r in zip(epochs, rows, strict=True):
+        with contextlib.suppress(TypeError, ValueError):
+            if math.isfinite(v := float(r.get(key))):
+                points.append((e, v))
+    return points
+
+
 def plot_history(history_csv: str | Path, out: str | Path) -> Path | None:
     """Training curves: one panel per metric, train and validation together."""
     history_csv = Path(history_csv)
@@ -35,12 +48,7 @@ def plot_history(history_csv: str | Path, out: str | Path) -> Path | None:
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         ax.plot(epochs, [float(r[name]) for r in rows], label="train")
-        # blank in the epochs that were not validated (train.validation_freq)
-        val = [
-            (e, float(r[f"val_{name}"]))
-            for e, r in zip(epochs, rows, strict=True)
-            if r.get(f"val_{name}")
-        ]
+        val = logged_points(epochs, rows, f"val_{name}")
         if val:
             ax.plot(
                 *zip(*val, strict=True), marker="." if len(val) < len(rows) else None, label="val"

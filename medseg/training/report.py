@@ -40,7 +40,7 @@ import yaml
 
 from medseg.errors import DataError
 from medseg.models.metrics import dice_from_counts, iou_from_counts
-from medseg.training.plots import _save, plot_confusion, plot_roc, plt
+from medseg.training.plots import _save, logged_points, plot_confusion, plot_roc, plt
 from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -727,12 +727,7 @@ def plot_cv_history(histories: dict[int, Path], out: Path) -> Path | None:
             if name in rows[0]:
                 ax.plot(epochs, values(rows, name), "--", color=colour, linewidth=1)
             if f"val_{name}" in rows[0]:
-                # only the validated epochs (train.validation_freq): NaN gaps would hide the line
-                val = [
-                    (e, v)
-                    for e, v in zip(epochs, values(rows, f"val_{name}"), strict=True)
-                    if math.isfinite(v)
-                ]
+                val = logged_points(epochs, rows, f"val_{name}")  # NaN gaps would hide a line
                 if val:
                     sparse = len(val) < len(rows)
                     ax.plot(
