@@ -710,31 +710,22 @@ def plot_cv_history(histories: dict[int, Path], out: Path) -> Path | None:
     if not names:
         return None
 
-    def values(rows, key):
-        out = []
-        for r in rows:
-            try:
-                out.append(float(r.get(key)))
-            except (TypeError, ValueError):
-                out.append(math.nan)
-        return out
-
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for i, (_f, rows) in enumerate(sorted(data.items())):
             colour = f"C{i % 10}"
             epochs = [int(float(r.get("epoch", j))) + 1 for j, r in enumerate(rows)]
-            if name in rows[0]:
-                ax.plot(epochs, values(rows, name), "--", color=colour, linewidth=1)
-            if f"val_{name}" in rows[0]:
-                val = logged_points(epochs, rows, f"val_{name}")  # NaN gaps would hide a line
-                if val:
-                    sparse = len(val) < len(rows)
+            for key, style, width in ((name, "--", 1), (f"val_{name}", "-", 1.4)):
+                # blank cells (epochs not validated: train.validation_freq) are left out, as NaN
+                # gaps would hide a line of isolated points
+                points = logged_points(epochs, rows, key)
+                if points:
+                    sparse = len(points) < len(rows)
                     ax.plot(
-                        *zip(*val, strict=True),
-                        "-",
+                        *zip(*points, strict=True),
+                        style,
                         color=colour,
-                        linewidth=1.4,
+                        linewidth=width,
                         marker="." if sparse else None,
                     )
         ax.set_title(name)
