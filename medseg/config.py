@@ -220,8 +220,8 @@ class TrainConfig:
             with ``validation_freq`` above 1, for this many validated epochs.
         validation_freq: validate every this many epochs, and after the last one. The
             ``val_*`` curves, ``best.keras`` and early stopping see only those epochs;
-            cross-validation scores ``last``, so on a slow CPU the validation time (about a
-            tenth of an epoch of the LGG recipe) goes to training instead. 1: every epoch.
+            cross-validation scores ``last``, so on a slow CPU the validation time (about an
+            eighth of an epoch of the LGG recipe) goes to training instead. 1: every epoch.
         deterministic: seed Python/NumPy/TF and enable TensorFlow op determinism (slower).
         distribute: ``auto`` (``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` names
             several workers, else ``MirroredStrategy`` when several GPUs are visible),
