@@ -429,8 +429,8 @@ def _run_overrides(args) -> list[str]:
 def _cmd_train(args) -> int:
     from medseg.config import load_config
     from medseg.errors import ConfigError
+    from medseg.evaluation.evaluate import headline
     from medseg.training.cluster import tf_config_for
-    from medseg.training.evaluate import headline
     from medseg.training.train import resume, train
 
     if (args.workers is None) != (args.worker_index is None):
@@ -485,7 +485,7 @@ def _cmd_cv(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from medseg.errors import ConfigError
-    from medseg.training.evaluate import evaluate, headline
+    from medseg.evaluation.evaluate import evaluate, headline
 
     run = Path(args.run)
     is_export = (run / "medseg.json").is_file()
@@ -496,7 +496,7 @@ def _cmd_evaluate(args) -> int:
                 f"{run}: an export or cross-validation folder is scored on a labelled folder: "
                 "give --data FOLDER and --out DIR"
             )
-        from medseg.inference.scoring import evaluate_model
+        from medseg.evaluation.scoring import evaluate_model
 
         metrics = evaluate_model(
             run,
@@ -532,7 +532,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from medseg.inference.tune import ablation_markdown, tune
+    from medseg.evaluation.tune import ablation_markdown, tune
 
     result = tune(args.run, n_boot=args.n_boot, ensemble_with=args.ensemble_with)
     print(ablation_markdown(result), end="")

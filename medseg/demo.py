@@ -19,9 +19,9 @@ from pathlib import Path
 from medseg.config import load_config
 from medseg.data.scan import scan_from_config
 from medseg.data.synthetic import SynthSpec, generate
+from medseg.evaluation.evaluate import evaluate
 from medseg.inference.export import export_run
 from medseg.inference.predict import PredictResult, predict
-from medseg.training.evaluate import evaluate
 from medseg.training.train import train
 
 logger = logging.getLogger(__name__)

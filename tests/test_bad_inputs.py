@@ -630,7 +630,7 @@ def _config_data(case: Case, path: Path) -> MedsegError:
 
 
 def _evaluate(case: Case, path: Path) -> MedsegError:
-    from medseg.training.evaluate import evaluate
+    from medseg.evaluation.evaluate import evaluate
 
     return _raised(evaluate, path)
 

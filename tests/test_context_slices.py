@@ -151,10 +151,10 @@ def test_load_arrays_stacks_the_neighbours_of_the_same_patient(tiny_synth):
 
 @pytest.mark.slow
 def test_a_2p5d_unet_trains_tunes_exports_scores_and_predicts(tiny_synth, tmp_path):
+    from medseg.evaluation.scoring import evaluate_model
+    from medseg.evaluation.tune import tune
     from medseg.inference.export import export_run
     from medseg.inference.predict import Predictor, predict
-    from medseg.inference.scoring import evaluate_model
-    from medseg.inference.tune import tune
     from medseg.training.cv import run_cv
 
     root = tiny_synth / "segmentation"

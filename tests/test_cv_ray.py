@@ -45,10 +45,10 @@ def restore_determinism():
 
 
 def _report():
-    """write_report when medseg.training.report has it, else a stand-in returning {}."""
-    if importlib.util.find_spec("medseg.training.report") is None:
+    """write_report when medseg.evaluation.report has it, else a stand-in returning {}."""
+    if importlib.util.find_spec("medseg.evaluation.report") is None:
         return lambda root: {}
-    report = importlib.import_module("medseg.training.report")
+    report = importlib.import_module("medseg.evaluation.report")
     return getattr(report, "write_report", lambda root: {})
 
 

@@ -1,47 +1,98 @@
-"""Imports flow one way: config -> io -> data -> models -> training/inference -> demo -> cli."""
+"""The layout is the architecture: imports flow one way, no cycles, no private names across
+modules, small files and functions.
+
+Layers, lowest first (a module may import its own part and the parts below it)::
+
+    errors, utils, raytools -> config | io -> data -> models -> artifacts
+        -> inference -> evaluation -> training -> demo, bench -> cli
+
+``config`` and ``io`` are both foundations and import neither each other nor anything above.
+Imports inside functions count as much as those at the top of a module.
+"""
 
 from __future__ import annotations
 
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 
-# Layer of each top-level part; a module may import only from its own layer or lower ones.
+#: Layer of each top-level part of medseg.
 LAYERS = {
     "errors": 0,
     "utils": 0,
+    "raytools": 0,
     "config": 1,
     "io": 1,
     "data": 2,
     "models": 3,
-    "training": 4,
+    "artifacts": 4,
     "inference": 5,
-    "demo": 6,
-    "bench": 6,
-    "bench_torch_reference": 6,  # standalone: imports torch, never medseg
-    "cli": 7,
+    "evaluation": 6,
+    "training": 7,
+    "demo": 8,
+    "bench": 8,
+    "bench_torch_reference": 8,  # standalone: imports torch, never medseg
+    "cli": 9,
 }
-# config and io are both foundations, but neither may import the other.
+#: Pairs of parts on the same footing that must not import each other.
 FORBIDDEN = {("config", "io"), ("io", "config")}
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 100
+#: Functions that are tables of options rather than logic (argument parsers).
+TABLES = {("cli.py", "build_parser")}
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, str | None]]:
+    """(imported module, imported name or None) for every import in the file, at any depth."""
+    tree = ast.parse(path.read_text())
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(node, module, path.name == "__init__.py")
+            found += [(target, a.name) for a in node.names]
+    return [(m, n) for m, n in found if m == "medseg" or m.startswith("medseg.")]
 
 
 def _part(module: str) -> str | None:
     parts = module.split(".")
-    if parts[0] != "medseg" or len(parts) < 2:
-        return None
-    return parts[1]
+    return parts[1] if len(parts) > 1 else None
 
 
-def _imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
-    names = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.append(node.module)
-    return names
+def _graph() -> dict[str, set[str]]:
+    """Module -> the medseg modules it imports (``from pkg import mod`` counts as ``pkg.mod``)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for module, path in modules.items():
+        for target, name in _imports(module, path):
+            full = f"{target}.{name}" if name else target
+            dep = full if full in modules else target
+            if dep != module:
+                graph[module].add(dep)
+    return graph
 
 
 def test_every_part_is_known():
@@ -55,15 +106,91 @@ def test_every_part_is_known():
 
 def test_imports_flow_one_way():
     violations = []
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE)
-        here = rel.parts[0].removesuffix(".py")
-        if here.startswith("_"):
+    for module, path in _modules().items():
+        here = _part(module)
+        if here is None:
             continue
-        for module in _imports(path):
-            there = _part(module)
-            if there is None or there.startswith("_") or there == here:
+        for target, _ in _imports(module, path):
+            there = _part(target)
+            if there is None or there == here:
                 continue
-            if LAYERS[there] > LAYERS[here] or (here, there) in FORBIDDEN or there == "cli":
-                violations.append(f"{rel} imports {module}")
+            if LAYERS[there] > LAYERS[here] or (here, there) in FORBIDDEN:
+                violations.append(f"{module} imports {target}")
     assert not violations, "\n".join(violations)
+
+
+def test_inference_and_evaluation_never_import_training():
+    bad = [
+        f"{m} imports {d}"
+        for m, deps in _graph().items()
+        if _part(m) in ("inference", "evaluation", "artifacts")
+        for d in deps
+        if _part(d) == "training"
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # packages' __init__ re-exports are edges too; a cycle is a strongly connected component
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(_modules()):
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    modules = _modules()
+    for module, path in modules.items():
+        for target, name in _imports(module, path):
+            if target == module:
+                continue
+            private = [p for p in target.split(".") if p.startswith("_") and p != "__init__"]
+            if private or (name and name.startswith("_") and f"{target}.{name}" not in modules):
+                bad.append(f"{module} imports {target}:{name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_files_and_functions_are_small():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        lines = path.read_text().count("\n")
+        if lines > MAX_FILE_LINES:
+            too_long.append(f"{rel}: {lines} lines (max {MAX_FILE_LINES})")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and (str(rel), node.name) not in TABLES:
+                    too_long.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
+    assert not too_long, "\n".join(too_long)

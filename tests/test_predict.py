@@ -23,8 +23,8 @@ from pydicom.uid import generate_uid
 from medseg.errors import ConfigError
 from medseg.inference.postprocess import apply_threshold, postprocess
 from medseg.inference.predict import Predictor, collect_cases, predict
-from medseg.inference.writers import write_seg
 from medseg.io import read_dicom_series, read_image
+from medseg.io.writers import write_seg
 
 MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
 SECRET = "SECRET^NAME"

@@ -23,7 +23,7 @@ from tests.test_predict import make_series, write_pngs
 def ray_local():
     """A small local Ray instance (2 CPUs) for the module; predict uses it as it is."""
     ray = pytest.importorskip("ray")
-    from medseg.training.ray_executor import LOCAL_OBJECT_STORE_BYTES
+    from medseg.raytools import LOCAL_OBJECT_STORE_BYTES
 
     started = not ray.is_initialized()
     if started:

@@ -19,7 +19,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from medseg.inference.predict import collect_cases
-from medseg.inference.writers import SEG_IDENTITY, write_seg
+from medseg.io.writers import SEG_IDENTITY, write_seg
 from tests.conftest import run_cli
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 
 from medseg.config import load_config
-from medseg.inference.export import export_run
-from medseg.inference.postprocess import postprocess
-from medseg.inference.scoring import evaluate_model
-from medseg.inference.tune import (
+from medseg.evaluation.scoring import evaluate_model
+from medseg.evaluation.tune import (
     THRESHOLDS,
     FoldProbs,
     Setting,
@@ -25,6 +23,8 @@ from medseg.inference.tune import (
     fold_probabilities,
     patient_volumes,
 )
+from medseg.inference.export import export_run
+from medseg.inference.postprocess import postprocess
 from medseg.models.hub import make_hub_module
 from medseg.models.metrics import confusion_counts, dice_from_counts
 from medseg.training.cv import run_cv
@@ -198,9 +198,9 @@ def test_tune_cli_scores_every_variant_out_of_fold(seg_cv):
 def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
     result = json.loads((seg_cv / "tune" / "tune.json").read_text())
     joint = next(v for v in result["variants"] if v["name"] == "last_tta_postprocess")
+    from medseg.artifacts.runs import open_run
     from medseg.data.scan import scan_from_config
     from medseg.data.split import load_manifest
-    from medseg.training.runs import open_run
 
     cfg = open_run(seg_cv).config()
     manifest = load_manifest(seg_cv / "splits.json")
@@ -230,7 +230,7 @@ def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
 
 
 def test_tune_classifier_variants(cls_cv):
-    from medseg.inference.tune import tune
+    from medseg.evaluation.tune import tune
 
     result = tune(cls_cv, n_boot=50)
     assert [v["name"] for v in result["variants"]] == ["best", "last", "last_tta"]
@@ -258,7 +258,7 @@ def seg_cv_other(work, tiny_synth):
 
 
 def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, seg_cv_other):
-    from medseg.inference.tune import tune
+    from medseg.evaluation.tune import tune
 
     tune(seg_cv_other, n_boot=0)  # its own probabilities, cached in its tune/probs
     own = (seg_cv / "tune" / "tune.json").read_text() if (seg_cv / "tune").is_dir() else None
@@ -279,7 +279,7 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, 
     if own is not None:  # the run's own tuning is left as it was
         assert (seg_cv / "tune" / "tune.json").read_text() == own
     from medseg.data.split import load_manifest
-    from medseg.inference.tune import _all_fold_probabilities, _mean_over_runs
+    from medseg.evaluation.tune import _all_fold_probabilities, _mean_over_runs
 
     _, manifest, folds = _all_fold_probabilities(seg_cv)
     mean = _mean_over_runs(seg_cv, manifest, folds, [seg_cv_other])

@@ -15,7 +15,7 @@ import pytest
 
 from medseg.config import load_config
 from medseg.errors import ModelError, RunExistsError
-from medseg.training.evaluate import evaluate
+from medseg.evaluation.evaluate import evaluate
 from medseg.training.train import resume, train, validation_epochs
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,9 @@ normalised on its own at its native resolution, then brought to the model size:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import tensorflow as tf
 
 PERCENTILES = (0.5, 99.5)
@@ -133,3 +136,67 @@ def resize_masks(masks: tf.Tensor, size: tuple[int, int], policy: str = "stretch
     x = resize_images(x, size, policy, method="nearest")
     x = x[0] if single else x
     return tf.cast(x[..., 0], masks.dtype)
+
+
+#: The window of ``normalization: window`` when a model card records none (CT soft tissue).
+DEFAULT_WINDOW = (40.0, 400.0)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects of its input: the one description of preprocessing.
+
+    Built from a data config (training, evaluation, serving a run) or from an export's model
+    card (serving an export), written into the model card, and applied as graph ops.
+
+    Attributes:
+        size: model input ``(height, width)``.
+        method: intensity normalisation (``data.normalization``).
+        window: ``(level, width)`` of ``window`` normalisation.
+        policy: resize policy, ``stretch`` or ``pad``.
+    """
+
+    size: tuple[int, int]
+    method: str
+    window: tuple[float, float] = DEFAULT_WINDOW
+    policy: str = "stretch"
+
+    @classmethod
+    def from_config(cls, data: Any) -> Preprocessing:
+        """From a :class:`medseg.config.DataConfig` (``cfg.data``)."""
+        return cls(
+            size=tuple(data.image_size),
+            method=data.normalization,
+            window=tuple(data.window),
+            policy=data.resize,
+        )
+
+    @classmethod
+    def from_card(cls, card: dict) -> Preprocessing:
+        """From an export's ``medseg.json`` model card."""
+        window = card.get("window")
+        return cls(
+            size=tuple(card["input"]["model_size"]),
+            method=card["normalization"],
+            window=tuple(window) if window else DEFAULT_WINDOW,
+            policy=card["input"].get("resize", "stretch"),
+        )
+
+    def card_fields(self) -> dict:
+        """The model card's preprocessing fields (read back by :meth:`from_card`)."""
+        return {
+            "model_size": list(self.size),
+            "resize": self.policy,
+            "normalization": self.method,
+            "window": list(self.window) if self.method == "window" else None,
+        }
+
+    def apply(self, images: tf.Tensor) -> tf.Tensor:
+        """Raw NHWC (or HWC) pixels -> normalised model input (:func:`preprocess_images`)."""
+        return preprocess_images(
+            images, self.size, self.method, window=self.window, policy=self.policy
+        )
+
+    def restore(self, y: tf.Tensor, original_hw: tf.Tensor) -> tf.Tensor:
+        """Model-size NHWC outputs -> the input's own size (:func:`restore_size`)."""
+        return restore_size(y, original_hw, self.size, self.policy)

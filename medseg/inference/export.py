@@ -64,14 +64,20 @@ import numpy as np
 import tensorflow as tf
 
 import medseg
+from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.config import Config
 from medseg.data.preprocess import preprocess_images, restore_size
 from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, ModelError, RunExistsError
+from medseg.models.ensemble import (
+    TTA_NOTE,
+    as_model_list,
+    is_segmentation,
+    model_probabilities,
+    reference_probabilities,
+)
 from medseg.models.fold import FoldedBatchNorm, fold_batch_norm
 from medseg.models.loading import load_keras_model
-from medseg.training.evaluate import load_run_model
-from medseg.training.runs import RunDir, open_run
 from medseg.utils import atomic_write_bytes, atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -88,13 +94,6 @@ FORMATS = ("savedmodel", "tflite")
 # TFLite float32 kernels (XNNPACK) round differently from TensorFlow's: allowed diff, relative to
 # export.tolerance.
 TFLITE_TOLERANCE_FACTOR = 10.0
-_FLIP_AXIS = 2  # width of NHWC
-TTA_NOTE = (
-    "applied to the preprocessed batch (model size); segmentation outputs of the flipped view "
-    "are flipped back before the mean"
-)
-
-
 def preprocessing(cfg: Config) -> dict:
     """The preprocessing a run's model expects, as keyword arguments of ``preprocess_images``."""
     d = cfg.data
@@ -104,55 +103,6 @@ def preprocessing(cfg: Config) -> dict:
         "window": tuple(d.window),
         "policy": d.resize,
     }
-
-
-def _as_list(models: keras.Model | Sequence[keras.Model]) -> list[keras.Model]:
-    models = [models] if isinstance(models, keras.Model) else list(models)
-    if not models:
-        raise ModelError("no model to export")
-    return models
-
-
-def _is_segmentation(model: keras.Model) -> bool:
-    return len(model.output_shape) == 4
-
-
-def model_probabilities(
-    models: keras.Model | Sequence[keras.Model], x: tf.Tensor, tta: bool = False
-) -> tf.Tensor:
-    """Mean probabilities of ``models`` on a preprocessed NHWC batch, as graph ops.
-
-    With ``tta`` each model also sees the horizontally flipped batch (stacked into one call);
-    segmentation outputs of the flipped half are flipped back before the mean.
-    """
-    models = _as_list(models)
-    seg = _is_segmentation(models[0])
-    n = tf.shape(x)[0]
-    xx = tf.concat([x, tf.reverse(x, [_FLIP_AXIS])], 0) if tta else x
-    total = None
-    for m in models:
-        p = tf.cast(m(xx, training=False), tf.float32)
-        if tta:
-            flipped = p[n:]
-            p = (p[:n] + (tf.reverse(flipped, [_FLIP_AXIS]) if seg else flipped)) / 2.0
-        total = p if total is None else total + p
-    return total / float(len(models))
-
-
-def reference_probabilities(
-    models: keras.Model | Sequence[keras.Model], x: np.ndarray, tta: bool = False
-) -> np.ndarray:
-    """What :func:`model_probabilities` computes, done eagerly: one Keras call per model and
-    view, flips and means in NumPy. Used to check exports."""
-    models = _as_list(models)
-    x = np.asarray(x, np.float32)
-    outs = []
-    for m in models:
-        outs.append(np.asarray(m(x, training=False), np.float32))
-        if tta:
-            p = np.asarray(m(np.ascontiguousarray(np.flip(x, _FLIP_AXIS)), training=False))
-            outs.append(np.flip(p, _FLIP_AXIS) if _is_segmentation(m) else p)
-    return np.mean(np.stack(outs).astype(np.float64), axis=0).astype(np.float32)
 
 
 def prep_from_card(card: dict) -> dict:
@@ -183,7 +133,7 @@ def serving_function(
         threshold: foreground threshold of binary segmentation masks.
         tta: average over the image and its horizontal flip.
     """
-    models = _as_list(model)
+    models = as_model_list(model)
     channels = models[0].input_shape[-1]
     n_out = models[0].output_shape[-1]
 
@@ -210,7 +160,7 @@ def model_function(
 ):
     """A ``tf.function`` from a preprocessed ``[batch, H, W, C]`` batch at the model size to
     ``probabilities`` at the model size (the ``model`` signature, and the TFLite graph)."""
-    models = _as_list(model)
+    models = as_model_list(model)
     channels = models[0].input_shape[-1]
 
     @tf.function(input_signature=[tf.TensorSpec([None, *size, channels], tf.float32, name="image")])
@@ -548,11 +498,11 @@ def verify_export(
     size and at another size (segmentation references are mapped back with ``restore_size``).
     The ``model`` signature is checked on the preprocessed batch as well.
     """
-    models = _as_list(model)
+    models = as_model_list(model)
     loaded = tf.saved_model.load(str(saved_model))
     serve = loaded.signatures[SERVE_SIGNATURE]
     model_sig = loaded.signatures.get(MODEL_SIGNATURE)
-    seg = _is_segmentation(models[0])
+    seg = is_segmentation(models[0])
     diff = 0.0
     for raw in _verification_inputs(prep["size"], models[0].input_shape[-1]):
         got = serve(image=tf.constant(raw))["probabilities"].numpy()
@@ -633,7 +583,7 @@ def verify_tflite(
 ) -> float:
     """Max abs difference between the TFLite file and the Keras model(s) on preprocessed
     batches of 1 and 2 images (the second exercises the dynamic batch size)."""
-    models = _as_list(model)
+    models = as_model_list(model)
     diff = 0.0
     for raw in _verification_inputs(prep["size"], models[0].input_shape[-1]):
         x = preprocess_images(tf.constant(raw), **prep).numpy()

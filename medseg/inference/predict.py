@@ -44,7 +44,7 @@ place when the case succeeds, so a failed or killed case leaves no partial folde
 * segmentation, 2D: ``mask.png`` (binary: 0/255; label maps: the labels) and ``overlay.png``;
 * segmentation, volumes: ``mask.nii.gz`` in the source geometry (NIfTI input: the input's own
   voxel order and affine; DICOM: voxel order (col, row, slice) with the series' affine in RAS;
-  see :func:`medseg.inference.writers.write_mask_nifti`) and ``overlay.png`` of the slice with
+  see :func:`medseg.io.writers.write_mask_nifti`) and ``overlay.png`` of the slice with
   the most foreground; for a DICOM series also ``seg.dcm``, a DICOM SEG (BINARY, segment
   ``"tumour"`` for a binary model) referencing the source SOP instances;
 * classification: the class probabilities, in the tables only; for a volume (series, NIfTI,
@@ -100,13 +100,6 @@ from medseg.inference.uncertainty import (
     segmentation_uncertainty,
     uncertainty_display,
 )
-from medseg.inference.writers import (
-    write_mask_nifti,
-    write_mask_png,
-    write_png,
-    write_seg,
-    write_tables,
-)
 from medseg.io import (
     IMAGE_SUFFIXES,
     Image,
@@ -118,6 +111,13 @@ from medseg.io import (
 )
 from medseg.io.base import PLAIN_SUFFIXES, raise_walk_error
 from medseg.io.dicom_series import NON_IMAGE_NAMES, NON_IMAGE_SUFFIXES
+from medseg.io.writers import (
+    write_mask_nifti,
+    write_mask_png,
+    write_png,
+    write_seg,
+    write_tables,
+)
 from medseg.utils import (
     atomic_write_json,
     disk_full_error,
@@ -181,13 +181,12 @@ class Predictor:
 
             self.prep = prep_from_card(self.card)
         elif (path / "config.yaml").is_file():
+            from medseg.artifacts.cv import load_ensemble
+            from medseg.artifacts.runs import load_run_model, open_run
             from medseg.data.split import load_manifest
             from medseg.inference.export import preprocessing, serving_function
             from medseg.models.fold import fold_batch_norm
             from medseg.models.loading import load_keras_model
-            from medseg.training.cv import load_ensemble
-            from medseg.training.evaluate import load_run_model
-            from medseg.training.runs import open_run
 
             if checkpoint not in ("best", "last"):
                 raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")

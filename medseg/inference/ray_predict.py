@@ -6,7 +6,7 @@ Each actor loads the model (export or run folder) once, into a
 code as the local executor (:func:`medseg.inference.predict._run_case`): the same per-case
 folders and files, written into a hidden temporary folder and renamed into place when the case
 succeeds. The driver collects the rows and writes ``predictions.csv`` / ``predictions.json`` with
-:func:`~medseg.inference.writers.write_tables`, in the order of the cases, so the output folder
+:func:`~medseg.io.writers.write_tables`, in the order of the cases, so the output folder
 is the same as the local executor's (up to floating-point noise of the model on different
 hardware). The series of one DICOM folder go to one actor together.
 
@@ -59,12 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg.errors import ConfigError, MedsegError, ModelError
-from medseg.training.ray_executor import (
-    _describe,
-    _import_ray,
-    _worker_logging,
-    init_ray,
-)
+from medseg.raytools import describe, import_ray, init_ray, worker_logging
 
 if TYPE_CHECKING:  # the actors import TensorFlow (via predict) only once its output is muted
     from medseg.inference.predict import Case, Predictor, PredictResult, _Batch, _Options
@@ -124,7 +119,7 @@ class _PredictWorker:
         self.opts: _Options | None = None
         self.out = Path(out)
         self.reader = None
-        _worker_logging(log_level)
+        worker_logging(log_level)
         # The driver reports the outcome of every case; the actors would say it twice.
         logging.getLogger("medseg.inference.predict").setLevel(logging.CRITICAL)
         try:
@@ -258,7 +253,7 @@ def _start(ray, refs: list) -> list[dict]:
     try:
         states = ray.get(refs)
     except Exception as e:
-        raise ConfigError(f"the Ray workers could not start: {_describe(e)}") from None
+        raise ConfigError(f"the Ray workers could not start: {describe(e)}") from None
     for state in states:
         if state["error"] is not None:
             raise state["error"]
@@ -332,7 +327,7 @@ def predict_on_ray(
     """
     if workers is not None and workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {workers}")
-    ray = _import_ray()
+    ray = import_ray()
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -344,7 +339,7 @@ def predict_on_ray(
         _resolve_options,
         _run_case,
     )
-    from medseg.inference.writers import write_tables
+    from medseg.io.writers import write_tables
 
     if isinstance(model, Predictor):
         if getattr(model, "path", None) is None:
@@ -530,7 +525,7 @@ class _Driver:
             if isinstance(cause, MedsegError):
                 raise cause from None  # stops the batch, as it does locally (a full disk)
             for i in unit.cases:
-                self._retry(i, f"{self.cases[i].source}: {_describe(e)}", a)
+                self._retry(i, f"{self.cases[i].source}: {describe(e)}", a)
             return
         except Exception as e:  # the actor died (killed, out of memory, node lost, ...)
             self._actor_died(a, e)
@@ -562,7 +557,7 @@ class _Driver:
         if a not in self.live:
             return
         self.live.discard(a)
-        logger.warning("Ray worker %d died (%s)", a, _describe(error))
+        logger.warning("Ray worker %d died (%s)", a, describe(error))
         with contextlib.suppress(Exception):
             self.ray.kill(self.actors[a], no_restart=True)
         if self.replacements > 0:

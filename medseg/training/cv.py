@@ -17,7 +17,6 @@ completed epoch; nothing already finished is trained again.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -27,14 +26,15 @@ from pathlib import Path
 import yaml
 
 import medseg
+from medseg.artifacts.cv import fold_dir, fold_done
+from medseg.artifacts.runs import RunDir, default_run_name, load_run_model, open_run
 from medseg.config import Config, config_from_dict
 from medseg.data.pipeline import load_arrays
 from medseg.data.scan import scan_from_config
 from medseg.data.split import fold_manifest, load_manifest, make_kfold, select, write_manifest
 from medseg.errors import ConfigError, RunExistsError
+from medseg.evaluation.evaluate import read_cases, score, write_cases
 from medseg.training.distributed import resolve_cluster
-from medseg.training.evaluate import load_run_model, read_cases, score, write_cases
-from medseg.training.runs import RunDir, default_run_name, open_run
 from medseg.training.train import train
 from medseg.utils import atomic_write_json, atomic_write_text
 
@@ -53,11 +53,6 @@ class CVResult:
     path: Path
     folds_done: list[int]
     summary: dict
-
-
-def fold_dir(root: Path, k: int) -> Path:
-    """Folder of fold ``k`` (1-based)."""
-    return root / f"fold_{k}"
 
 
 def _open_cv_run(cfg: Config) -> Path:
@@ -113,12 +108,6 @@ def fold_config(cfg: Config, root: Path, k: int) -> Config:
     fcfg = copy.deepcopy(cfg)
     fcfg.run.root, fcfg.run.name, fcfg.run.overwrite = str(root), f"fold_{k}", False
     return fcfg
-
-
-def fold_done(root: Path, k: int) -> bool:
-    """Has fold ``k`` finished training and written its out-of-fold cases?"""
-    run = RunDir(fold_dir(root, k))
-    return run.state().get("status") == "done" and (run.path / "oof.csv").is_file()
 
 
 def run_fold(cfg_dict: dict, root: str, k: int, callbacks: list | None = None) -> dict:
@@ -189,7 +178,7 @@ def run_cv(
         address: Ray cluster address (``ray`` only; default: start a local Ray instance).
         callbacks: extra Keras callbacks for every fold (local executor).
         report: function writing the summary and report (default
-            :func:`medseg.training.report.write_report`).
+            :func:`medseg.evaluation.report.write_report`).
 
     Returns:
         The run folder, the folds finished so far and the summary of those folds.
@@ -233,15 +222,8 @@ def run_cv(
     if len(done) == k:
         _ensemble_on_test(cfg, root, manifest, done)
     if report is None:
-        from medseg.training.report import write_report
+        from medseg.evaluation.report import write_report
 
         report = write_report
     summary = report(root)
     return CVResult(root, done, summary)
-
-
-def load_ensemble(run_dir: str | Path) -> list[Path]:
-    """Paths of the fold models recorded in a CV run's ``ensemble.json``."""
-    root = Path(run_dir)
-    spec = json.loads((root / "ensemble.json").read_text())
-    return [root / f["model"] for f in spec["folds"]]

@@ -36,11 +36,9 @@ import time
 from pathlib import Path
 
 from medseg.errors import ConfigError, MedsegError
+from medseg.raytools import describe, import_ray, init_ray, worker_logging
 
 logger = logging.getLogger(__name__)
-
-#: Object store size of a local Ray instance: only configs and metric dicts pass through it.
-LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
 
 class FoldError(MedsegError):
@@ -62,58 +60,9 @@ class FoldError(MedsegError):
         super().__init__(msg)
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError as e:
-        raise ConfigError(
-            f"--executor ray needs Ray, which is not installed ({e}); "
-            "install it with: pip install 'medseg[ray]'"
-        ) from None
-    return ray
-
-
-def init_ray(ray, address: str | None, verbose: bool) -> bool:
-    """Connect to the cluster at ``address``, or start a local Ray instance over this machine's
-    CPUs; an instance already initialised in this process is used as it is.
-
-    Returns:
-        Whether this call started (or connected) Ray, i.e. whether the caller shuts it down.
-    """
-    if ray.is_initialized():
-        if address:
-            logger.warning(
-                "Ray is already initialised in this process; ignoring address %s", address
-            )
-        return False
-    init_args = {"log_to_driver": verbose, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **init_args)
-    else:
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            **init_args,
-        )
-    return True
-
-
-def _worker_logging(level: int) -> None:
-    """Send medseg's log records in a Ray worker to stderr (Ray forwards it to the driver)."""
-    log = logging.getLogger("medseg")
-    if not any(getattr(h, "_medseg_ray", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("medseg: %(message)s"))
-        handler._medseg_ray = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level)
-
-
 def _fold_task(cfg_dict: dict, root: str, k: int, cwd: str, log_level: int) -> dict:
     """Body of the Ray task of fold ``k``: runs in a worker process, possibly on another host."""
-    _worker_logging(log_level)
+    worker_logging(log_level)
     host = socket.gethostname()
     if not (Path(root) / "splits.json").is_file():
         raise ConfigError(
@@ -137,20 +86,6 @@ def _fold_task(cfg_dict: dict, root: str, k: int, cwd: str, log_level: int) -> d
     finally:
         os.chdir(old_cwd)
     return {"val": metrics, "host": host, "seconds": time.monotonic() - start}
-
-
-def _describe(error: BaseException) -> str:
-    """``"Type: message"`` of the error a task raised, without Ray's remote traceback."""
-    from ray.exceptions import RayTaskError
-
-    if isinstance(error, RayTaskError):
-        cause = getattr(error, "cause", None)
-        if cause is not None:
-            return f"{type(cause).__name__}: {cause}"
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        return f"{error.function_name}: {lines[-1].strip() if lines else 'failed'}"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
 
 
 def run_folds_on_ray(
@@ -187,8 +122,8 @@ def run_folds_on_ray(
     folds = sorted(set(folds))
     if not folds:
         return {}
-    ray = _import_ray()
-    from medseg.training.evaluate import headline
+    ray = import_ray()
+    from medseg.evaluation.evaluate import headline
 
     log_level = logging.getLogger("medseg").getEffectiveLevel()
     verbose = log_level <= logging.INFO
@@ -230,7 +165,7 @@ def run_folds_on_ray(
                 try:
                     out = ray.get(ready[0])
                 except Exception as e:  # RayTaskError, WorkerCrashedError, ...
-                    failures[k] = _describe(e)
+                    failures[k] = describe(e)
                     logger.error("fold %d failed after its retry: %s", k, failures[k])
                     continue
                 results[k] = out["val"]

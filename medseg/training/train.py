@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from medseg.artifacts.runs import RunDir, create_run, open_run
 from medseg.config import Config, precision_policy
 from medseg.data.augment import build_augment
 from medseg.data.pipeline import (
@@ -32,6 +33,8 @@ from medseg.data.pipeline import (
 from medseg.data.scan import ScanResult, scan_from_config
 from medseg.data.split import load_manifest, make_split, select, write_manifest
 from medseg.errors import ConfigError, DataError, ModelError, RunExistsError
+from medseg.evaluation.evaluate import evaluate
+from medseg.evaluation.plots import plot_history
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
@@ -52,10 +55,7 @@ from medseg.training.distributed import (
     samples_digest,
     weights_digest,
 )
-from medseg.training.evaluate import evaluate
 from medseg.training.optim import build_optimizer
-from medseg.training.plots import plot_history
-from medseg.training.runs import RunDir, create_run, open_run
 from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def train(
         The run folder, the Keras history and the validation metrics.
 
     Raises:
-        RunExistsError: the run folder exists (see :func:`medseg.training.runs.create_run`).
+        RunExistsError: the run folder exists (see :func:`medseg.artifacts.runs.create_run`).
         DataError: the dataset is missing or unusable, or the workers loaded different samples.
         ConfigError: the config names an unknown model, loss, ...; ``TF_CONFIG`` is malformed;
             another worker failed to set up.

@@ -17,7 +17,7 @@ the natural order of their ids (``..._2.tif`` before ``..._10.tif``; volume slic
 connected components are 3D across neighbouring slices.
 
 Variants (rows of the ablation), each scored like ``medseg cv`` scores its folds
-(:func:`medseg.training.report.summarize`: pooled, per-fold and a patient/group bootstrap 95%
+(:func:`medseg.evaluation.report.summarize`: pooled, per-fold and a patient/group bootstrap 95%
 interval)::
 
     segmentation:   best  last  last+tta  last+threshold  last+min_lesion  last+largest_component
@@ -50,15 +50,15 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.data.pipeline import load_arrays
 from medseg.data.scan import natural_key, scan_from_config
 from medseg.data.split import fold_manifest, load_manifest, select
 from medseg.errors import DataError
+from medseg.evaluation.evaluate import segmentation_row, write_cases
 from medseg.inference.export import reference_probabilities
 from medseg.inference.postprocess import postprocess
 from medseg.models.metrics import dice_from_counts
-from medseg.training.evaluate import load_run_model, segmentation_row, write_cases
-from medseg.training.runs import RunDir, open_run
 from medseg.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ def tune(
     Raises:
         DataError: the run is not a finished CV run, or a fold checkpoint is missing.
     """
-    from medseg.training.report import summarize, write_report
+    from medseg.evaluation.report import summarize, write_report
 
     root = Path(run_dir)
     cfg, manifest, folds = _all_fold_probabilities(root)

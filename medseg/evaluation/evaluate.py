@@ -9,7 +9,6 @@ import logging
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 from sklearn.metrics import (
     balanced_accuracy_score,
@@ -18,64 +17,18 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medseg.artifacts.runs import check_model_fits, load_run_model, open_run
 from medseg.data.overlay import overlay
 from medseg.data.pipeline import ArrayData, load_arrays
 from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
-from medseg.errors import DataError, ModelError
+from medseg.errors import DataError
+from medseg.evaluation.plots import plot_confusion, plot_overlays, plot_roc
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
-from medseg.models.loading import load_keras_model
 from medseg.models.metrics import confusion_counts, hausdorff95, segmentation_report
-from medseg.training.plots import plot_confusion, plot_overlays, plot_roc
-from medseg.training.runs import RunDir, open_run
 from medseg.utils import atomic_write_json, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
-
-
-def load_run_model(run: RunDir, checkpoint: str = "best") -> keras.Model:
-    """Load ``best.keras`` or ``last.keras`` of a run, checked against its recorded SHA-256 and
-    in Keras safe mode (:func:`medseg.models.loading.load_keras_model`).
-
-    Raises:
-        ModelError: the checkpoint is missing, does not match its checksum, holds code
-            (a ``Lambda`` layer) or cannot be loaded; the message names the file.
-    """
-    path = run.best_model if checkpoint == "best" else run.last_model
-    if not path.exists():
-        raise ModelError(f"{path}: checkpoint not found (has the run finished an epoch?)")
-    return load_keras_model(path)
-
-
-def check_model_fits(model: keras.Model, cfg, path: str | Path) -> None:
-    """Refuse a model that cannot have been trained for this run's task and input.
-
-    A segmentation model maps ``[N, H, W, C]`` to ``[N, H, W, classes]``, a classifier to
-    ``[N, classes]``; the input channels must be ``data.channels``.
-
-    Raises:
-        ModelError: the model's input or output does not fit ``cfg`` (e.g. a classifier
-            checkpoint in a segmentation run); the message names ``path``.
-    """
-    try:
-        inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
-    except (AttributeError, TypeError, ValueError) as e:
-        raise ModelError(f"{path}: cannot tell the model's input and output shapes ({e})") from None
-    task = cfg.data.task
-    expected = 4 if task == "segmentation" else 2
-    if len(outputs) != expected or not all(isinstance(n, int | None) for n in outputs):
-        want = "[N, H, W, classes]" if task == "segmentation" else "[N, classes]"
-        raise ModelError(
-            f"{path}: model output shape {list(outputs)} does not fit a {task} run (expected "
-            f"{want}); the checkpoint is from another task or not a medseg model"
-        )
-    c = cfg.data.input_channels
-    if len(inputs) != 4 or inputs[-1] != c:
-        raise ModelError(
-            f"{path}: model input shape {list(inputs)} does not fit data.channels="
-            f"{cfg.data.channels} with data.context_slices={cfg.data.context_slices} (expected "
-            f"[N, H, W, {c}])"
-        )
 
 
 def _folder_samples(cfg, folder: str | Path, class_names: list[str]):

@@ -26,12 +26,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import yaml
 
 import medseg
 from medseg.config import Config, config_from_dict
-from medseg.errors import ConfigError, RunExistsError
-from medseg.models.loading import verify_checkpoint
+from medseg.errors import ConfigError, ModelError, RunExistsError
+from medseg.models.loading import load_keras_model, verify_checkpoint
 from medseg.utils import atomic_write_json, atomic_write_text, remove_stale_temps
 
 logger = logging.getLogger(__name__)
@@ -201,3 +202,48 @@ def open_run(path: str | Path) -> RunDir:
     if not run.config_path.is_file():
         raise ConfigError(f"{run.path}: not a medseg run folder (no config.yaml)")
     return run
+
+
+def load_run_model(run: RunDir, checkpoint: str = "best") -> keras.Model:
+    """Load ``best.keras`` or ``last.keras`` of a run, checked against its recorded SHA-256 and
+    in Keras safe mode (:func:`medseg.models.loading.load_keras_model`).
+
+    Raises:
+        ModelError: the checkpoint is missing, does not match its checksum, holds code
+            (a ``Lambda`` layer) or cannot be loaded; the message names the file.
+    """
+    path = run.best_model if checkpoint == "best" else run.last_model
+    if not path.exists():
+        raise ModelError(f"{path}: checkpoint not found (has the run finished an epoch?)")
+    return load_keras_model(path)
+
+
+def check_model_fits(model: keras.Model, cfg, path: str | Path) -> None:
+    """Refuse a model that cannot have been trained for this run's task and input.
+
+    A segmentation model maps ``[N, H, W, C]`` to ``[N, H, W, classes]``, a classifier to
+    ``[N, classes]``; the input channels must be ``data.channels``.
+
+    Raises:
+        ModelError: the model's input or output does not fit ``cfg`` (e.g. a classifier
+            checkpoint in a segmentation run); the message names ``path``.
+    """
+    try:
+        inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ModelError(f"{path}: cannot tell the model's input and output shapes ({e})") from None
+    task = cfg.data.task
+    expected = 4 if task == "segmentation" else 2
+    if len(outputs) != expected or not all(isinstance(n, int | None) for n in outputs):
+        want = "[N, H, W, classes]" if task == "segmentation" else "[N, classes]"
+        raise ModelError(
+            f"{path}: model output shape {list(outputs)} does not fit a {task} run (expected "
+            f"{want}); the checkpoint is from another task or not a medseg model"
+        )
+    c = cfg.data.input_channels
+    if len(inputs) != 4 or inputs[-1] != c:
+        raise ModelError(
+            f"{path}: model input shape {list(inputs)} does not fit data.channels="
+            f"{cfg.data.channels} with data.context_slices={cfg.data.context_slices} (expected "
+            f"[N, H, W, {c}])"
+        )

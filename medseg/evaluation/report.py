@@ -39,8 +39,8 @@ import numpy as np
 import yaml
 
 from medseg.errors import DataError
+from medseg.evaluation.plots import _save, logged_points, plot_confusion, plot_roc, plt
 from medseg.models.metrics import dice_from_counts, iou_from_counts
-from medseg.training.plots import _save, logged_points, plot_confusion, plot_roc, plt
 from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -38,19 +38,19 @@ from medseg.data.pipeline import by_source, slice_order
 from medseg.data.scan import detect_layout, scan_dataset
 from medseg.data.volumes import reslice, stack_slices
 from medseg.errors import ConfigError, DataError, RunExistsError
-from medseg.inference.postprocess import postprocess
-from medseg.inference.predict import Predictor, check_same_outputs
-from medseg.inference.tune import patient_volumes
-from medseg.io import read_image, read_mask, to_channels
-from medseg.models.metrics import dice_from_counts
-from medseg.training.evaluate import (
+from medseg.evaluation.evaluate import (
     classification_metrics,
     headline,
     segmentation_row,
     write_cases,
 )
-from medseg.training.plots import plot_confusion, plot_roc
-from medseg.training.report import calibration_bins, plot_group_dice, plot_reliability
+from medseg.evaluation.plots import plot_confusion, plot_roc
+from medseg.evaluation.report import calibration_bins, plot_group_dice, plot_reliability
+from medseg.evaluation.tune import patient_volumes
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predict import Predictor, check_same_outputs
+from medseg.io import read_image, read_mask, to_channels
+from medseg.models.metrics import dice_from_counts
 from medseg.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
