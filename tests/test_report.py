@@ -21,8 +21,8 @@ from sklearn.metrics import (
 )
 
 from medseg.errors import DataError
-from medseg.evaluation.report import calibration_bins, load_oof, summarize, write_report
 from medseg.evaluation import report
+from medseg.evaluation.report import calibration_bins, load_oof, summarize, write_report
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 SEG_HEADER = ["id", "group", "fold", "tp", "fp", "fn", "true_pixels", "pred_pixels"]

@@ -94,6 +94,8 @@ FORMATS = ("savedmodel", "tflite")
 # TFLite float32 kernels (XNNPACK) round differently from TensorFlow's: allowed diff, relative to
 # export.tolerance.
 TFLITE_TOLERANCE_FACTOR = 10.0
+
+
 def preprocessing(cfg: Config) -> dict:
     """The preprocessing a run's model expects, as keyword arguments of ``preprocess_images``."""
     d = cfg.data
