@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import OutputError
+from medseg.errors import DataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,35 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path, *, missing_ok: bool = False) -> dict | None:
+    """Read a JSON object that medseg wrote (a manifest, a card, a summary, a table).
+
+    Args:
+        path: the file.
+        missing_ok: return ``None`` when the file does not exist, instead of raising.
+
+    Raises:
+        DataError: the file is missing (unless ``missing_ok``), unreadable, not JSON, or not a
+            JSON object; the message names the file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 @contextlib.contextmanager
