@@ -13,14 +13,12 @@ from PIL import Image
 from scipy import ndimage
 
 from medseg.data import synthetic
+from medseg.data.phantoms import CLASSES, phantom_slice, phantom_volume
 from medseg.data.synthetic import (
-    CLASSES,
     LAYOUT_VERSION,
     SynthSpec,
     classification_sample,
     generate,
-    phantom_slice,
-    phantom_volume,
     segmentation_patient,
 )
 from medseg.errors import ConfigError, RunExistsError

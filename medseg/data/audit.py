@@ -26,6 +26,9 @@ read into the report (sample ids are file paths; group names are not listed), an
 With ``out_dir``, ``audit.json`` (the report) and ``montage.png`` (sample images per class, or
 mask overlays for segmentation) are written there atomically. :func:`format_audit` gives a short
 table for people.
+
+The per-image checks are in :mod:`medseg.data.audit_checks`, the near-duplicate findings in
+:mod:`medseg.data.audit_duplicates`.
 """
 
 from __future__ import annotations
@@ -35,26 +38,24 @@ import inspect
 import logging
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image as PILImage
 
 from medseg.data import scan as scan_module
-from medseg.data.dedup import (
-    connected_labels,
-    default_workers,
-    existing_group_links,
-    hamming_pairs,
-    phash_array,
+from medseg.data.audit_checks import (
+    Record,
+    intensity_summary,
+    read_records,
+    segmentation_summary,
+    size_summary,
 )
-from medseg.data.scan import Sample, ScanResult
+from medseg.data.audit_duplicates import MAX_LISTED, near_duplicates, split_key
+from medseg.data.dedup import default_workers
+from medseg.data.samples import Sample, ScanResult
 from medseg.errors import DataError
 from medseg.io import read_image, read_mask, to_channels
 from medseg.utils import atomic_path, atomic_write_json
@@ -84,34 +85,6 @@ REPORT_KEYS = (
     "seconds",
 )
 """Top-level keys of every report (values may be empty or None where they do not apply)."""
-
-MAX_EXAMPLES = 10  # groups listed as examples per finding
-MAX_MEMBERS = 8  # paths listed per example group
-MAX_LISTED = 200  # problems / non-binary masks / leaks listed in full up to this many
-CONFIRM_CORRELATION = 0.95
-"""Correlation of 32x32 grey thumbnails above which a hash-linked pair is the same picture.
-
-On the brain-tumour MRI set, pairs with equal hashes correlate at >= 0.996 (5th percentile), while
-hash-linked pairs across classes (similar-looking slices of different patients) stay below 0.95.
-"""
-THUMB = 32
-
-
-@dataclass
-class _Record:
-    """What reading one sample found."""
-
-    ok: bool = False
-    problems: list[str] = field(default_factory=list)
-    height: int = 0
-    width: int = 0
-    channels: int = 0
-    bits: int | None = None
-    hash: int = 0
-    thumb: np.ndarray | None = None  # THUMB*THUMB grey, zero mean, unit norm
-    stats: tuple[float, float, float, float, int] | None = None  # sum, sumsq, min, max, n
-    mask_values: tuple[int, ...] | None = None
-    foreground: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,352 +125,6 @@ def _mask_name(sample: Sample, root: Path) -> str:
     return f"{name}#{sample.index}" if sample.index is not None else name
 
 
-def _thumbnail(image: np.ndarray) -> np.ndarray:
-    """A THUMB x THUMB grey thumbnail (box filter), zero mean and unit norm, flattened."""
-    grey = image[..., 0] if image.shape[-1] == 1 else image @ np.array([0.299, 0.587, 0.114])
-    small = PILImage.fromarray(np.ascontiguousarray(grey, np.float32)).resize(
-        (THUMB, THUMB), PILImage.Resampling.BOX
-    )
-    a = np.asarray(small, np.float64).ravel()
-    a = a - a.mean()
-    norm = np.linalg.norm(a)
-    return (a / norm if norm > 0 else a).astype(np.float32)
-
-
-def _image_stats(a: np.ndarray) -> tuple[float, float, float, float, int]:
-    a64 = a.astype(np.float64, copy=False)
-    return (float(a64.sum()), float((a64 * a64).sum()), float(a.min()), float(a.max()), a.size)
-
-
-def _inspect_slice(
-    rec: _Record, image: np.ndarray, mask: np.ndarray | None, with_stats: bool, where: str
-) -> None:
-    rec.height, rec.width, rec.channels = image.shape
-    rec.hash = phash_array(image)
-    rec.thumb = _thumbnail(image)
-    if with_stats:
-        rec.stats = _image_stats(image)
-    if mask is None:
-        rec.ok = True
-        return
-    if mask.shape != image.shape[:2]:
-        rec.problems.append(
-            f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-            f"{image.shape[1]}x{image.shape[0]}"
-        )
-    values = np.unique(mask)
-    rec.mask_values = tuple(int(v) for v in values[:64])
-    rec.foreground = float(np.count_nonzero(mask)) / max(mask.size, 1)
-    rec.ok = True
-
-
-def _read_2d(sample: Sample, with_stats: bool, segmentation: bool) -> _Record:
-    rec = _Record()
-    try:
-        img = read_image(sample.image)
-        if img.is_volume:
-            raise DataError(f"{sample.image}: expected a 2D image, got shape {img.array.shape}")
-        rec.bits = img.meta.bits
-        mask = read_mask(sample.target) if segmentation else None
-        if mask is not None and mask.ndim != 2:
-            raise DataError(f"{sample.target}: expected a 2D mask, got shape {mask.shape}")
-        _inspect_slice(rec, img.array, mask, with_stats, str(sample.target or sample.image))
-    except DataError as e:
-        rec.problems.append(str(e))
-    return rec
-
-
-def _read_volume(samples: list[Sample], with_stats: set[int], segmentation: bool) -> list[_Record]:
-    """Records for the slices of one volume (read once); ``with_stats`` holds slice positions."""
-    first = samples[0]
-    try:
-        img = read_image(first.image)
-        mask = read_mask(first.target) if segmentation else None
-    except DataError as e:
-        return [_Record(problems=[str(e)])] + [_Record() for _ in samples[1:]]
-    arr = img.array if img.is_volume else img.array[None]
-    if mask is not None and mask.ndim == 2:
-        mask = mask[None]
-    out = []
-    for pos, s in enumerate(samples):
-        rec = _Record(bits=img.meta.bits)
-        k = s.index or 0
-        if k >= len(arr) or (mask is not None and k >= len(mask)):
-            rec.problems.append(f"{s.image}: slice {k} is outside the volume or its mask")
-        else:
-            m = None if mask is None else mask[k]
-            _inspect_slice(rec, arr[k], m, pos in with_stats, f"{s.target}#{k}")
-        out.append(rec)
-    return out
-
-
-def _read_all(
-    samples: list[Sample], segmentation: bool, stats_idx: set[int], workers: int
-) -> list[_Record]:
-    flat = [i for i, s in enumerate(samples) if s.index is None]
-    volumes: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        if s.index is not None:
-            volumes[s.image].append(i)
-    records: list[_Record | None] = [None] * len(samples)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        flat_recs = pool.map(lambda i: _read_2d(samples[i], i in stats_idx, segmentation), flat)
-        vol_jobs = {
-            path: pool.submit(
-                _read_volume,
-                [samples[i] for i in idx],
-                {p for p, i in enumerate(idx) if i in stats_idx},
-                segmentation,
-            )
-            for path, idx in volumes.items()
-        }
-        for i, rec in zip(flat, flat_recs, strict=True):
-            records[i] = rec
-        for path, job in vol_jobs.items():
-            for i, rec in zip(volumes[path], job.result(), strict=True):
-                records[i] = rec
-    return [r if r is not None else _Record() for r in records]
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries
-
-
-def _distribution(values: Sequence[float], digits: int = 4) -> dict[str, float] | None:
-    if not len(values):
-        return None
-    v = np.asarray(values, np.float64)
-    q = np.percentile(v, [5, 25, 50, 75, 95])
-    out = {"mean": float(v.mean()), "min": float(v.min())}
-    out.update({f"p{p}": float(x) for p, x in zip((5, 25, 50, 75, 95), q, strict=True)})
-    out["max"] = float(v.max())
-    return {k: round(x, digits) for k, x in out.items()}
-
-
-def _intensity(records: list[_Record]) -> dict[str, Any]:
-    stats = [r.stats for r in records if r.ok and r.stats is not None]
-    if not stats:
-        return {"n_images": 0}
-    s = np.array(stats, np.float64)
-    n = s[:, 4].sum()
-    mean = s[:, 0].sum() / n
-    var = max(s[:, 1].sum() / n - mean * mean, 0.0)
-    image_means = s[:, 0] / s[:, 4]
-    return {
-        "n_images": len(stats),
-        "mean": round(float(mean), 3),
-        "std": round(float(np.sqrt(var)), 3),
-        "min": float(s[:, 2].min()),
-        "max": float(s[:, 3].max()),
-        "image_mean": _distribution(image_means.tolist(), 3),
-    }
-
-
-def _size_summary(records: list[_Record]) -> dict[str, Any]:
-    ok = [r for r in records if r.ok]
-    sizes = Counter(f"{r.width}x{r.height}" for r in ok)
-    channels = Counter("grey" if r.channels == 1 else "rgb" for r in ok)
-    bits = Counter(str(r.bits) if r.bits is not None else "unknown" for r in ok)
-    return {
-        "sizes": dict(sizes.most_common()),
-        "channels": dict(sorted(channels.items())),
-        "bits": dict(sorted(bits.items())),
-        "dtype": "float32 (stored values; see medseg.io)",
-    }
-
-
-def _segmentation(records: list[_Record]) -> dict[str, Any]:
-    fg = [r.foreground for r in records if r.ok and r.foreground is not None]
-    non_empty = [f for f in fg if f > 0]
-    return {
-        "n_masks": len(fg),
-        "empty_masks": len(fg) - len(non_empty),
-        "empty_fraction": round((len(fg) - len(non_empty)) / len(fg), 4) if fg else None,
-        "foreground_fraction": _distribution(non_empty, 5),
-    }
-
-
-def _group_summary(members: list[list[int]], samples: list[Sample]) -> dict[str, Any]:
-    members = sorted(members, key=lambda m: (-len(m), min(samples[i].id for i in m)))
-    return {
-        "n_groups": len(members),
-        "n_images": int(sum(len(m) for m in members)),
-        "examples": [
-            sorted(samples[i].id for i in m)[:MAX_MEMBERS] for m in members[:MAX_EXAMPLES]
-        ],
-    }
-
-
-def _differs(values: list, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Whether ``values[rows[k]]`` and ``values[cols[k]]`` are both set and differ, per pair."""
-    out = [
-        values[a] is not None and values[b] is not None and values[a] != values[b]
-        for a, b in zip(rows.tolist(), cols.tolist(), strict=True)
-    ]
-    return np.array(out, dtype=bool)
-
-
-def _interleave(members: list[int], key, samples: list[Sample]) -> list[int]:
-    """``members`` ordered round-robin over ``key`` (e.g. class), each key's members by id."""
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for i in sorted(members, key=lambda i: samples[i].id):
-        by_key[key(i)].append(i)
-    lists = [by_key[k] for k in sorted(by_key)]
-    return [i for row in zip_longest(*lists) for i in row if i is not None]
-
-
-def _by_split(members: list[int], samples: list[Sample]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for i in sorted(members, key=lambda i: samples[i].id):
-        out[str(samples[i].split)].append(samples[i].id)
-    return {k: out[k] for k in sorted(out, key=_split_key)}
-
-
-def _split_key(split: str) -> tuple[int, str]:
-    """Training before Testing, then other names alphabetically."""
-    order = ("Training", "Testing")
-    return (order.index(split) if split in order else len(order), split)
-
-
-def _pair_summary(
-    sel: np.ndarray,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    dist: np.ndarray,
-    corr: np.ndarray,
-    name,
-    limit: int = MAX_EXAMPLES,
-) -> dict[str, Any]:
-    """Counts and the closest examples of the linked pairs ``sel`` (a boolean mask)."""
-    order = np.flatnonzero(sel)
-    order = order[np.lexsort((dist[order], -corr[order]))]
-    return {
-        "n_pairs": int(sel.sum()),
-        "n_confirmed_pairs": int((sel & (corr >= CONFIRM_CORRELATION)).sum()),
-        "closest_pairs": [
-            {
-                "a": name(int(rows[k])),
-                "b": name(int(cols[k])),
-                "distance": int(dist[k]),
-                "correlation": round(float(corr[k]), 4),
-            }
-            for k in order[:limit]
-        ],
-    }
-
-
-def _near_duplicates(
-    samples: list[Sample],
-    records: list[_Record],
-    class_names: list[str],
-    threshold: int,
-) -> dict[str, Any]:
-    """Near-duplicate findings; also the number of groups a phash-grouped split would use.
-
-    Groups are the connected components of the hash graph (what a phash-grouped split keeps
-    together). Pairs are its edges; each pair also gets the correlation of the two images'
-    32x32 grey thumbnails, and a pair with correlation >= :data:`CONFIRM_CORRELATION` counts as
-    confirmed (the same picture, not just a similar-looking slice).
-    """
-    ok = np.array([i for i, r in enumerate(records) if r.ok], np.int64)
-    hashes = np.array([records[i].hash for i in ok], dtype=np.uint64)
-    r, c = hamming_pairs(hashes, threshold)
-    rows, cols = ok[r], ok[c]  # sample indices
-    dist = np.bitwise_count(hashes[r] ^ hashes[c]).astype(np.int64)
-    if len(ok):
-        thumbs = np.stack([records[i].thumb for i in ok])
-        corr = np.einsum("ij,ij->i", thumbs[r], thumbs[c]) if len(r) else np.zeros(0)
-    else:
-        corr = np.zeros(0)
-    labels = connected_labels(len(ok), [(r, c)])
-    comps: dict[int, list[int]] = defaultdict(list)
-    for pos, label in enumerate(labels.tolist()):
-        comps[label].append(int(ok[pos]))
-    groups = [m for m in comps.values() if len(m) > 1]
-    identical = connected_labels(len(ok), [(r[dist == 0], c[dist == 0])])
-    n_identical = int((np.bincount(identical) > 1).sum()) if len(ok) else 0
-
-    def label_of(i: int) -> str:
-        t = samples[i].target
-        return class_names[t] if isinstance(t, int) and 0 <= t < len(class_names) else ""
-
-    def name(i: int) -> str:
-        lab = label_of(i)
-        return f"{samples[i].id} ({lab})" if lab else samples[i].id
-
-    classification = bool(class_names)
-    own_groups = len({s.group for s in samples}) < len(samples)
-    within: Counter[str] = Counter()
-    across_classes, leaks, across_groups = [], [], []
-    for m in groups:
-        if classification:
-            labels_in = {label_of(i) for i in m}
-            if len(labels_in) == 1:
-                within[next(iter(labels_in))] += 1
-            else:
-                across_classes.append(m)
-        if len({samples[i].split for i in m if samples[i].split is not None}) > 1:
-            leaks.append(m)
-        if own_groups and len({samples[i].group for i in m}) > 1:
-            across_groups.append(m)
-
-    # Groups a split would use: near-duplicates joined with the layout's own groups.
-    links = existing_group_links([samples[i].group for i in ok])
-    merged = connected_labels(len(ok), [(r, c), links])
-    # Unreadable samples keep their layout group; count those groups that no readable sample has.
-    unread_groups = {s.group for s in samples} - {samples[i].group for i in ok.tolist()}
-    n_groups = len(set(merged.tolist())) + len(unread_groups)
-
-    summary = _group_summary(groups, samples)
-    summary["largest"] = sorted((len(m) for m in groups), reverse=True)[:MAX_EXAMPLES]
-    summary["identical_hash_groups"] = n_identical
-    summary["n_pairs"] = len(rows)
-    summary["n_confirmed_pairs"] = int((corr >= CONFIRM_CORRELATION).sum())
-    summary["confirm_correlation"] = CONFIRM_CORRELATION
-    if classification:
-        summary["within_class"] = {cname: within.get(cname, 0) for cname in class_names}
-    if own_groups:
-        across = _differs([s.group for s in samples], rows, cols)
-        summary["across_groups"] = {
-            **_group_summary(across_groups, samples),
-            **_pair_summary(across, rows, cols, dist, corr, name),
-        }
-
-    cross = None
-    if classification:
-        sel = _differs([s.target for s in samples], rows, cols)
-        cross = {
-            **_group_summary(across_classes, samples),
-            **_pair_summary(sel, rows, cols, dist, corr, name),
-        }
-        cross["examples"] = [
-            [name(i) for i in _interleave(m, label_of, samples)][:MAX_MEMBERS]
-            for m in sorted(across_classes, key=lambda m: (-len(m), min(samples[i].id for i in m)))[
-                :MAX_EXAMPLES
-            ]
-        ]
-    split_of = [s.split for s in samples]
-    sel = _differs(split_of, rows, cols)
-    leak = {
-        "splits": sorted({s for s in split_of if s is not None}, key=_split_key),
-        **_group_summary(leaks, samples),
-        **_pair_summary(sel, rows, cols, dist, corr, name),
-        "n_images_by_split": dict(
-            sorted(
-                Counter(str(samples[i].split) for m in leaks for i in m).items(),
-                key=lambda kv: _split_key(kv[0]),
-            )
-        ),
-        "groups": [_by_split(m, samples) for m in leaks[:MAX_LISTED]],
-    }
-    return {
-        "near_duplicate_groups": summary,
-        "cross_class_duplicates": cross,
-        "leaks": leak,
-        "n_groups": n_groups,
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Montage
 
@@ -520,7 +147,7 @@ def _load_for_display(sample: Sample, segmentation: bool):
 def write_montage(
     path: str | Path,
     samples: list[Sample],
-    records: list[_Record] | None = None,
+    records: list[Record] | None = None,
     class_names: Sequence[str] = (),
     per_row: int = 6,
     rows: int = 3,
@@ -535,7 +162,7 @@ def write_montage(
 
     from medseg.data.overlay import overlay, to_display
 
-    records = records or [_Record(ok=True) for _ in samples]
+    records = records or [Record(ok=True) for _ in samples]
     readable = [i for i, r in enumerate(records) if r.ok]
     segmentation = bool(samples) and isinstance(samples[0].target, str)
     if class_names and not segmentation:
@@ -632,30 +259,10 @@ def audit(
     segmentation = any(isinstance(s.target, str) for s in samples)
     n = len(samples)
     stats_idx = set(_pick(list(range(n)), max(0, intensity_sample)))
-    records = _read_all(samples, segmentation, stats_idx, workers or default_workers())
-
-    problems = [_rel(p, root) for p in scan.problems]
-    problems += [_rel(p, root) for r in records for p in r.problems]
-    non_binary = [
-        {"mask": _mask_name(s, root), "values": list(r.mask_values)}
-        for s, r in zip(samples, records, strict=True)
-        if r.mask_values is not None and not set(r.mask_values) <= {0, 1}
-    ]
-    for item in non_binary[:MAX_LISTED]:
-        problems.append(f"{item['mask']}: mask is not binary, values {item['values']}")
-
+    records = read_records(samples, segmentation, stats_idx, workers or default_workers())
+    problems, non_binary = _problems(scan, records, root)
     class_names = list(scan.class_names)
-    splits = Counter(s.split for s in samples if s.split is not None)
-    classes: dict[str, int] = {}
-    by_split: dict[str, dict[str, int]] = {}
-    if class_names:
-        counts = Counter(s.target for s in samples)
-        classes = {name: counts.get(c, 0) for c, name in enumerate(class_names)}
-        for split in sorted(splits, key=_split_key):
-            sc = Counter(s.target for s in samples if s.split == split)
-            by_split[split] = {name: sc.get(c, 0) for c, name in enumerate(class_names)}
-
-    dup = _near_duplicates(samples, records, class_names, threshold)
+    dup = near_duplicates(samples, records, class_names, threshold)
     # Groups a split would use with group_by "auto": near-duplicate groups for class folders,
     # the layout's own (patient) groups otherwise.
     n_layout_groups = len({s.group for s in samples})
@@ -673,14 +280,12 @@ def audit(
             "phash": n_phash_groups,
         },
         "threshold": threshold,
-        "classes": classes,
-        "classes_by_split": by_split,
-        "splits": {k: splits[k] for k in sorted(splits, key=_split_key)},
-        "images": _size_summary(records),
-        "intensity": _intensity(records),
+        **_class_counts(samples, class_names),
+        "images": size_summary(records),
+        "intensity": intensity_summary(records),
         "problems": problems,
         "non_binary_masks": non_binary[:MAX_LISTED],
-        "segmentation": _segmentation(records) if segmentation else None,
+        "segmentation": segmentation_summary(records) if segmentation else None,
         "near_duplicate_groups": dup["near_duplicate_groups"],
         "cross_class_duplicates": dup["cross_class_duplicates"],
         "leaks": dup["leaks"],
@@ -698,17 +303,55 @@ def audit(
     report["seconds"] = round(time.perf_counter() - started, 2)
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "audit.json", report)
+    _log_summary(report, root, layout)
+    return report
+
+
+def _problems(
+    scan: ScanResult, records: list[Record], root: Path
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The scanner's and the readers' problems (paths relative to ``root``); non-binary masks."""
+    problems = [_rel(p, root) for p in scan.problems]
+    problems += [_rel(p, root) for r in records for p in r.problems]
+    non_binary = [
+        {"mask": _mask_name(s, root), "values": list(r.mask_values)}
+        for s, r in zip(scan.samples, records, strict=True)
+        if r.mask_values is not None and not set(r.mask_values) <= {0, 1}
+    ]
+    for item in non_binary[:MAX_LISTED]:
+        problems.append(f"{item['mask']}: mask is not binary, values {item['values']}")
+    return problems, non_binary
+
+
+def _class_counts(samples: list[Sample], class_names: list[str]) -> dict[str, Any]:
+    """The report's ``classes``, ``classes_by_split`` and ``splits``."""
+    splits = Counter(s.split for s in samples if s.split is not None)
+    classes: dict[str, int] = {}
+    by_split: dict[str, dict[str, int]] = {}
+    if class_names:
+        counts = Counter(s.target for s in samples)
+        classes = {name: counts.get(c, 0) for c, name in enumerate(class_names)}
+        for split in sorted(splits, key=split_key):
+            sc = Counter(s.target for s in samples if s.split == split)
+            by_split[split] = {name: sc.get(c, 0) for c, name in enumerate(class_names)}
+    return {
+        "classes": classes,
+        "classes_by_split": by_split,
+        "splits": {k: splits[k] for k in sorted(splits, key=split_key)},
+    }
+
+
+def _log_summary(report: dict[str, Any], root: Path, layout: str) -> None:
     logger.info(
         "audit of %s (%s): %d images, %d near-duplicate groups, %d leaks, %d problems in %.1fs",
         root,
         layout,
-        n,
+        report["n_images"],
         report["near_duplicate_groups"]["n_groups"],
         report["leaks"]["n_groups"],
-        len(problems),
+        len(report["problems"]),
         report["seconds"],
     )
-    return report
 
 
 def pseudonym(name: str) -> str:

@@ -14,7 +14,7 @@ perceptual hashes (:func:`imagehash.phash`, 64 bits for ``hash_size=8``) differ 
   (:func:`scipy.sparse.csgraph.connected_components`).
 * :func:`group_near_duplicates`: samples with their ``group`` replaced by near-duplicate groups.
 * :func:`phash_array`: the same hash for an image already read by :func:`medseg.io.read_image`
-  (used by :mod:`medseg.data.audit`, which reads every image once).
+  (used by :mod:`medseg.data.audit_checks`, which reads every image once).
 
 Group ids are stable: ``dup-<sha1 of the smallest member id, 12 hex digits>`` for a component that
 joins several samples' groups, whatever the order of the samples and across runs.
@@ -43,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from medseg.data.scan import Sample
+from medseg.data.samples import Sample
 from medseg.errors import DataError
 
 logger = logging.getLogger(__name__)

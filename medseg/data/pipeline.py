@@ -30,7 +30,7 @@ import tensorflow as tf
 from medseg.config import DataConfig
 from medseg.data.augment import apply_augment
 from medseg.data.preprocess import preprocess_images, resize_masks
-from medseg.data.scan import Sample, natural_key
+from medseg.data.samples import Sample, natural_key
 from medseg.data.volumes import reslice, stack_slices
 from medseg.errors import ConfigError, DataError
 from medseg.io import read_image, read_mask, to_channels

@@ -1,8 +1,8 @@
 """Leak-proof splits and the split manifest.
 
-Samples are split by :attr:`~medseg.data.scan.Sample.group` (patient or near-duplicate group) with
-scikit-learn's group-aware splitters, so no group ever lands on both sides. The result is a split
-manifest (``splits.json`` in every run folder) that training, evaluation and reports all read.
+Samples are split by :attr:`~medseg.data.samples.Sample.group` (patient or near-duplicate group)
+with scikit-learn's group-aware splitters, so no group ever lands on both sides. The result is a
+split manifest (``splits.json`` in every run folder) that training, evaluation and reports all read.
 :func:`make_split` gives train/val/test::
 
     {
@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedGroupKFold
 
-from medseg.data.scan import Sample
+from medseg.data.samples import Sample
 from medseg.errors import DataError
 from medseg.utils import atomic_write_json, file_sha256
 
