@@ -86,6 +86,9 @@ Files
       name (:func:`is_dicom`).
     * :func:`list_image_files` lists readable files in a folder, sorted (each DICOM slice on
       its own).
+    * :func:`read_dicom_header` reads one DICOM file's header without its pixel data (a
+      :class:`DicomHeader`; None for DICOM objects without an image, such as SR): the one
+      header reader, used to split a folder into series and to order its slices.
 
 Errors
     Every problem with an input file raises :class:`~medseg.errors.DataError` whose message
@@ -103,17 +106,18 @@ Errors
 """
 
 from medseg.io.base import IMAGE_SUFFIXES, Image, ImageMeta, image_suffix, to_channels
-from medseg.io.dicom import is_dicom
 from medseg.io.dicom_series import (
     match_slice_positions,
     read_dicom_files,
     read_dicom_series,
     slice_positions,
 )
+from medseg.io.headers import DicomHeader, is_dicom, read_dicom_header
 from medseg.io.nifti import write_nifti_like
 from medseg.io.readers import list_image_files, read_image, read_mask
 
 __all__ = [
+    "DicomHeader",
     "IMAGE_SUFFIXES",
     "Image",
     "ImageMeta",
@@ -122,6 +126,7 @@ __all__ = [
     "list_image_files",
     "match_slice_positions",
     "read_dicom_files",
+    "read_dicom_header",
     "read_dicom_series",
     "read_image",
     "read_mask",

@@ -23,28 +23,23 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from medseg.errors import DataError
 from medseg.io.base import MAX_SAMPLES, Image, ImageMeta
+from medseg.io.dicom_tags import (
+    first_float,
+    first_line,
+    floats,
+    frame_count,
+    functional_value,
+    int_or_none,
+    sop_class_name,
+    str_or_none,
+)
+from medseg.io.headers import is_dicom, parse_all
 
 logger = logging.getLogger(__name__)
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_PREAMBLE_LEN = 128
-_MAGIC = b"DICM"
 # pydicom names the import of a plugin's dependency; the pip package can differ.
 _PIP_NAMES = {"gdcm": "python-gdcm"}
-
-
-def is_dicom(path: str | Path) -> bool:
-    """Whether ``path`` is a DICOM Part 10 file, i.e. has ``DICM`` after its 128-byte preamble.
-
-    Never raises: missing or unreadable paths give ``False``. Files named ``.dcm`` without
-    the marker are still read by :func:`medseg.io.read_image`.
-    """
-    try:
-        with Path(path).open("rb") as f:
-            head = f.read(_PREAMBLE_LEN + len(_MAGIC))
-    except OSError:
-        return False
-    return head[_PREAMBLE_LEN:] == _MAGIC
 
 
 def read_dicom_image(path: Path) -> Image:
@@ -60,8 +55,8 @@ def read_dicom_image(path: Path) -> Image:
         DataError: If the file is not DICOM, is truncated or corrupt, has no pixel data, or
             needs a pixel data decoder that is not installed.
     """
-    ds = _read_dataset(path)
-    n_frames = _n_frames(ds)
+    ds = read_dataset(path)
+    n_frames = frame_count(ds)
     array, photometric, bits, extra = dataset_array(path, ds)
     expected_ndim = 4 if n_frames > 1 else 3
     if array.ndim != expected_ndim:
@@ -71,18 +66,18 @@ def read_dicom_image(path: Path) -> Image:
             f"{n_frames} frame(s) of {samples} sample(s) per pixel"
         )
 
-    spacing, affine, geo_extra = _geometry(ds, n_frames)
+    spacing, affine, geo_extra = dataset_geometry(ds, n_frames)
     extra.update(geo_extra)
     extra.update(_other_attributes(ds))
     meta = ImageMeta(
         source=(str(path),),
         spacing=spacing,
         affine=affine,
-        modality=_str_or_none(ds.get("Modality")),
+        modality=str_or_none(ds.get("Modality")),
         photometric=photometric,
-        patient_id=_str_or_none(ds.get("PatientID")),
-        study_uid=_str_or_none(ds.get("StudyInstanceUID")),
-        series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
+        patient_id=str_or_none(ds.get("PatientID")),
+        study_uid=str_or_none(ds.get("StudyInstanceUID")),
+        series_uid=str_or_none(ds.get("SeriesInstanceUID")),
         bits=bits,
         extra=extra,
     )
@@ -100,9 +95,9 @@ def read_dicom_mask(path: Path) -> tuple[np.ndarray, bool]:
     Raises:
         DataError: As :func:`read_dicom_image`.
     """
-    ds = _read_dataset(path)
+    ds = read_dataset(path)
     colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
-    return _decode(path, ds), colour
+    return decode_pixels(path, ds), colour
 
 
 def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None, dict[str, Any]]:
@@ -118,8 +113,8 @@ def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None,
     Raises:
         DataError: If the pixel data cannot be decoded or has an unsupported layout.
     """
-    raw = _decode(path, ds)
-    n_frames = _n_frames(ds)
+    raw = decode_pixels(path, ds)
+    n_frames = frame_count(ds)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     stored_photometric = str(ds.get("PhotometricInterpretation", "") or "").upper() or None
     extra: dict[str, Any] = {
@@ -128,7 +123,7 @@ def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None,
     }
     if stored_photometric:
         extra["dicom_photometric"] = stored_photometric
-    bits = _int_or_none(ds.get("BitsStored", ds.get("BitsAllocated")))
+    bits = int_or_none(ds.get("BitsStored", ds.get("BitsAllocated")))
 
     if samples == 3:
         array = raw.astype(np.float32)
@@ -138,7 +133,7 @@ def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None,
             array = apply_color_lut(raw, ds).astype(np.float32)
         except Exception as e:  # missing or malformed palette tables
             raise DataError(
-                f"{path}: PALETTE COLOR image whose palette cannot be applied ({_first_line(e)})"
+                f"{path}: PALETTE COLOR image whose palette cannot be applied ({first_line(e)})"
             ) from e
         photometric = "RGB"
         descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
@@ -157,8 +152,13 @@ def dataset_array(path: Path, ds: Dataset) -> tuple[np.ndarray, str, int | None,
 # --------------------------------------------------------------------------- reading/decoding
 
 
-def _read_dataset(path: Path) -> Dataset:
-    """Parse ``path`` with pydicom and make sure it holds pixel data we can try to decode."""
+def read_dataset(path: Path) -> Dataset:
+    """Parse ``path`` with pydicom and make sure it holds pixel data we can try to decode.
+
+    Raises:
+        DataError: If the file is not DICOM, is truncated or corrupt, has no pixel data, or
+            names no usable transfer syntax.
+    """
     has_marker = is_dicom(path)
     try:
         if has_marker:
@@ -171,9 +171,9 @@ def _read_dataset(path: Path) -> Dataset:
                 ds = pydicom.dcmread(path, force=True)
         parse_all(ds)
     except InvalidDicomError as e:
-        raise DataError(f"{path}: not a valid DICOM file ({_first_line(e)})") from e
+        raise DataError(f"{path}: not a valid DICOM file ({first_line(e)})") from e
     except Exception as e:
-        raise DataError(f"{path}: DICOM file is truncated or corrupt ({_first_line(e)})") from e
+        raise DataError(f"{path}: DICOM file is truncated or corrupt ({first_line(e)})") from e
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
         if has_marker:
             raise DataError(f"{path}: DICOM file has no pixel data{_no_pixels_reason(ds)}")
@@ -189,26 +189,10 @@ def _read_dataset(path: Path) -> Dataset:
     return ds
 
 
-def parse_all(ds: Dataset) -> None:
-    """Convert every element of ``ds`` (and its file meta) now.
-
-    pydicom converts values lazily, on first access; a corrupt element (an unknown VR, a value
-    cut short) would otherwise raise wherever medseg first reads it. Call inside the ``try``
-    that turns parse errors into a DataError.
-    """
-    for dataset in (ds.file_meta, ds):
-        for element in dataset.iterall():
-            _ = element.value
-
-
 def _no_pixels_reason(ds: Dataset) -> str:
     """Why a DICOM file with the marker has no pixel data, from its SOP class (no patient data)."""
-    sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-    try:
-        kind = UID(str(sop)).name if sop else ""
-    except Exception:  # a corrupt UID value
-        kind = ""
-    if not kind or kind == str(sop):
+    kind = sop_class_name(ds)
+    if kind is None:
         return " and no known SOP class; it is truncated, corrupt or not an image"
     if "Image" in kind:
         return f" ({kind}); the file is truncated or its pixel data was removed"
@@ -226,8 +210,12 @@ def _guess_transfer_syntax(path: Path, ds: Dataset) -> UID:
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _decode(path: Path, ds: Dataset) -> np.ndarray:
-    """Decode the pixel data, turning every failure into a DataError that says what to do."""
+def decode_pixels(path: Path, ds: Dataset) -> np.ndarray:
+    """Decode the stored pixel values of ``ds`` (read by :func:`read_dataset` from ``path``).
+
+    Raises:
+        DataError: On every failure, saying what to do (e.g. which decoder to install).
+    """
     _check_size(path, ds)
     ts = ds.file_meta.TransferSyntaxUID
     decoder = None
@@ -247,7 +235,7 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as e:
-        reason = _first_line(e)
+        reason = first_line(e)
         if decoder is not None:
             hint = ""
             if decoder.missing_dependencies:
@@ -265,9 +253,9 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
 
 def _check_size(path: Path, ds: Dataset) -> None:
     """Refuse, before decoding, a header that declares more samples than medseg reads."""
-    rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
-    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
-    frames = _n_frames(ds)
+    rows, columns = int_or_none(ds.get("Rows")), int_or_none(ds.get("Columns"))
+    samples = int_or_none(ds.get("SamplesPerPixel")) or 1
+    frames = frame_count(ds)
     if rows is None or columns is None:
         return  # pydicom says what is missing
     count = abs(rows) * abs(columns) * abs(samples) * frames
@@ -292,11 +280,6 @@ def _install_hint(missing: list[str]) -> str:
         if names:
             commands.append("'pip install " + " ".join(names) + "'")
     return ", ".join(commands) if commands else "a pydicom pixel data plugin"
-
-
-def _first_line(error: Exception) -> str:
-    text = " ".join(str(error).split("\n")[:2]).strip()
-    return text or type(error).__name__
 
 
 # --------------------------------------------------------------------------- values
@@ -340,7 +323,7 @@ def _to_display_values(
             )
             if len(set(slopes)) > 1 or len(set(intercepts)) > 1:
                 extra["rescale_per_frame"] = True
-            rescale_type = _functional(ds, "PixelValueTransformationSequence", "RescaleType")
+            rescale_type = functional_value(ds, "PixelValueTransformationSequence", "RescaleType")
             if rescale_type:
                 extra["rescale_type"] = str(rescale_type)
             a, b = smin * slopes[0] + intercepts[0], smax * slopes[0] + intercepts[0]
@@ -349,8 +332,8 @@ def _to_display_values(
             extra["rescale_applied"] = False
             lo, hi = smin, smax
 
-    center = _first_float(_functional(ds, "FrameVOILUTSequence", "WindowCenter"))
-    width = _first_float(_functional(ds, "FrameVOILUTSequence", "WindowWidth"))
+    center = first_float(functional_value(ds, "FrameVOILUTSequence", "WindowCenter"))
+    width = first_float(functional_value(ds, "FrameVOILUTSequence", "WindowWidth"))
     if inverted:
         extra["monochrome1_inverted"] = True
         extra["inversion_range"] = (lo, hi)
@@ -385,14 +368,14 @@ def _stored_samples(smin: float, smax: float, dtype: np.dtype) -> np.ndarray:
 def _rescale(ds: Dataset, n_frames: int) -> tuple[list[float] | None, list[float] | None]:
     """Rescale slope(s) and intercept(s): top level, or per frame from functional groups."""
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        slope = _first_float(ds.get("RescaleSlope"))
-        intercept = _first_float(ds.get("RescaleIntercept"))
+        slope = first_float(ds.get("RescaleSlope"))
+        intercept = first_float(ds.get("RescaleIntercept"))
         return [1.0 if slope is None else slope], [0.0 if intercept is None else intercept]
     slopes, intercepts = [], []
     for frame in range(n_frames):
         sequence = "PixelValueTransformationSequence"
-        slope = _first_float(_functional(ds, sequence, "RescaleSlope", frame))
-        intercept = _first_float(_functional(ds, sequence, "RescaleIntercept", frame))
+        slope = first_float(functional_value(ds, sequence, "RescaleSlope", frame))
+        intercept = first_float(functional_value(ds, sequence, "RescaleIntercept", frame))
         if slope is None and intercept is None:
             return None, None
         slopes.append(1.0 if slope is None else slope)
@@ -403,17 +386,27 @@ def _rescale(ds: Dataset, n_frames: int) -> tuple[list[float] | None, list[float
 # --------------------------------------------------------------------------- geometry
 
 
-def _geometry(
+def dataset_geometry(
     ds: Dataset, n_frames: int
 ) -> tuple[tuple[float, ...] | None, np.ndarray | None, dict[str, Any]]:
-    """Spacing (array axis order) and 4x4 index->LPS affine, where the file allows."""
+    """Spacing (array axis order) and 4x4 index->LPS affine, where the file allows.
+
+    Args:
+        ds: A dataset (its header is enough).
+        n_frames: Its number of frames.
+
+    Returns:
+        Spacing, affine (each None when unknown) and notes for ``meta.extra``.
+    """
     extra: dict[str, Any] = {}
-    pixel_spacing = _floats(_functional(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    pixel_spacing = floats(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"), 2)
     if pixel_spacing is None:
-        pixel_spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+        pixel_spacing = floats(ds.get("ImagerPixelSpacing"), 2)
         if pixel_spacing is not None:
             extra["spacing_source"] = "ImagerPixelSpacing"
-    orientation = _floats(_functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    orientation = floats(
+        functional_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+    )
     positions = _positions(ds, n_frames)
 
     row_dir = col_dir = normal = None
@@ -422,8 +415,8 @@ def _geometry(
         col_dir, row_dir = np.array(orientation[:3]), np.array(orientation[3:])
         normal = np.cross(col_dir, row_dir)
 
-    thickness = _first_float(_functional(ds, "PixelMeasuresSequence", "SliceThickness"))
-    between = _first_float(_functional(ds, "PixelMeasuresSequence", "SpacingBetweenSlices"))
+    thickness = first_float(functional_value(ds, "PixelMeasuresSequence", "SliceThickness"))
+    between = first_float(functional_value(ds, "PixelMeasuresSequence", "SpacingBetweenSlices"))
     if thickness is not None:
         extra["slice_thickness"] = thickness
 
@@ -464,7 +457,7 @@ def _slice_step(
             return steps[0], float(np.linalg.norm(steps[0])), "ImagePositionPatient"
         # Frames are not a regular grid (e.g. a SEG with one frame per segment).
         return None, between, "SpacingBetweenSlices" if between else None
-    offsets = _floats(ds.get("GridFrameOffsetVector"), n_frames)
+    offsets = floats(ds.get("GridFrameOffsetVector"), n_frames)
     if offsets is not None and normal is not None:
         diffs = np.diff(offsets)
         if np.allclose(diffs, diffs[0], atol=1e-3):
@@ -483,13 +476,13 @@ def _positions(ds: Dataset, n_frames: int) -> list[np.ndarray]:
         found = []
         for item in per_frame:
             plane = item.get("PlanePositionSequence")
-            position = _floats(plane[0].get("ImagePositionPatient"), 3) if plane else None
+            position = floats(plane[0].get("ImagePositionPatient"), 3) if plane else None
             if position is None:
                 break
             found.append(np.array(position))
         else:
             return found
-    position = _floats(_functional(ds, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    position = floats(functional_value(ds, "PlanePositionSequence", "ImagePositionPatient"), 3)
     return [np.array(position)] if position is not None else []
 
 
@@ -504,72 +497,13 @@ def _affine(columns: tuple[np.ndarray, ...], origin: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _functional(ds: Dataset, sequence: str, keyword: str, frame: int = 0) -> Any:
-    """Attribute value from the top level, else shared, else the frame's functional groups."""
-    if keyword in ds:
-        return ds.get(keyword)
-    for groups_keyword, index in (
-        ("SharedFunctionalGroupsSequence", 0),
-        ("PerFrameFunctionalGroupsSequence", frame),
-    ):
-        groups = ds.get(groups_keyword)
-        if not groups or index >= len(groups):
-            continue
-        items = groups[index].get(sequence)
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
-    return None
-
-
-def _n_frames(ds: Dataset) -> int:
-    value = _int_or_none(ds.get("NumberOfFrames"))
-    return value if value and value > 0 else 1
-
-
 def _other_attributes(ds: Dataset) -> dict[str, Any]:
     """Non-identifying attributes that later steps (e.g. series sorting) may want."""
     extra: dict[str, Any] = {}
-    instance = _int_or_none(ds.get("InstanceNumber"))
+    instance = int_or_none(ds.get("InstanceNumber"))
     if instance is not None:
         extra["instance_number"] = instance
-    location = _first_float(ds.get("SliceLocation"))
+    location = first_float(ds.get("SliceLocation"))
     if location is not None:
         extra["slice_location"] = location
     return extra
-
-
-def _floats(value: Any, count: int) -> tuple[float, ...] | None:
-    """``value`` as a tuple of exactly ``count`` floats, else None."""
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    try:
-        values = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return values if len(values) == count and all(np.isfinite(values)) else None
-
-
-def _first_float(value: Any) -> float | None:
-    """First number of a single or multi-valued attribute, else None."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, (str, bytes, int, float)):
-        try:
-            value = next(iter(value))
-        except (TypeError, StopIteration):
-            return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if np.isfinite(number) else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    number = _first_float(value)
-    return int(number) if number is not None else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    text = str(value).strip() if value is not None else ""
-    return text or None

@@ -11,33 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
 from medseg.errors import DataError
 from medseg.io.base import Image, ImageMeta, check_folder, image_suffix, raise_walk_error
 from medseg.io.dicom import (
-    _decode,
-    _first_float,
-    _first_line,
-    _floats,
-    _geometry,
-    _int_or_none,
-    _read_dataset,
-    _str_or_none,
     dataset_array,
-    is_dicom,
-    parse_all,
+    dataset_geometry,
+    decode_pixels,
+    read_dataset,
     read_dicom_image,
     read_dicom_mask,
 )
+from medseg.io.headers import DicomHeader, is_dicom, read_dicom_header
 
 logger = logging.getLogger(__name__)
 
@@ -80,28 +70,10 @@ _SPACING_RTOL = 1e-4
 
 
 @dataclass
-class _Header:
-    """What the series reader needs from one file's header."""
-
-    path: Path
-    ds: Dataset = field(repr=False)
-    series_uid: str | None
-    series_number: int | None
-    description: str | None
-    instance: int | None
-    position: np.ndarray | None
-    orientation: np.ndarray | None
-    pixel_spacing: tuple[float, ...] | None
-    size: tuple[int, int]
-    samples: int
-    frames: int
-
-
-@dataclass
 class _Stack:
     """One series in slice order, with its geometry."""
 
-    headers: list[_Header]
+    headers: list[DicomHeader]
     positions: np.ndarray | None  # (D, 3) LPS mm, in slice order; None when unknown
     spacing: tuple[float, ...] | None
     affine: np.ndarray | None
@@ -161,7 +133,7 @@ def slice_positions(folder: str | Path) -> np.ndarray:
     group = _single_group(folder)
     if len(group) == 1 and group[0].frames > 1:
         header = group[0]
-        _, affine, _ = _geometry(header.ds, header.frames)
+        _, affine, _ = dataset_geometry(header.dataset, header.frames)
         if affine is None:
             raise DataError(f"{header.path}: multi-frame file whose frame positions are unknown")
         index = np.zeros((header.frames, 4))
@@ -224,8 +196,7 @@ def read_series_mask(folder: Path, *, allow_gaps: bool = False) -> tuple[np.ndar
     slices = []
     colour = stack.headers[0].samples > 1
     for header in stack.headers:
-        ds = _read_dataset(header.path)
-        values = _decode(header.path, ds)
+        values = decode_pixels(header.path, read_dataset(header.path))
         _check_slice_shape(folder, header, values, stack.headers[0])
         slices.append(values)
     return np.stack(slices), colour
@@ -259,9 +230,9 @@ def read_dicom_files(
     return [_read_group_image(where, group, allow_gaps) for group in groups]
 
 
-def _scan(folder: Path, recursive: bool) -> list[_Header]:
+def _scan(folder: Path, recursive: bool) -> list[DicomHeader]:
     """Headers of the DICOM image files in ``folder``, in file name order."""
-    headers: list[_Header] = []
+    headers: list[DicomHeader] = []
     for root, dirs, files in os.walk(folder, onerror=raise_walk_error):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
@@ -280,76 +251,31 @@ def _obvious_non_image(path: Path) -> bool:
     return name in NON_IMAGE_NAMES or image_suffix(path) in NON_IMAGE_SUFFIXES
 
 
-def _read_header(path: Path) -> _Header | None:
+def _read_header(path: Path) -> DicomHeader | None:
     """Header of one file; None for DICOM objects that are not images (SR, RT plan, ...)."""
-    has_marker = is_dicom(path)
-    if not has_marker and image_suffix(path) != ".dcm":
+    if not is_dicom(path) and image_suffix(path) != ".dcm":
         raise DataError(
             f"{path}: not a DICOM file; a DICOM series folder may hold only DICOM files and "
             f"obvious non-images (DICOMDIR, {', '.join(sorted(NON_IMAGE_SUFFIXES)[:6])}, ...)"
         )
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty (0 bytes)")
-    try:
-        if has_marker:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        parse_all(ds)
-    except Exception as e:
-        raise DataError(f"{path}: DICOM header is truncated or corrupt ({_first_line(e)})") from e
-    rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
-    if rows is None or columns is None:
-        if not has_marker:
-            raise DataError(f"{path}: not a DICOM image (no 'DICM' marker and no image size)")
-        sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-        kind = UID(str(sop)).name if sop else ""
-        if not kind or kind == str(sop) or "Image" in kind:
-            # An image SOP class (or an unknown one) without an image size: a cut header.
-            # (An unknown UID is not quoted: a corrupt one may hold any bytes, newlines too.)
-            what = kind if kind and kind != str(sop) else "DICOM"
-            raise DataError(
-                f"{path}: DICOM header is truncated or corrupt (no Rows/Columns in a {what} file)"
-            )
-        logger.warning("%s: skipped, a DICOM object without an image (%s)", path, kind)
-        return None
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
-    frames = _int_or_none(ds.get("NumberOfFrames"))
-    return _Header(
-        path=path,
-        ds=ds,
-        series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
-        series_number=_int_or_none(ds.get("SeriesNumber")),
-        description=_str_or_none(ds.get("SeriesDescription")),
-        instance=_int_or_none(ds.get("InstanceNumber")),
-        position=np.array(position) if position is not None else None,
-        orientation=np.array(orientation) if orientation is not None else None,
-        pixel_spacing=spacing,
-        size=(rows, columns),
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
-        frames=frames if frames and frames > 0 else 1,
-    )
+    return read_dicom_header(path)
 
 
-def _split(headers: list[_Header]) -> list[list[_Header]]:
+def _split(headers: list[DicomHeader]) -> list[list[DicomHeader]]:
     """Group headers by SeriesInstanceUID; groups sorted by SeriesNumber, then description."""
-    groups: dict[str | None, list[_Header]] = {}
+    groups: dict[str | None, list[DicomHeader]] = {}
     for header in headers:
         groups.setdefault(header.series_uid, []).append(header)
 
-    def key(group: list[_Header]) -> tuple[bool, int, str, str]:
+    def key(group: list[DicomHeader]) -> tuple[bool, int, str, str]:
         first = group[0]
         number = first.series_number
-        return (number is None, number or 0, first.description or "", str(first.path))
+        return (number is None, number or 0, first.series_description or "", str(first.path))
 
     return sorted(groups.values(), key=key)
 
 
-def _single_group(folder: Path) -> list[_Header]:
+def _single_group(folder: Path) -> list[DicomHeader]:
     """The headers of the one series directly in ``folder``; DataError for none or several."""
     groups = _split(_scan(folder, recursive=False))
     if not groups:
@@ -364,11 +290,13 @@ def _single_group(folder: Path) -> list[_Header]:
     return groups[0]
 
 
-def _describe(group: list[_Header]) -> str:
+def _describe(group: list[DicomHeader]) -> str:
     """Series number and description of a group (never patient data)."""
     first = group[0]
     number = f"#{first.series_number}" if first.series_number is not None else "#?"
-    description = f" {first.description!r}" if first.description else " (no description)"
+    description = (
+        f" {first.series_description!r}" if first.series_description else " (no description)"
+    )
     return f"{number}{description}, {len(group)} file(s)"
 
 
@@ -387,7 +315,7 @@ def _subfolder_hint(folder: Path, recursive: bool) -> str:
 # --------------------------------------------------------------------------- ordering
 
 
-def _order(folder: Path, group: list[_Header], allow_gaps: bool) -> _Stack:
+def _order(folder: Path, group: list[DicomHeader], allow_gaps: bool) -> _Stack:
     """Check that the files of one series form a volume and put them in slice order."""
     first = group[0]
     for header in group[1:]:
@@ -424,7 +352,7 @@ def _order(folder: Path, group: list[_Header], allow_gaps: bool) -> _Stack:
 
 def _order_by_position(
     folder: Path,
-    group: list[_Header],
+    group: list[DicomHeader],
     pixel_spacing: tuple[float, ...] | None,
     allow_gaps: bool,
 ) -> _Stack:
@@ -437,7 +365,7 @@ def _order_by_position(
                 f"{_fmt(header.orientation)}); they do not form one volume"
             )
     # ImageOrientationPatient: direction of increasing column index, then of increasing row.
-    along_row, along_col = first.orientation[:3], first.orientation[3:]
+    along_row, along_col = np.array(first.orientation[:3]), np.array(first.orientation[3:])
     normal = np.cross(along_row, along_col)
     norm = float(np.linalg.norm(normal))
     if norm < 0.5:
@@ -494,7 +422,7 @@ def _order_by_position(
         # Direction of the stack (differs from the normal for a tilted gantry), one step long.
         step = (positions[-1] - positions[0]) / (distance[-1] - distance[0]) * slice_spacing
     else:
-        slice_spacing, source = _declared_slice_spacing(first.ds)
+        slice_spacing, source = _declared_slice_spacing(first)
         if source:
             extra["slice_spacing_source"] = source
         step = normal * (slice_spacing or 1.0)
@@ -512,7 +440,7 @@ def _order_by_position(
 
 
 def _order_by_instance(
-    folder: Path, group: list[_Header], pixel_spacing: tuple[float, ...] | None
+    folder: Path, group: list[DicomHeader], pixel_spacing: tuple[float, ...] | None
 ) -> _Stack:
     missing = sum(h.position is None or h.orientation is None for h in group)
     if len(group) > 1:
@@ -524,19 +452,19 @@ def _order_by_instance(
             len(group),
         )
     for header in group:
-        if header.instance is None and len(group) > 1:
+        if header.instance_number is None and len(group) > 1:
             raise DataError(
                 f"{folder}: cannot order the slices: {header.path.name} has neither "
                 f"ImagePositionPatient/ImageOrientationPatient nor InstanceNumber"
             )
-    headers = sorted(group, key=lambda h: h.instance or 0)
+    headers = sorted(group, key=lambda h: h.instance_number or 0)
     for a, b in zip(headers, headers[1:], strict=False):
-        if a.instance == b.instance:
+        if a.instance_number == b.instance_number:
             raise DataError(
                 f"{folder}: files {a.path.name} and {b.path.name} have the same InstanceNumber "
-                f"{a.instance} and no positions; the slice order is unknown"
+                f"{a.instance_number} and no positions; the slice order is unknown"
             )
-    slice_spacing, source = _declared_slice_spacing(headers[0].ds)
+    slice_spacing, source = _declared_slice_spacing(headers[0])
     extra: dict[str, Any] = {"slice_order": "InstanceNumber"}
     if source:
         extra["slice_spacing_source"] = source
@@ -546,9 +474,11 @@ def _order_by_instance(
     return _Stack(headers, None, spacing, None, extra)
 
 
-def _declared_slice_spacing(ds: Dataset) -> tuple[float | None, str | None]:
-    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _first_float(ds.get(keyword))
+def _declared_slice_spacing(header: DicomHeader) -> tuple[float | None, str | None]:
+    for value, keyword in (
+        (header.spacing_between_slices, "SpacingBetweenSlices"),
+        (header.slice_thickness, "SliceThickness"),
+    ):
         if value:
             return abs(value), keyword
     return None, None
@@ -557,7 +487,7 @@ def _declared_slice_spacing(ds: Dataset) -> tuple[float | None, str | None]:
 # --------------------------------------------------------------------------- pixels
 
 
-def _read_group_image(folder: Path, group: list[_Header], allow_gaps: bool) -> Image:
+def _read_group_image(folder: Path, group: list[DicomHeader], allow_gaps: bool) -> Image:
     if len(group) == 1 and group[0].frames > 1:
         image = read_dicom_image(group[0].path)
         image.meta.extra.update(_series_extra(group[0]))
@@ -569,7 +499,7 @@ def _read_group_image(folder: Path, group: list[_Header], allow_gaps: bool) -> I
     notes: dict[str, Any] = {}
     slopes, intercepts, inverted = [], [], False
     for i, header in enumerate(stack.headers):
-        ds = _read_dataset(header.path)
+        ds = read_dataset(header.path)
         array, slice_photometric, slice_bits, slice_extra = dataset_array(header.path, ds)
         _check_slice_shape(folder, header, array[..., 0], first)
         if volume is None:
@@ -598,24 +528,22 @@ def _read_group_image(folder: Path, group: list[_Header], allow_gaps: bool) -> I
     extra.update(
         folder=str(folder),
         number_of_slices=len(stack.headers),
-        instance_numbers=[h.instance for h in stack.headers],
+        instance_numbers=[h.instance_number for h in stack.headers],
     )
     if stack.positions is not None:
         extra["slice_positions"] = stack.positions
     if stack.headers[0].pixel_spacing is not None:
         extra["pixel_spacing"] = stack.headers[0].pixel_spacing
-    thickness = _first_float(first.ds.get("SliceThickness"))
-    if thickness is not None:
-        extra["slice_thickness"] = thickness
-    ds = first.ds
+    if first.slice_thickness is not None:
+        extra["slice_thickness"] = first.slice_thickness
     meta = ImageMeta(
         source=tuple(str(h.path) for h in stack.headers),
         spacing=stack.spacing,
         affine=stack.affine,
-        modality=_str_or_none(ds.get("Modality")),
+        modality=first.modality,
         photometric=photometric,
-        patient_id=_str_or_none(ds.get("PatientID")),
-        study_uid=_str_or_none(ds.get("StudyInstanceUID")),
+        patient_id=first.patient_id,
+        study_uid=first.study_uid,
         series_uid=first.series_uid,
         bits=bits,
         extra=extra,
@@ -626,11 +554,13 @@ def _read_group_image(folder: Path, group: list[_Header], allow_gaps: bool) -> I
     return Image(array=volume, meta=meta)
 
 
-def _series_extra(header: _Header) -> dict[str, Any]:
-    return {"series_description": header.description, "series_number": header.series_number}
+def _series_extra(header: DicomHeader) -> dict[str, Any]:
+    return {"series_description": header.series_description, "series_number": header.series_number}
 
 
-def _check_slice_shape(folder: Path, header: _Header, values: np.ndarray, first: _Header) -> None:
+def _check_slice_shape(
+    folder: Path, header: DicomHeader, values: np.ndarray, first: DicomHeader
+) -> None:
     if tuple(values.shape[:2]) != first.size:
         raise DataError(
             f"{folder}: decoded slice {header.path.name} has shape {values.shape[:2]}, expected "

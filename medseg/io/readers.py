@@ -26,8 +26,9 @@ from medseg.io.base import (
     image_suffix,
     raise_walk_error,
 )
-from medseg.io.dicom import is_dicom, read_dicom_image, read_dicom_mask
+from medseg.io.dicom import read_dicom_image, read_dicom_mask
 from medseg.io.dicom_series import read_series_image, read_series_mask
+from medseg.io.headers import is_dicom
 from medseg.io.nifti import read_nifti_image, read_nifti_mask
 from medseg.io.plain import read_plain_image, read_plain_mask
 

@@ -96,6 +96,26 @@ def make_hub_module(
     weights = weights or None
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise ModelError(f"{weights}: weights file not found")
+    backbone = _feature_backbone(input_size, alpha, weights, bn_momentum)
+    root, serve = _reusable_root(backbone, input_size)
+    info = {
+        "format": "medseg-hub/1",
+        "architecture": "MobileNetV2",
+        "input_size": [input_size, input_size],
+        "input_range": [0.0, 1.0],
+        "alpha": alpha,
+        "feature_dim": int(backbone.output_shape[-1]),
+        "weights": weights,
+        "bn_momentum": bn_momentum,
+    }
+    _save_module(out, root, serve, info)
+    return out
+
+
+def _feature_backbone(
+    input_size: int, alpha: float, weights: str | None, bn_momentum: float
+) -> keras.Model:
+    """``keras.applications.MobileNetV2`` with average pooling and ``bn_momentum`` set."""
     try:
         backbone = keras.applications.MobileNetV2(
             input_shape=(input_size, input_size, 3),
@@ -109,7 +129,13 @@ def make_hub_module(
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = bn_momentum
+    return backbone
 
+
+def _reusable_root(
+    backbone: keras.Model, input_size: int
+) -> tuple[tf.train.Checkpoint, tf.types.experimental.GenericFunction]:
+    """The reusable SavedModel root object for ``backbone`` and its serving signature."""
     spec = tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="inputs")
 
     @tf.function
@@ -130,7 +156,16 @@ def make_hub_module(
     root.trainable_variables = [v.value for v in backbone.trainable_weights]
     root.regularization_losses = []
     root.__call__ = call
+    return root, serve
 
+
+def _save_module(
+    out: Path,
+    root: tf.train.Checkpoint,
+    serve: tf.types.experimental.GenericFunction,
+    info: dict,
+) -> None:
+    """Save ``root`` and ``medseg_hub.json`` under a temporary name, then rename it to ``out``."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -138,30 +173,17 @@ def make_hub_module(
         tf.saved_model.save(root, str(tmp), signatures={"serving_default": serve})
         import medseg
 
-        atomic_write_json(
-            tmp / HUB_INFO_NAME,
-            {
-                "format": "medseg-hub/1",
-                "architecture": "MobileNetV2",
-                "input_size": [input_size, input_size],
-                "input_range": [0.0, 1.0],
-                "alpha": alpha,
-                "feature_dim": int(backbone.output_shape[-1]),
-                "weights": weights,
-                "bn_momentum": bn_momentum,
-                "versions": {
-                    "medseg": medseg.__version__,
-                    "tensorflow": tf.__version__,
-                    "keras": keras.__version__,
-                },
-            },
-        )
+        versions = {
+            "medseg": medseg.__version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        }
+        atomic_write_json(tmp / HUB_INFO_NAME, {**info, "versions": versions})
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def load_hub_module(handle: str):

@@ -83,46 +83,11 @@ def build_mobilenetv2_classifier(
     weights = weights or None
     inputs = keras.Input(shape=input_shape, name=input_name)
     if hub_handle:
-        if weights is not None:
-            raise ModelError(
-                f"weights='{weights}' applies to the keras.applications backbone; the TF-Hub "
-                f"module '{hub_handle}' carries its own weights"
-            )
-        backbone = HubLayer(hub_handle, trainable=not freeze_backbone, name=BACKBONE)
-        try:
-            x = backbone(inputs)
-        except (ValueError, TypeError) as e:
-            raise ModelError(
-                f"TF-Hub module '{hub_handle}' does not accept inputs of shape "
-                f"{tuple(input_shape)}: {str(e).splitlines()[0]}"
-            ) from e
-        if len(x.shape) != 2:
-            raise ModelError(
-                f"TF-Hub module '{hub_handle}' returns shape {x.shape}; a feature-vector module "
-                "([batch, features]) is needed"
-            )
+        x = _hub_features(inputs, input_shape, hub_handle, weights, freeze_backbone)
     else:
-        if weights not in (None, "imagenet") and not Path(weights).is_file():
-            raise ModelError(f"model.weights: '{weights}': weights file not found")
-        # MobileNetV2 expects inputs in [-1, 1]; medseg's normalisation gives [0, 1] (minmax).
-        x = layers.Rescaling(2.0, offset=-1.0, name="to_unit_range")(inputs)
-        try:
-            backbone = keras.applications.MobileNetV2(
-                input_shape=input_shape,
-                alpha=alpha,
-                include_top=False,
-                weights=weights,
-                pooling=None,
-                name=BACKBONE,
-            )
-        except ValueError as e:
-            raise ModelError(f"cannot build MobileNetV2 (weights={weights!r}): {e}") from e
-        for layer in backbone.layers:
-            if isinstance(layer, layers.BatchNormalization):
-                layer.momentum = bn_momentum
-        backbone.trainable = not freeze_backbone
-        x = backbone(x)
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
+        x = _applications_features(
+            inputs, input_shape, weights, alpha, bn_momentum, freeze_backbone
+        )
     if dropout > 0:
         x = layers.Dropout(dropout, name="head_dropout")(x)
     reg = keras.regularizers.L1L2(l1=l1, l2=l2) if (l1 > 0 or l2 > 0) else None
@@ -130,6 +95,67 @@ def build_mobilenetv2_classifier(
         num_classes, activation="softmax", kernel_regularizer=reg, dtype="float32", name="head"
     )(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _hub_features(
+    inputs: keras.KerasTensor,
+    input_shape: tuple[int, int, int],
+    hub_handle: str,
+    weights: str | None,
+    freeze_backbone: bool,
+) -> keras.KerasTensor:
+    """Features of a TF-Hub feature-vector module (the layer named :data:`BACKBONE`)."""
+    if weights is not None:
+        raise ModelError(
+            f"weights='{weights}' applies to the keras.applications backbone; the TF-Hub "
+            f"module '{hub_handle}' carries its own weights"
+        )
+    backbone = HubLayer(hub_handle, trainable=not freeze_backbone, name=BACKBONE)
+    try:
+        x = backbone(inputs)
+    except (ValueError, TypeError) as e:
+        raise ModelError(
+            f"TF-Hub module '{hub_handle}' does not accept inputs of shape "
+            f"{tuple(input_shape)}: {str(e).splitlines()[0]}"
+        ) from e
+    if len(x.shape) != 2:
+        raise ModelError(
+            f"TF-Hub module '{hub_handle}' returns shape {x.shape}; a feature-vector module "
+            "([batch, features]) is needed"
+        )
+    return x
+
+
+def _applications_features(
+    inputs: keras.KerasTensor,
+    input_shape: tuple[int, int, int],
+    weights: str | None,
+    alpha: float,
+    bn_momentum: float,
+    freeze_backbone: bool,
+) -> keras.KerasTensor:
+    """Pooled features of a ``keras.applications`` MobileNetV2 (the layer named BACKBONE)."""
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise ModelError(f"model.weights: '{weights}': weights file not found")
+    # MobileNetV2 expects inputs in [-1, 1]; medseg's normalisation gives [0, 1] (minmax).
+    x = layers.Rescaling(2.0, offset=-1.0, name="to_unit_range")(inputs)
+    try:
+        backbone = keras.applications.MobileNetV2(
+            input_shape=input_shape,
+            alpha=alpha,
+            include_top=False,
+            weights=weights,
+            pooling=None,
+            name=BACKBONE,
+        )
+    except ValueError as e:
+        raise ModelError(f"cannot build MobileNetV2 (weights={weights!r}): {e}") from e
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    backbone.trainable = not freeze_backbone
+    x = backbone(x)
+    return layers.GlobalAveragePooling2D(name="pool")(x)
 
 
 # ---------------------------------------------------------------------------------------------
