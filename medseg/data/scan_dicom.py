@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,7 +30,7 @@ from medseg.data.samples import (
     subdirs,
 )
 from medseg.errors import ConfigError, DataError
-from medseg.io import is_dicom, list_image_files
+from medseg.io import DicomHeader, is_dicom, list_image_files, read_dicom_header
 
 #: Largest distance between matching image and mask slices, as a fraction of the slice spacing.
 POSITION_TOLERANCE = 0.1
@@ -42,8 +41,13 @@ _ORIENTATION_COS = 0.999
 @dataclass
 class _Series:
     folder: Path
-    description: str  # SeriesDescription ('' when absent)
+    header: DicomHeader | None  # header of the first file (None: a DICOM object without an image)
     files: list[Path]
+
+    @property
+    def description(self) -> str:
+        """SeriesDescription ('' when absent)."""
+        return (self.header.series_description if self.header else None) or ""
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -54,37 +58,21 @@ def _dicom_files(folder: Path) -> list[Path]:
     ]
 
 
-def _read_header(path: Path) -> Any:
-    import pydicom
-
+def _read_header(path: Path) -> DicomHeader | None:
+    """:func:`medseg.io.read_dicom_header`, its DataError raised as a ScanProblem."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception as e:  # pydicom raises many types for broken files
-        raise ScanProblem(f"{path}: unreadable DICOM header ({type(e).__name__})") from None
-
-
-def _series_description(files: list[Path]) -> str:
-    ds = _read_header(files[0])
-    return str(ds.get("SeriesDescription", "") or "").strip()
+        return read_dicom_header(path)
+    except DataError as e:
+        raise ScanProblem(str(e)) from None
 
 
 def _plane(series: _Series) -> tuple[tuple[int, int], np.ndarray | None]:
     """(rows, columns) and the 6 direction cosines of the series' first file (None if absent)."""
-    ds = _read_header(series.files[0])
-    try:
-        size = (int(ds.Rows), int(ds.Columns))
-    except (AttributeError, TypeError, ValueError):
-        raise ScanProblem(f"{series.files[0]}: no Rows/Columns (not an image)") from None
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None:  # enhanced multi-frame: shared functional groups
-        shared = ds.get("SharedFunctionalGroupsSequence")
-        seq = shared[0].get("PlaneOrientationSequence") if shared else None
-        iop = seq[0].get("ImageOrientationPatient") if seq else None
-    try:
-        cosines = np.array([float(v) for v in iop], dtype=np.float64) if iop else None
-    except (TypeError, ValueError):
-        cosines = None
-    return size, cosines if cosines is not None and cosines.shape == (6,) else None
+    header = series.header
+    if header is None:
+        raise ScanProblem(f"{series.files[0]}: no Rows/Columns (not an image)")
+    cosines = np.array(header.orientation, dtype=np.float64) if header.orientation else None
+    return header.size, cosines
 
 
 def _positions(folder: Path) -> np.ndarray:
@@ -238,7 +226,7 @@ def _scan_study(
     for folder in subdirs(study):
         files = _dicom_files(folder)
         if files:
-            series.append(_Series(folder, _series_description(files), files))
+            series.append(_Series(folder, _read_header(files[0]), files))
     if not series:
         raise ScanProblem(f"{study}: no series folders with DICOM files")
     masks = _pick([s for s in series if _matches(s, mask_series)], mask_series)
