@@ -125,17 +125,6 @@ def _lgg(root: Path, patients: int, tumour_patients: int, slices: int = 3) -> Pa
     return root
 
 
-def _reader_reads(path: Path) -> bool:
-    """Whether medseg.io can read ``path`` (a DICOM series folder or a NIfTI file) yet."""
-    from medseg.io import read_mask
-
-    try:
-        read_mask(path)
-    except DataError:
-        return False
-    return True
-
-
 @pytest.fixture
 def tcia(tmp_path) -> Path:
     root = tmp_path / "tcia"
@@ -182,8 +171,6 @@ def test_dicom_slice_positions_follow_the_normal_not_file_names(tcia):
 def test_dicom_series_slices_align_through_the_reader(tcia):
     image_dir = tcia / "P1" / "study-A" / "1-T1post-111"
     mask_dir = tcia / "P1" / "study-A" / "3-MaskTumor-333"
-    if not _reader_reads(mask_dir):
-        pytest.skip("medseg.io cannot read DICOM series folders yet (read_mask(folder))")
     from medseg.io import read_image, read_mask
 
     scan = scan_dataset(tcia, "dicom_series", image_series="T1post")
@@ -306,10 +293,13 @@ def test_dicom_series_nothing_usable(tmp_path):
 
 
 def _expected_depth(label: Path, header_depth: int) -> int:
-    """Slices the scanner must report: what medseg.io reads, or the header's z when it cannot."""
+    """Slices the scanner must report: the axial slices medseg.io reads, which are the header's
+    z slices for these fixtures (read_mask must read them: a reader failure fails the test)."""
     from medseg.io import read_mask
 
-    return int(read_mask(label).shape[0]) if _reader_reads(label) else header_depth
+    depth = int(read_mask(label).shape[0])
+    assert depth == header_depth, (label, depth, header_depth)
+    return depth
 
 
 def test_nifti_one_sample_per_slice(tmp_path):
@@ -445,8 +435,6 @@ def _class_folders_with_duplicate(root: Path) -> Path:
 
 
 def test_group_by_phash_groups_near_duplicates(tmp_path):
-    if importlib.util.find_spec("medseg.data.dedup") is None:
-        pytest.skip("medseg.data.dedup (near-duplicate grouping) is not written yet")
     root = _class_folders_with_duplicate(tmp_path / "cls")
     for group_by in ("phash", "auto"):
         groups = {
@@ -591,8 +579,6 @@ def test_make_split_stratifies_on_tumour_for_volumes(tmp_path):
     assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"])
     assert not parts["val"] & parts["test"]
     assert sum(len(v) for v in manifest["splits"].values()) == len(samples)
-    if not _reader_reads(root / "labels" / "c0.nii.gz"):
-        pytest.skip("medseg.io cannot read NIfTI yet: tumour stratification of volumes untested")
     strat = make_split(samples, val_fraction=0.2, test_fraction=0.2, seed=0, stratify=True)
     assert strat["stratify"] == "tumour" and strat["stratified"]
     positive = {f"c{c}" for c in range(5)}
@@ -702,8 +688,6 @@ def test_real_tcia_study_per_slice_and_aligned():
     # Two series match "reg" (FLAIRreg, T2reg): the study is reported, not guessed.
     with pytest.raises(DataError, match="several series match image_series 'reg'"):
         scan_dataset(root, "dicom_series", image_series="reg")
-    if not _reader_reads(mask_dir):
-        pytest.skip("medseg.io cannot read DICOM series folders yet: volume shapes unchecked")
     from medseg.io import read_image, read_mask
 
     assert read_image(image_dir).array.shape[:3] == (24, 320, 260)
