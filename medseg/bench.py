@@ -142,9 +142,9 @@ def _synthetic_data(cfg: Config, n: int, num_classes: int):
     """``n`` decoded phantom images (and masks or classes) at the config's size, in memory."""
     import numpy as np
 
+    from medseg.data.phantoms import CLASSES, phantom_slice
     from medseg.data.pipeline import ArrayData
-    from medseg.data.scan import Sample
-    from medseg.data.synthetic import CLASSES, phantom_slice
+    from medseg.data.samples import Sample
 
     h, w = cfg.data.image_size
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import medseg.config as config_module
+import medseg.config.precision as precision_module
 from medseg.config import (
     SECTIONS,
     Config,
@@ -348,8 +348,8 @@ def test_mixed_precision_names_a_keras_policy(text: str, policy: str):
     [(True, False, "mixed_bfloat16"), (False, False, "float32"), (True, True, "float32")],
 )
 def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch, amx, gpu, policy):
-    monkeypatch.setattr(config_module, "cpu_has_amx", lambda: amx)
-    monkeypatch.setattr(config_module, "_gpu_visible", lambda: gpu)
+    monkeypatch.setattr(precision_module, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(precision_module, "_gpu_visible", lambda: gpu)
     cfg = load_config(None, ["train.mixed_precision=auto"])
     assert precision_policy(cfg.train) == policy
 

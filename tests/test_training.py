@@ -119,6 +119,30 @@ def test_early_stopping_and_nan(tiny_synth, tmp_path):
         )
 
 
+@pytest.mark.parametrize(("checkpoint", "cache"), [("best", "true"), ("last", "false")])
+def test_the_final_evaluation_is_what_medseg_evaluate_writes(
+    tiny_synth, tmp_path, checkpoint, cache
+):
+    # train scores the chosen checkpoint with what it holds in memory; evaluate reads it all back
+    result = train(
+        _cfg(tiny_synth, tmp_path, "ev", "train.epochs=2", f"data.cache={cache}"),
+        eval_checkpoint=checkpoint,
+    )
+    run = result.run.path
+    files = [run / "cases_val.csv", run / "plots" / "overlays_val.png"]
+    written = {f: f.read_bytes() for f in files}
+    recorded = json.loads((run / "metrics.json").read_text())["val"]
+    assert recorded["checkpoint"] == checkpoint
+    assert recorded == json.loads(json.dumps(result.metrics))
+
+    again = evaluate(run, split="val", checkpoint=checkpoint)
+    speed = "inference_img_s"
+    assert {k: v for k, v in again.items() if k != speed} == {
+        k: v for k, v in recorded.items() if k != speed
+    }
+    assert {f: f.read_bytes() for f in files} == written
+
+
 def test_validation_every_n_epochs_and_after_the_last(tiny_synth, tmp_path):
     assert validation_epochs(5, 1) == 1
     assert validation_epochs(8, 4) == [4, 8]

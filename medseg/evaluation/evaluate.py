@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 from sklearn.metrics import (
     balanced_accuracy_score,
@@ -17,9 +18,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from medseg.artifacts.runs import check_model_fits, load_run_model, open_run
+from medseg.artifacts.runs import RunDir, check_model_fits, load_run_model, open_run
+from medseg.config import Config
 from medseg.data.overlay import overlay
 from medseg.data.pipeline import ArrayData, load_arrays
+from medseg.data.samples import Sample
 from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError
@@ -54,6 +57,9 @@ def evaluate(
     """Evaluate a run's model on ``split`` of its manifest (or on another dataset folder) and
     record the result in ``metrics.json``.
 
+    Loads what :func:`evaluate_arrays` needs (the run's config and manifest, the split's
+    samples, the checkpoint) and lets it score and record.
+
     Args:
         run_dir: the run folder.
         split: ``train``, ``val`` or ``test``.
@@ -69,35 +75,83 @@ def evaluate(
     """
     run = open_run(run_dir)
     cfg = run.config()
-    threshold = cfg.predict.threshold if threshold is None else threshold
     manifest = load_manifest(run.splits_path)
+    class_names = manifest.get("class_names", [])
     if data is not None:
-        samples = _folder_samples(cfg, data, manifest.get("class_names", []))
+        samples = _folder_samples(cfg, data, class_names)
         split = f"folder:{Path(data).name}"
     else:
-        scan = scan_from_config(cfg.data)
-        scan.log_problems()
-        samples = select(scan.samples, manifest, split)
-        changed = check_manifest_files(samples, manifest)
-        if changed:
-            logger.warning(
-                "%d files of split '%s' changed since the split was made, e.g. %s",
-                len(changed),
-                split,
-                changed[0],
-            )
+        samples = _split_samples(cfg, manifest, split)
     if not samples:
         raise DataError(f"{run.splits_path}: split '{split}' is empty")
-    tag = safe_name(split)
     model = load_run_model(run, checkpoint)
     check_model_fits(model, cfg, run.best_model if checkpoint == "best" else run.last_model)
-    n_out = model.output_shape[-1]
-    data = load_arrays(samples, cfg.data, n_out)
+    arrays = load_arrays(samples, cfg.data, model.output_shape[-1])
+    return evaluate_arrays(
+        run,
+        cfg,
+        model,
+        arrays,
+        split=split,
+        checkpoint=checkpoint,
+        class_names=class_names,
+        threshold=threshold,
+    )
+
+
+def _split_samples(cfg: Config, manifest: dict, split: str) -> list[Sample]:
+    """The samples of ``split`` in today's scan of the run's dataset; warns about files that
+    changed since the split was made."""
+    scan = scan_from_config(cfg.data)
+    scan.log_problems()
+    samples = select(scan.samples, manifest, split)
+    changed = check_manifest_files(samples, manifest)
+    if changed:
+        logger.warning(
+            "%d files of split '%s' changed since the split was made, e.g. %s",
+            len(changed),
+            split,
+            changed[0],
+        )
+    return samples
+
+
+def evaluate_arrays(
+    run: RunDir,
+    cfg: Config,
+    model: keras.Model,
+    data: ArrayData,
+    *,
+    split: str = "val",
+    checkpoint: str = "best",
+    class_names: list[str] | None = None,
+    threshold: float | None = None,
+) -> dict:
+    """Score ``model`` on decoded samples and record the result in the run, as :func:`evaluate`
+    does: ``metrics.json[split]``, ``cases_<split>.csv`` and the plots of the split.
+
+    Training calls this with what it holds (its config, run folder, validation arrays and the
+    chosen checkpoint's model) instead of reading them all back.
+
+    Args:
+        run: the run folder the results go to.
+        cfg: the run's config (task, ``predict.threshold`` and ``predict.batch_size``).
+        model: the model to score, holding the weights of ``checkpoint``.
+        data: the decoded, preprocessed samples (:func:`medseg.data.pipeline.load_arrays`).
+        split: the name the result is recorded under.
+        checkpoint: ``best`` or ``last``: which checkpoint ``model`` holds (recorded).
+        class_names: the run's classes (from its manifest); classification only.
+        threshold: foreground probability threshold; default ``predict.threshold``.
+
+    Returns:
+        The metrics, as :func:`evaluate` returns them.
+    """
+    threshold = cfg.predict.threshold if threshold is None else threshold
+    tag = safe_name(split)
     t0 = time.perf_counter()
     probs = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
     seconds = time.perf_counter() - t0
-    class_names = manifest.get("class_names", [])
-    result, cases = score(probs, data, cfg.data.task, threshold, class_names)
+    result, cases = score(probs, data, cfg.data.task, threshold, list(class_names or []))
     write_cases(run.path / f"cases_{tag}.csv", cases)
     if cfg.data.task == "classification":
         plot_confusion(

@@ -16,7 +16,6 @@ completed epoch; nothing already finished is trained again.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 from collections.abc import Callable
@@ -27,23 +26,21 @@ import yaml
 
 import medseg
 from medseg.artifacts.cv import fold_dir, fold_done
-from medseg.artifacts.runs import RunDir, default_run_name, load_run_model, open_run
-from medseg.config import Config, config_from_dict
+from medseg.artifacts.runs import RunDir, default_run_name, load_run_model
+from medseg.config import Config
 from medseg.data.pipeline import load_arrays
 from medseg.data.scan import scan_from_config
-from medseg.data.split import fold_manifest, load_manifest, make_kfold, select, write_manifest
+from medseg.data.split import load_manifest, make_kfold, select, write_manifest
 from medseg.errors import ConfigError, RunExistsError
-from medseg.evaluation.evaluate import read_cases, score, write_cases
+from medseg.evaluation.evaluate import score, write_cases
+from medseg.models.ensemble import mean_probabilities
 from medseg.training.distributed import resolve_cluster
-from medseg.training.train import train
+from medseg.training.folds import CV_CHECKPOINT, run_fold
 from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
-# The checkpoint whose out-of-fold predictions are scored and which the ensemble holds: "best"
-# would be chosen on the held-out fold itself (an optimistic score), "last" is not.
-CV_CHECKPOINT = "last"
 
 
 @dataclass
@@ -103,53 +100,19 @@ def _cv_manifest(cfg: Config, root: Path) -> dict:
     return load_manifest(path)
 
 
-def fold_config(cfg: Config, root: Path, k: int) -> Config:
-    """The config of fold ``k``: the CV config, with its run folder inside the CV run."""
-    fcfg = copy.deepcopy(cfg)
-    fcfg.run.root, fcfg.run.name, fcfg.run.overwrite = str(root), f"fold_{k}", False
-    return fcfg
-
-
-def run_fold(cfg_dict: dict, root: str, k: int, callbacks: list | None = None) -> dict:
-    """Train (or resume) fold ``k`` and write its ``oof.csv``; returns the fold's val metrics.
-
-    Takes plain data (a config dict and paths) so that executors can ship it to other
-    processes or machines.
-    """
-    cfg = config_from_dict(cfg_dict)
-    root_path = Path(root)
-    manifest = load_manifest(root_path / "splits.json")
-    fdir = fold_dir(root_path, k)
-    run = RunDir(fdir)
-    if fdir.exists() and not run.state():
-        # killed before the fold wrote its state: nothing of it can be resumed
-        logger.warning("%s: incomplete fold folder without state, starting it again", fdir)
-        shutil.rmtree(fdir)
-    if run.state().get("status") != "done":
-        train(
-            fold_config(cfg, root_path, k),
-            callbacks,
-            manifest=fold_manifest(manifest, k - 1),
-            eval_checkpoint=CV_CHECKPOINT,
-        )
-    write_cases(fdir / "oof.csv", read_cases(fdir / "cases_val.csv"), {"fold": k})
-    return open_run(fdir).metrics()["val"]
-
-
 def _ensemble_on_test(cfg: Config, root: Path, manifest: dict, folds: list[int]) -> dict | None:
     """Evaluate the mean-probability ensemble of the fold models on the held-out test split."""
     test_ids = manifest.get("splits", {}).get("test", [])
     if not test_ids:
         return None
     samples = select(scan_from_config(cfg.data).samples, manifest, "test")
-    probs, data = None, None
+    members, data = [], None
     for k in folds:
         model = load_run_model(RunDir(fold_dir(root, k)), CV_CHECKPOINT)
         if data is None:
             data = load_arrays(samples, cfg.data, model.output_shape[-1])
-        p = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
-        probs = p if probs is None else probs + p
-    probs /= len(folds)
+        members.append(model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0))
+    probs = mean_probabilities(members)
     result, rows = score(
         probs, data, cfg.data.task, cfg.predict.threshold, manifest.get("class_names", [])
     )

@@ -1,6 +1,6 @@
 """Cross-validation folds as Ray tasks (``medseg cv --executor ray``).
 
-Each pending fold becomes one Ray task that calls :func:`medseg.training.cv.run_fold` with plain
+Each pending fold becomes one Ray task that calls :func:`medseg.training.folds.run_fold` with plain
 data (the config as a dict, the run folder as a path), so folds train in parallel on the CPUs or
 GPUs of one machine (a local Ray instance) or of a Ray cluster (``--address auto`` on a cluster
 node, or ``ray://head:10001`` through Ray Client).
@@ -15,7 +15,7 @@ Requirements on a cluster:
   (or use absolute paths).
 * medseg (same version) and its dependencies must be installed on every node.
 
-A fold that raises is retried once; since :func:`~medseg.training.cv.run_fold` resumes from the
+A fold that raises is retried once; since :func:`~medseg.training.folds.run_fold` resumes from the
 fold's last completed epoch, the retry does not start over. A fold that still fails does not stop
 the other folds: they run to the end, and then :class:`FoldError` names every failed fold with the
 original error message. Rerunning the same ``medseg cv`` command resumes the failed folds and skips
@@ -74,7 +74,7 @@ def _fold_task(cfg_dict: dict, root: str, k: int, cwd: str, log_level: int) -> d
         from medseg.utils import import_tensorflow_quietly
 
         import_tensorflow_quietly()
-    from medseg.training.cv import run_fold
+    from medseg.training.folds import run_fold
 
     start = time.monotonic()
     old_cwd = os.getcwd()
@@ -123,8 +123,6 @@ def run_folds_on_ray(
     if not folds:
         return {}
     ray = import_ray()
-    from medseg.evaluation.evaluate import headline
-
     log_level = logging.getLogger("medseg").getEffectiveLevel()
     verbose = log_level <= logging.INFO
     started = init_ray(ray, address, verbose)
@@ -155,36 +153,45 @@ def run_folds_on_ray(
             total.get("CPU", 0),
             total.get("GPU", 0),
         )
-        results: dict[int, dict] = {}
-        failures: dict[int, str] = {}
-        pending = list(refs)
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                k = refs[ready[0]]
-                try:
-                    out = ray.get(ready[0])
-                except Exception as e:  # RayTaskError, WorkerCrashedError, ...
-                    failures[k] = describe(e)
-                    logger.error("fold %d failed after its retry: %s", k, failures[k])
-                    continue
-                results[k] = out["val"]
-                logger.info(
-                    "fold %d finished on %s in %.0f s (%d/%d done)%s",
-                    k,
-                    out["host"],
-                    out["seconds"],
-                    len(results) + len(failures),
-                    len(refs),
-                    f": {headline(out['val'])}" if headline(out["val"]) else "",
-                )
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+        results, failures = _collect(ray, refs)
         if failures:
             raise FoldError(failures, finished=list(results))
         return dict(sorted(results.items()))
     finally:
         if started:
             ray.shutdown()
+
+
+def _collect(ray, refs: dict) -> tuple[dict[int, dict], dict[int, str]]:
+    """Wait for every fold task: fold -> validation metrics of those that finished, and fold ->
+    error of those that failed after their retry. Cancels the rest when interrupted."""
+    from medseg.evaluation.evaluate import headline
+
+    results: dict[int, dict] = {}
+    failures: dict[int, str] = {}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            k = refs[ready[0]]
+            try:
+                out = ray.get(ready[0])
+            except Exception as e:  # RayTaskError, WorkerCrashedError, ...
+                failures[k] = describe(e)
+                logger.error("fold %d failed after its retry: %s", k, failures[k])
+                continue
+            results[k] = out["val"]
+            logger.info(
+                "fold %d finished on %s in %.0f s (%d/%d done)%s",
+                k,
+                out["host"],
+                out["seconds"],
+                len(results) + len(failures),
+                len(refs),
+                f": {headline(out['val'])}" if headline(out["val"]) else "",
+            )
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return results, failures

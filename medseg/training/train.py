@@ -18,22 +18,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medseg.artifacts.runs import RunDir, create_run, open_run
-from medseg.config import Config, precision_policy
+from medseg.artifacts.runs import RunDir, create_run, load_run_model, open_run
+from medseg.config import Config, TrainConfig, precision_policy
 from medseg.data.augment import build_augment
 from medseg.data.pipeline import (
     ArrayData,
     LazyData,
     class_weights,
+    load_arrays,
     load_data,
     make_dataset,
     prefetch_to_device,
     shard_length,
 )
-from medseg.data.scan import ScanResult, scan_from_config
+from medseg.data.samples import ScanResult
+from medseg.data.scan import scan_from_config
 from medseg.data.split import load_manifest, make_split, select, write_manifest
 from medseg.errors import ConfigError, DataError, ModelError, RunExistsError
-from medseg.evaluation.evaluate import evaluate
+from medseg.evaluation.evaluate import evaluate_arrays
 from medseg.evaluation.plots import plot_history
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
@@ -287,13 +289,20 @@ def train(
     return result
 
 
-def _train(
-    cfg: Config,
-    placement: Placement,
-    callbacks: list | None,
-    manifest: dict | None,
-    eval_checkpoint: str = "best",
-) -> TrainResult:
+@dataclass
+class _Prepared:
+    """What a worker has set up before building the model: the run folder and the data."""
+
+    run: RunDir
+    resumed: bool
+    manifest: dict
+    data: dict[str, ArrayData | LazyData]
+    n_out: int
+
+
+def _prepare(cfg: Config, placement: Placement, manifest: dict | None) -> _Prepared:
+    """Create the run folder, split and load the data; every worker reports in before any
+    error is raised, so that none waits forever for a worker that stopped."""
     failure, digest = None, None
     try:
         run, resumed = create_run(cfg)
@@ -305,13 +314,15 @@ def _train(
         digest = samples_digest(data["train"].samples, data["val"].samples)
     except Exception as e:
         failure = e
-    # every worker, failed or not, reports in: nobody waits forever for a worker that stopped
     check_workers_agree(placement, failure, digest)
     if failure is not None:
         raise failure
-    workers, index = placement.num_workers, placement.worker_index
-    batch = cfg.train.batch_size
-    n_train, n_val = len(data["train"]), len(data["val"])
+    return _Prepared(run, resumed, manifest, data, n_out)
+
+
+def _images_per_worker(cfg: Config, placement: Placement, n_train: int) -> int:
+    """Training images each worker sees per epoch (all of them without a cluster)."""
+    workers, batch = placement.num_workers, cfg.train.batch_size
     n_worker = shard_length(n_train, workers)
     if n_worker == 0:
         raise DataError(
@@ -324,11 +335,23 @@ def _train(
             f" per worker, of {n_train}" if workers > 1 else "",
             batch,
         )
+    return n_worker
+
+
+def _fit_datasets(
+    cfg: Config, placement: Placement, prep: _Prepared
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """The training and validation datasets that ``fit`` reads."""
+    workers = placement.num_workers
     # tf.distribute treats a dataset's batch as the global batch and splits it over the
     # replicas of all workers: each worker then takes `batch` images of its own part per step.
-    common = {"task": cfg.data.task, "num_classes": n_out, "batch_size": batch * workers}
+    common = {
+        "task": cfg.data.task,
+        "num_classes": prep.n_out,
+        "batch_size": cfg.train.batch_size * workers,
+    }
     train_ds = make_dataset(
-        data["train"],
+        prep.data["train"],
         augment=build_augment(
             cfg.augment,
             seed=cfg.train.seed,
@@ -340,10 +363,10 @@ def _train(
         seed=cfg.train.seed,
         oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
         deterministic=cfg.train.deterministic,
-        shard=(workers, index) if placement.multiworker else None,
+        shard=(workers, placement.worker_index) if placement.multiworker else None,
         **common,
     )
-    val_ds = make_dataset(data["val"], **common)
+    val_ds = make_dataset(prep.data["val"], **common)
     if placement.multiworker:
         # validation: every worker evaluates its share of each batch (tf.distribute shards it)
         options = tf.data.Options()
@@ -353,34 +376,49 @@ def _train(
         val_ds = val_ds.with_options(options)
     else:
         train_ds = prefetch_to_device(train_ds)
-    steps = math.ceil(n_worker / batch)
-    train_cfg = cfg.train
-    if workers > 1:
-        scale = workers if cfg.train.lr_scaling == "linear" else 1
-        train_cfg = dataclasses.replace(cfg.train, learning_rate=cfg.train.learning_rate * scale)
-        logger.info(
-            "%d workers x %d images per step = global batch %d; %d of %d training images per "
-            "worker and epoch; peak learning rate %g (train.lr_scaling: %s)",
-            workers,
-            batch,
-            batch * workers,
-            n_worker,
-            n_train,
-            train_cfg.learning_rate,
-            cfg.train.lr_scaling,
-        )
-        if scale > 1 and not cfg.train.warmup_epochs and cfg.train.lr_schedule == "cosine":
-            logger.warning(
-                "the learning rate is scaled x%d without a warm-up; consider "
-                "train.warmup_epochs >= 1",
-                scale,
-            )
-    weights = None
-    if cfg.train.class_weights and cfg.data.task == "classification":
-        targets = np.array([s.target for s in data["train"].samples])
-        weights = class_weights(targets, n_out)
-        logger.info("class weights: %s", weights)
+    return train_ds, val_ds
 
+
+def _scaled_train_config(cfg: Config, workers: int, n_worker: int, n_train: int) -> TrainConfig:
+    """``cfg.train`` with the learning rate scaled to the cluster (``train.lr_scaling``)."""
+    if workers <= 1:
+        return cfg.train
+    batch = cfg.train.batch_size
+    scale = workers if cfg.train.lr_scaling == "linear" else 1
+    train_cfg = dataclasses.replace(cfg.train, learning_rate=cfg.train.learning_rate * scale)
+    logger.info(
+        "%d workers x %d images per step = global batch %d; %d of %d training images per "
+        "worker and epoch; peak learning rate %g (train.lr_scaling: %s)",
+        workers,
+        batch,
+        batch * workers,
+        n_worker,
+        n_train,
+        train_cfg.learning_rate,
+        cfg.train.lr_scaling,
+    )
+    if scale > 1 and not cfg.train.warmup_epochs and cfg.train.lr_schedule == "cosine":
+        logger.warning(
+            "the learning rate is scaled x%d without a warm-up; consider train.warmup_epochs >= 1",
+            scale,
+        )
+    return train_cfg
+
+
+def _class_weights(cfg: Config, prep: _Prepared) -> dict[int, float] | None:
+    """Inverse-frequency class weights when ``train.class_weights`` asks for them."""
+    if not (cfg.train.class_weights and cfg.data.task == "classification"):
+        return None
+    targets = np.array([s.target for s in prep.data["train"].samples])
+    weights = class_weights(targets, prep.n_out)
+    logger.info("class weights: %s", weights)
+    return weights
+
+
+def _compiled_model(
+    cfg: Config, placement: Placement, train_cfg: TrainConfig, n_out: int, steps: int
+) -> keras.Model:
+    """The configured model, built and compiled inside the distribution strategy."""
     with placement.strategy.scope():
         model = build_model(cfg, n_out)
         model.compile(
@@ -396,17 +434,21 @@ def _train(
             # Build the optimizer over the frozen backbone too, so that unfreezing it later
             # keeps the optimizer state (and a resumed run restores it).
             build_optimizer_for_fine_tuning(model)
-    _write_summary(model, run.path / "model_summary.txt")
-    logger.info(
-        "training %s (%s parameters) on %d images (%d val), %d epochs x %d steps",
-        cfg.model.name,
-        f"{model.count_params():,}",
-        n_train,
-        n_val,
-        cfg.train.epochs,
-        steps,
-    )
-    fit_callbacks = _callbacks(cfg, run, resumed, callbacks or [])
+    return model
+
+
+def _fit(
+    cfg: Config,
+    placement: Placement,
+    prep: _Prepared,
+    model: keras.Model,
+    datasets: tuple[tf.data.Dataset, tf.data.Dataset],
+    weights: dict[int, float] | None,
+    extra_callbacks: list | None,
+) -> keras.callbacks.History:
+    """``model.fit`` with medseg's callbacks; a lost worker or a bad file becomes a medseg
+    error."""
+    fit_callbacks = _callbacks(cfg, prep.run, prep.resumed, extra_callbacks or [])
     if placement.strategy.num_replicas_in_sync > 1:
         # first: the checkpoints of the epoch then hold the averaged statistics
         fit_callbacks.insert(0, SyncBatchNormStatistics(placement.strategy))
@@ -415,11 +457,12 @@ def _train(
         # after BackupAndRestore: the chief's restored state goes to every worker
         at = next(i for i, c in enumerate(fit_callbacks) if isinstance(c, AtomicBackupAndRestore))
         fit_callbacks.insert(at + 1, SyncFromChief(placement.strategy))
+    train_ds, val_ds = datasets
     try:
         with warnings.catch_warnings():
             # the multi-worker dataset has no length: Keras warns when each epoch's data ends
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            history = model.fit(
+            return model.fit(
                 train_ds,
                 validation_data=val_ds,
                 validation_freq=validation_epochs(cfg.train.epochs, cfg.train.validation_freq),
@@ -437,9 +480,38 @@ def _train(
         if "DataError" not in e.message:
             raise
         raise DataError(f"while reading training data: {e.message.splitlines()[0]}") from None
+
+
+def _train(
+    cfg: Config,
+    placement: Placement,
+    callbacks: list | None,
+    manifest: dict | None,
+    eval_checkpoint: str = "best",
+) -> TrainResult:
+    prep = _prepare(cfg, placement, manifest)
+    workers, run = placement.num_workers, prep.run
+    n_train, n_val = len(prep.data["train"]), len(prep.data["val"])
+    n_worker = _images_per_worker(cfg, placement, n_train)
+    datasets = _fit_datasets(cfg, placement, prep)
+    steps = math.ceil(n_worker / cfg.train.batch_size)
+    train_cfg = _scaled_train_config(cfg, workers, n_worker, n_train)
+    weights = _class_weights(cfg, prep)
+    model = _compiled_model(cfg, placement, train_cfg, prep.n_out, steps)
+    _write_summary(model, run.path / "model_summary.txt")
+    logger.info(
+        "training %s (%s parameters) on %d images (%d val), %d epochs x %d steps",
+        cfg.model.name,
+        f"{model.count_params():,}",
+        n_train,
+        n_val,
+        cfg.train.epochs,
+        steps,
+    )
+    history = _fit(cfg, placement, prep, model, datasets, weights, callbacks)
     final = weights_digest(model)
     if placement.multiworker:
-        logger.info("worker %d of %d: final weights %s", index, workers, final)
+        logger.info("worker %d of %d: final weights %s", placement.worker_index, workers, final)
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
         raise ModelError(
@@ -455,10 +527,32 @@ def _train(
             f"in {run.path}; logged: {', '.join(history.history)}"
         )
     plot_history(run.logs / "history.csv", run.plots / "curves.png")
-    metrics = evaluate(run.path, split="val", checkpoint=eval_checkpoint)
+    metrics = _evaluate_on_val(cfg, prep, eval_checkpoint)
     run.set_state("done", cfg.hash())
     shutil.rmtree(run.checkpoints / "backup", ignore_errors=True)  # kept until now for resume
     return TrainResult(run=run, history=history.history, metrics=metrics, weights=final)
+
+
+def _evaluate_on_val(cfg: Config, prep: _Prepared, checkpoint: str) -> dict:
+    """Score ``checkpoint`` on the validation split with what training holds (its config, the
+    decoded validation images, the manifest's classes), as ``medseg evaluate`` would.
+
+    The checkpoint is loaded from the run (its recorded checksum checked) rather than taken
+    from the model in memory: that one holds the last epoch's weights, not the best ones, and
+    lives in the distribution strategy, whose collective ops a chief cannot run alone.
+    """
+    val = prep.data["val"]
+    if not isinstance(val, ArrayData):  # data.cache false: decoded once, now
+        val = load_arrays(val.samples, cfg.data, prep.n_out)
+    return evaluate_arrays(
+        prep.run,
+        cfg,
+        load_run_model(prep.run, checkpoint),
+        val,
+        split="val",
+        checkpoint=checkpoint,
+        class_names=prep.manifest.get("class_names", []),
+    )
 
 
 def resume(run_dir: str | Path, callbacks: list | None = None) -> TrainResult:

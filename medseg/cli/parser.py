@@ -1,22 +1,8 @@
-"""The ``medseg`` command line: thin wrappers around one library function per verb.
-
-Exit codes: 0 success; 1 the job ran but some cases failed (they are listed); 2 bad usage,
-configuration or input, or an output that cannot be written because the disk is full (one
-readable line naming the file or key); 3 an unexpected internal error (a bug: rerun with
-``--debug`` for the traceback and report it).
-"""
+"""The ``medseg`` argument parser: global flags and one subcommand per verb."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
-from pathlib import Path
-
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-
-logger = logging.getLogger("medseg")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -51,6 +37,7 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``medseg`` argument parser: ``--debug``, ``--quiet`` and one subcommand per verb."""
     parser = argparse.ArgumentParser(
         prog="medseg",
         description="Medical image segmentation and classification on TensorFlow/Keras.",
@@ -59,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
+    _add_run_verbs(sub)
+    _add_model_verbs(sub)
+    _add_predict_verb(sub)
+    _add_tool_verbs(sub)
+    return parser
+
+
+def _add_run_verbs(sub) -> None:
+    """``demo``, ``train``, ``cv`` and ``tune``."""
     p = sub.add_parser(
         "demo",
         help="run the whole chain on generated data (no download)",
@@ -134,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         "<run>/tune-with-<OTHER>/ (one folder per set of partners)",
     )
 
+
+def _add_model_verbs(sub) -> None:
+    """``evaluate`` and ``export``."""
     p = sub.add_parser(
         "evaluate",
         help="evaluate a run on a split of its manifest, or any model on a labelled folder",
@@ -200,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overwrite(p)
 
+
+def _add_predict_verb(sub) -> None:
+    """``predict``."""
     p = sub.add_parser(
         "predict",
         help="predict on images, DICOM files or folders",
@@ -266,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overwrite(p)
 
+
+def _add_tool_verbs(sub) -> None:
+    """``bench``, ``models make-hub-module``, ``data synth`` and ``data audit``."""
     p = sub.add_parser(
         "bench",
         help="measure training, inference and input-pipeline speed on this machine",
@@ -345,375 +350,3 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=int, default=None, help="perceptual-hash distance of near-duplicates"
     )
     p.add_argument("--strict", action="store_true", help="fail on the first unusable file")
-    return parser
-
-
-def _setup_logging(quiet: bool, debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="medseg: %(message)s",
-        stream=sys.stderr,
-    )
-    if not debug:
-        # pydicom logs a traceback of its own before medseg reports a failed decode in one line.
-        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-        # highdicom logs the source's SOP instance UIDs at INFO level
-        logging.getLogger("highdicom").setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _cmd_bench(args) -> int:
-    import json
-
-    from medseg.bench import INFER_PATHS, load_bench_config, run_bench
-    from medseg.errors import ConfigError
-    from medseg.utils import atomic_write_text
-
-    paths = tuple(p.strip() for p in args.infer_paths.split(",") if p.strip())
-    unknown = sorted(set(paths) - set(INFER_PATHS))
-    if unknown or not paths:
-        raise ConfigError(
-            f"--infer-paths: unknown path(s) {', '.join(unknown) or '(none given)'}; expected "
-            f"some of {', '.join(INFER_PATHS)}"
-        )
-    given = {"unet": args.unet_config, "classifier": args.classifier_config}
-    configs = {
-        name: load_bench_config(name, given[name], args.overrides)
-        for name in (args.only or ["unet", "classifier"])
-    }
-    result = run_bench(
-        configs,
-        seconds=args.seconds,
-        infer_paths=paths,
-        torch_python=args.torch_python,
-        torch_script=args.torch_script,
-        torch_seconds=args.torch_seconds,
-        torch=not args.no_torch,
-    )
-    text = json.dumps(result)
-    if args.out:
-        atomic_write_text(Path(args.out), text + "\n")
-    print(text)
-    return EXIT_OK
-
-
-def _cmd_demo(args) -> int:
-    from medseg.demo import run_demo
-
-    r = run_demo(args.config, args.overrides, synth_dir=args.synth_dir)
-    m = r.test_metrics
-    print(f"\nmedseg demo finished in {r.seconds / 60:.1f} min")
-    print(f"  run folder:   {r.run_dir}   (config, splits, checkpoints, logs, plots, metrics)")
-    print(f"  SavedModel:   {r.export_dir}")
-    print(
-        f"  predictions:  {r.predictions.out_dir}/predictions.csv "
-        f"({len(r.predictions.rows)} cases, {r.predictions.n_failed} failed)"
-    )
-    print(
-        f"  test patients: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}, per-patient Dice "
-        f"{m['dice_per_group_mean']:.3f} (mean) / {m['dice_per_group_median']:.3f} (median)"
-    )
-    return EXIT_PARTIAL if r.predictions.n_failed else EXIT_OK
-
-
-def _run_overrides(args) -> list[str]:
-    """``--set`` values plus what ``--name`` and ``--overwrite`` say about the run folder."""
-    overrides = list(args.overrides)
-    if args.name:
-        overrides.append(f"run.name={args.name}")
-    if args.overwrite:
-        overrides.append("run.overwrite=true")
-    return overrides
-
-
-def _cmd_train(args) -> int:
-    from medseg.config import load_config
-    from medseg.errors import ConfigError
-    from medseg.evaluation.evaluate import headline
-    from medseg.training.cluster import tf_config_for
-    from medseg.training.train import resume, train
-
-    if (args.workers is None) != (args.worker_index is None):
-        given = "--workers" if args.workers is not None else "--worker-index"
-        raise ConfigError(f"{given}: give both --workers and --worker-index (or set TF_CONFIG)")
-    if args.workers is not None:
-        os.environ["TF_CONFIG"] = tf_config_for(args.workers, args.worker_index)
-    if not args.debug:
-        # tf.distribute logs every collective it builds at INFO level
-        logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    if args.resume:
-        result = resume(args.resume)
-    else:
-        result = train(load_config(args.config, _run_overrides(args)))
-    if not result.is_chief:
-        print(f"worker finished; the chief writes the run folder: {result.run.path}")
-        print(f"final weights: {result.weights}")
-        return EXIT_OK
-    print(f"run: {result.run.path}")
-    print(f"val: {headline(result.metrics)}")
-    return EXIT_OK
-
-
-def _cmd_cv(args) -> int:
-    from medseg.config import load_config
-    from medseg.errors import ConfigError
-    from medseg.training.cv import run_cv
-
-    overrides = _run_overrides(args)
-    if args.folds:
-        overrides.append(f"cv.folds={args.folds}")
-    only = None
-    if args.only:
-        try:
-            only = [int(x) for x in args.only.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"--only: expected fold numbers like 2,3, got {args.only!r}"
-            ) from None
-    result = run_cv(
-        load_config(args.config, overrides),
-        only=only,
-        executor=args.executor,
-        address=args.address,
-    )
-    print(f"cross-validation: {result.path} (folds done: {result.folds_done})")
-    for line in result.summary.get("headline", []):
-        print(f"  {line}")
-    print(f"  report: {result.path / 'report.md'}")
-    return EXIT_OK
-
-
-def _cmd_evaluate(args) -> int:
-    from medseg.errors import ConfigError
-    from medseg.evaluation.evaluate import evaluate, headline
-
-    run = Path(args.run)
-    is_export = (run / "medseg.json").is_file()
-    is_cv = (run / "ensemble.json").is_file()
-    if args.out or is_export or is_cv:
-        if not args.data or not args.out:
-            raise ConfigError(
-                f"{run}: an export or cross-validation folder is scored on a labelled folder: "
-                "give --data FOLDER and --out DIR"
-            )
-        from medseg.evaluation.scoring import evaluate_model
-
-        metrics = evaluate_model(
-            run,
-            args.data,
-            args.out,
-            layout=args.layout,
-            checkpoint=args.checkpoint,
-            tta=args.tta,
-            threshold=args.threshold,
-            min_lesion_voxels=args.min_lesion_voxels,
-            largest_component=args.largest_component,
-            overwrite=args.overwrite,
-            n_boot=args.n_boot,
-            ensemble_with=args.ensemble_with,
-        )
-        print(f"{args.data}: {headline(metrics)}")
-        for key in ("dice_per_group_mean", "accuracy", "macro_f1"):
-            ci = metrics.get(f"{key}_ci95")
-            if ci:
-                print(f"  {key} {metrics[key]:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f})")
-        print(f"written: {Path(args.out) / 'metrics.json'}, cases.csv")
-        return EXIT_OK
-    extra = [o for o in ("tta", "largest_component", "overwrite") if getattr(args, o)]
-    extra += ["with"] if args.ensemble_with else []
-    if extra or args.threshold is not None or args.min_lesion_voxels or args.layout:
-        raise ConfigError(
-            "--tta, --threshold, --min-lesion-voxels, --largest-component, --layout, --with "
-            "and --overwrite need --data FOLDER --out DIR"
-        )
-    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, data=args.data)
-    print(f"{metrics['split']}: {headline(metrics)}")
-    return EXIT_OK
-
-
-def _cmd_tune(args) -> int:
-    from medseg.evaluation.tune import ablation_markdown, tune
-
-    result = tune(args.run, n_boot=args.n_boot, ensemble_with=args.ensemble_with)
-    print(ablation_markdown(result), end="")
-    print(f"best honest variant: {result['best_variant']}")
-    rec = result["recommended"]
-    if rec:
-        print(f"recommended post-processing (chosen on all folds): {rec}")
-        flags = f"--threshold {rec['threshold']} --min-lesion-voxels {rec['min_lesion_voxels']}"
-        flags += " --largest-component" if rec["largest_component"] else ""
-        tta = " --tta" if rec["tta"] else ""
-        exports = []
-        for run in [args.run, *args.ensemble_with]:  # several runs: one export each
-            exports.append(str(Path("models") / Path(run).name))
-            print(f"  export: medseg export {run} --checkpoint last{tta} --out {exports[-1]}")
-        models = " ".join([exports[0], *(f"--with {e}" for e in exports[1:])])
-        print(f"  then:   medseg predict --model {models} INPUTS --out DIR {flags}")
-        print(f"          medseg evaluate {models} --data FOLDER --out DIR {flags}")
-    print(f"written: {Path(args.run) / result['folder'] / 'tune.json'}")
-    return EXIT_OK
-
-
-def _cmd_export(args) -> int:
-    from medseg.inference.export import export_run
-
-    out = export_run(
-        args.run,
-        args.out,
-        checkpoint=args.checkpoint,
-        overwrite=args.overwrite,
-        ensemble=args.ensemble,
-        tta=args.tta,
-        formats=args.format,
-    )
-    print(f"exported: {out}")
-    return EXIT_OK
-
-
-def _cmd_predict(args) -> int:
-    from medseg.inference.predict import predict
-
-    r = predict(
-        args.model,
-        args.inputs,
-        args.out,
-        batch_size=args.batch_size,
-        overlays=not args.no_overlays,
-        overwrite=args.overwrite,
-        threshold=args.threshold,
-        largest_component=args.largest_component,
-        min_lesion_voxels=args.min_lesion_voxels,
-        progress=not args.no_progress,
-        mc_samples=args.mc_samples,
-        explain=args.explain,
-        keep_identifiers=args.keep_identifiers,
-        executor=args.executor,
-        address=args.address,
-        ray_workers=args.ray_workers,
-        ensemble_with=args.ensemble_with,
-    )
-    print(
-        f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "
-        f"{r.end_to_end_slices_per_second:.1f} slices/s end to end "
-        f"({r.slices_per_second:.1f} in the model) -> {r.out_dir}/predictions.csv"
-    )
-    for row in r.rows:
-        if row["status"] != "ok":
-            print(f"  failed: {row['case_id']}: {row['error']}", file=sys.stderr)
-    return EXIT_PARTIAL if r.n_failed else EXIT_OK
-
-
-def _cmd_audit(args) -> int:
-    from medseg.data.audit import audit, format_audit
-
-    root, layout, threshold = Path(args.source), args.layout, args.threshold
-    if root.suffix in (".yaml", ".yml"):
-        from medseg.config import load_config
-
-        cfg = load_config(root)
-        root, layout = Path(cfg.data.root), layout or cfg.data.layout
-        threshold = cfg.data.phash_threshold if threshold is None else threshold
-    report = audit(
-        root,
-        layout,
-        args.out,
-        threshold=6 if threshold is None else threshold,
-        strict=args.strict,
-    )
-    print(format_audit(report))
-    if args.out:
-        print(f"written: {Path(args.out) / 'audit.json'}, {Path(args.out) / 'montage.png'}")
-    return EXIT_OK
-
-
-def _cmd_data(args) -> int:
-    if args.data_verb == "audit":
-        return _cmd_audit(args)
-    from medseg.data.synthetic import SynthSpec, generate
-
-    spec = SynthSpec(
-        seed=args.seed,
-        size=args.size,
-        patients=args.patients,
-        slices_per_patient=args.slices,
-        images_per_class=args.per_class,
-    )
-    s = generate(Path(args.out), spec, overwrite=args.overwrite)
-    state = "generated" if s.created else "already present (identical spec), reused"
-    print(f"{s.root}: {state}")
-    print(
-        f"  segmentation:   {s.segmentation_dir} ({s.n_seg_slices} slices, "
-        f"{s.n_seg_tumour_slices} with tumour)"
-    )
-    print(f"  classification: {s.classification_dir} ({s.n_cls_images} images)")
-    return EXIT_OK
-
-
-def _cmd_models(args) -> int:
-    from medseg.models.hub import make_hub_module
-
-    out = make_hub_module(
-        args.out,
-        input_size=args.input_size,
-        alpha=args.alpha,
-        weights=args.weights,
-        bn_momentum=args.bn_momentum,
-        overwrite=args.overwrite,
-    )
-    print(f"written: {out} (use --set model.hub_handle={out})")
-    return EXIT_OK
-
-
-COMMANDS = {
-    "cv": _cmd_cv,
-    "models": _cmd_models,
-    "demo": _cmd_demo,
-    "train": _cmd_train,
-    "evaluate": _cmd_evaluate,
-    "tune": _cmd_tune,
-    "export": _cmd_export,
-    "predict": _cmd_predict,
-    "data": _cmd_data,
-    "bench": _cmd_bench,
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``medseg`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.debug)
-    if not args.debug and args.verb != "data":
-        from medseg.utils import import_tensorflow_quietly
-
-        import_tensorflow_quietly()
-    from medseg.errors import MedsegError
-
-    try:
-        return COMMANDS[args.verb](args)
-    except MedsegError as e:
-        if args.debug:
-            raise
-        print(f"medseg: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("medseg: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        from medseg.utils import is_disk_full
-
-        if is_disk_full(e):  # a full disk outside medseg's own writers (TensorFlow, Keras)
-            where = getattr(e, "filename", None) or "output"
-            print(f"medseg: error: {where}: no space left on the output disk", file=sys.stderr)
-            return EXIT_USAGE
-        print(
-            f"medseg: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-            "traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
-
-
-if __name__ == "__main__":
-    sys.exit(main())
