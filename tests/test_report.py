@@ -21,8 +21,11 @@ from sklearn.metrics import (
 )
 
 from medseg.errors import DataError
-from medseg.evaluation import report
-from medseg.evaluation.report import calibration_bins, load_oof, summarize, write_report
+from medseg.evaluation import plots, stats
+from medseg.evaluation.oof import load_cv, load_oof
+from medseg.evaluation.report import write_report
+from medseg.evaluation.stats import calibration_bins
+from medseg.evaluation.summary import summarize
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 SEG_HEADER = ["id", "group", "fold", "tp", "fp", "fn", "true_pixels", "pred_pixels"]
@@ -415,13 +418,13 @@ def test_classification_matches_sklearn(cls_run, cls_summary):
 
 def test_bootstrap_metrics_match_sklearn_with_weights(cls_run):
     """The NumPy metrics used for bootstrap replicates equal scikit-learn with sample weights."""
-    d = report._load(cls_run)
+    d = load_cv(cls_run)
     y, p, probs = d.target, d.pred, d.probs
     rng = np.random.default_rng(5)
     for _ in range(3):
         mult = np.bincount(rng.integers(0, len(d.groups), len(d.groups)), minlength=len(d.groups))
         w = mult[d.gidx].astype(float)
-        mine = report._cls_weighted(d, w)
+        mine = stats.cls_weighted(d, w)
         assert mine["accuracy"] == pytest.approx(accuracy_score(y, p, sample_weight=w))
         assert mine["balanced_accuracy"] == pytest.approx(
             balanced_accuracy_score(y, p, sample_weight=w)
@@ -439,7 +442,7 @@ def test_bootstrap_metrics_match_sklearn_with_weights(cls_run):
             assert mine[f"roc_auc/{name}"] == pytest.approx(
                 roc_auc_score(y == c, probs[:, c], sample_weight=w), rel=1e-10
             )
-    ties = report._AUC(np.array([0.1, 0.5, 0.5, 0.9, 0.5]), np.array([0, 1, 0, 1, 1]))
+    ties = stats.WeightedAUC(np.array([0.1, 0.5, 0.5, 0.9, 0.5]), np.array([0, 1, 0, 1, 1]))
     assert ties(np.ones(5)) == pytest.approx(
         roc_auc_score([0, 1, 0, 1, 1], [0.1, 0.5, 0.5, 0.9, 0.5])
     )
@@ -563,14 +566,14 @@ def test_training_curves_show_validation_every_n_epochs(tmp_path, monkeypatch):
     ]
     path.write_text("\n".join(rows) + "\n")
     drawn = []
-    real_plot = report.plt.Axes.plot
+    real_plot = plots.plt.Axes.plot
 
     def plot(ax, *args, **kwargs):
         drawn.append([list(a) for a in args if not isinstance(a, str)])
         return real_plot(ax, *args, **kwargs)
 
-    monkeypatch.setattr(report.plt.Axes, "plot", plot)
-    assert report.plot_cv_history({1: path}, tmp_path / "curves.png").is_file()
+    monkeypatch.setattr(plots.plt.Axes, "plot", plot)
+    assert plots.plot_cv_history({1: path}, tmp_path / "curves.png").is_file()
     train_line, val_line = drawn
     assert train_line[0] == [1, 2, 3, 4, 5, 6]
     assert val_line[0] == [2, 4, 6]  # epochs 1, 3, 5 (0-based) were validated

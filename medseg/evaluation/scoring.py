@@ -1,7 +1,7 @@
 """Score an exported model, a CV ensemble or a run on any labelled folder (``medseg evaluate
 MODEL --data FOLDER --out DIR``).
 
-The model is used exactly as it is served (:class:`medseg.inference.predict.Predictor`): raw
+The model is used exactly as it is served (:class:`medseg.inference.predictor.Predictor`): raw
 pixels in, the in-graph normalisation and resize, probabilities back at each image's own size.
 So segmentation is scored at the images' native resolution against their own masks, not at the
 model size.
@@ -44,18 +44,17 @@ from medseg.evaluation.evaluate import (
     segmentation_row,
     write_cases,
 )
-from medseg.evaluation.plots import plot_confusion, plot_roc
-from medseg.evaluation.report import calibration_bins, plot_group_dice, plot_reliability
+from medseg.evaluation.plots import plot_confusion, plot_group_dice, plot_reliability, plot_roc
+from medseg.evaluation.stats import CI_LEVEL, bootstrap_interval, calibration_bins
 from medseg.evaluation.tune import patient_volumes
 from medseg.inference.postprocess import postprocess
-from medseg.inference.predict import Predictor, check_same_outputs
+from medseg.inference.predictor import Predictor, check_same_outputs
 from medseg.io import read_image, read_mask, to_channels
+from medseg.models.ensemble import mean_probabilities
 from medseg.models.metrics import dice_from_counts
 from medseg.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
-
-CI_LEVEL = 0.95
 
 
 @dataclasses.dataclass
@@ -126,19 +125,6 @@ def _predict(predictor: Predictor, images: list[np.ndarray], batch: int) -> list
     return out
 
 
-def _bootstrap(values_fn, n_groups: int, n_boot: int, seed: int) -> list[float] | None:
-    """Percentile interval of ``values_fn(multiplicity per group)`` over group resamples."""
-    if n_boot <= 0 or n_groups < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(n_boot):
-        mult = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
-        reps.append(values_fn(mult))
-    lo, hi = np.percentile(reps, [100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2])
-    return [float(lo), float(hi)]
-
-
 def _segmentation(
     loaded: _Loaded,
     probs: list[np.ndarray],
@@ -202,12 +188,12 @@ def _segmentation(
         "n_images": len(rows),
         "n_groups": len(names),
         "dice_per_group_mean": float(per_group.mean()),
-        "dice_per_group_mean_ci95": _bootstrap(
+        "dice_per_group_mean_ci95": bootstrap_interval(
             lambda m: float(np.average(per_group, weights=m)), len(names), n_boot, seed
         ),
         "dice_per_group_median": float(np.median(per_group)),
         "dice": pooled(np.ones(len(names))),
-        "dice_ci95": _bootstrap(pooled, len(names), n_boot, seed),
+        "dice_ci95": bootstrap_interval(pooled, len(names), n_boot, seed),
         "dice_per_image_mean_nonempty": float(np.mean(nonempty)) if nonempty else None,
         "per_group_dice": [float(v) for v in per_group],
     }
@@ -247,8 +233,8 @@ def _classification(
         )
 
     metrics["n_groups"] = len(groups)
-    metrics["accuracy_ci95"] = _bootstrap(accuracy, len(groups), n_boot, seed)
-    metrics["macro_f1_ci95"] = _bootstrap(macro_f1, len(groups), n_boot, seed)
+    metrics["accuracy_ci95"] = bootstrap_interval(accuracy, len(groups), n_boot, seed)
+    metrics["macro_f1_ci95"] = bootstrap_interval(macro_f1, len(groups), n_boot, seed)
     conf, bins = calibration_bins(probs.max(axis=1), correct)
     metrics["ece"] = float(conf)
     metrics["calibration_bins"] = bins
@@ -320,45 +306,14 @@ def evaluate_model(
     layout = layout or predictor.card.get("layout") or detect_layout(data)
     scan = scan_dataset(data, layout)
     scan.log_problems()
-    samples = [s for s in scan.samples if s.target is not None]
-    if not samples:
-        raise DataError(f"{data}: no labelled samples in layout '{layout}'")
-    if task == "classification":
-        if predictor.classes and scan.class_names != predictor.classes:
-            raise DataError(
-                f"{data}: class folders {scan.class_names} differ from the model's classes "
-                f"{predictor.classes}"
-            )
-    elif layout == "class_folders":
-        raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
+    samples = _labelled_samples(scan, data, layout, predictor)
     threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
-    seconds = 0.0
-    all_probs, reads = [], {}
-    for p in [predictor, *members]:  # each model reads the images as it is served
-        key = (p.channels, p.card.get("slice_axis", 0), p.context_slices)
-        if key not in reads:  # models fed alike share one read of the folder
-            reads[key] = _read(samples, task, *key)
-        loaded = reads[key]
-        t0 = time.perf_counter()
-        all_probs.append(_predict(p, loaded.images, batch_size))
-        seconds += time.perf_counter() - t0
-    probs = all_probs[0]
-    if members:
-        probs = [np.mean(ps, axis=0) for ps in zip(*all_probs, strict=True)]
-    plots = out / "plots"
+    loaded, probs, seconds = _ensemble_probabilities([predictor, *members], samples, batch_size)
     if task == "segmentation":
-        metrics, rows, group_rows = _segmentation(
-            loaded, probs, threshold, min_lesion_voxels, largest_component, n_boot, seed
-        )
-        write_cases(out / "groups.csv", group_rows)
-        plot_group_dice({1: np.array(metrics["per_group_dice"])}, plots / "group_dice.png")
+        post = (threshold, min_lesion_voxels, largest_component)
+        metrics, rows = _score_segmentation(out, loaded, probs, post, n_boot, seed)
     else:
-        p = np.stack(probs).astype(np.float32)
-        metrics, rows = _classification(loaded, p, predictor.classes, n_boot, seed)
-        names = metrics["class_names"]
-        plot_confusion(np.array(metrics["confusion_matrix"]), names, plots / "confusion.png")
-        plot_roc(p, np.array(loaded.truth), names, plots / "roc.png")
-        plot_reliability(metrics["calibration_bins"], metrics["ece"], plots / "reliability.png")
+        metrics, rows = _score_classification(out, loaded, probs, predictor.classes, n_boot, seed)
     write_cases(out / "cases.csv", rows)
     metrics.update(
         model=str(model),
@@ -380,6 +335,76 @@ def evaluate_model(
     atomic_write_json(out / "metrics.json", metrics)
     logger.info("%s on %s: %s", Path(model).name, data, headline(metrics))
     return metrics
+
+
+def _labelled_samples(scan, data: str | Path, layout: str, predictor: Predictor) -> list:
+    """The scanned samples with a target, checked against the model's task and classes."""
+    samples = [s for s in scan.samples if s.target is not None]
+    if not samples:
+        raise DataError(f"{data}: no labelled samples in layout '{layout}'")
+    if predictor.task == "classification":
+        if predictor.classes and scan.class_names != predictor.classes:
+            raise DataError(
+                f"{data}: class folders {scan.class_names} differ from the model's classes "
+                f"{predictor.classes}"
+            )
+    elif layout == "class_folders":
+        raise DataError(f"{data}: a class-folder dataset cannot score a segmentation model")
+    return samples
+
+
+def _ensemble_probabilities(
+    predictors: list[Predictor], samples: list, batch_size: int
+) -> tuple[_Loaded, list[np.ndarray], float]:
+    """``(images read, probabilities of each image, seconds of inference)``: the mean of the
+    predictors' probabilities, each predictor fed the images as it is served."""
+    task = predictors[0].task
+    seconds = 0.0
+    all_probs, reads = [], {}
+    for p in predictors:
+        key = (p.channels, p.card.get("slice_axis", 0), p.context_slices)
+        if key not in reads:  # models fed alike share one read of the folder
+            reads[key] = _read(samples, task, *key)
+        loaded = reads[key]
+        t0 = time.perf_counter()
+        all_probs.append(_predict(p, loaded.images, batch_size))
+        seconds += time.perf_counter() - t0
+    probs = all_probs[0]
+    if len(predictors) > 1:
+        probs = [mean_probabilities(ps) for ps in zip(*all_probs, strict=True)]
+    return loaded, probs, seconds
+
+
+def _score_segmentation(
+    out: Path, loaded: _Loaded, probs: list[np.ndarray], post: tuple, n_boot: int, seed: int
+) -> tuple[dict, list[dict]]:
+    """Metrics and cases of a segmentation model; writes ``groups.csv`` and its plot.
+
+    ``post``: threshold, minimum lesion voxels and largest component.
+    """
+    metrics, rows, group_rows = _segmentation(loaded, probs, *post, n_boot, seed)
+    write_cases(out / "groups.csv", group_rows)
+    plot_group_dice({1: np.array(metrics["per_group_dice"])}, out / "plots" / "group_dice.png")
+    return metrics, rows
+
+
+def _score_classification(
+    out: Path,
+    loaded: _Loaded,
+    probs: list[np.ndarray],
+    class_names: list[str],
+    n_boot: int,
+    seed: int,
+) -> tuple[dict, list[dict]]:
+    """Metrics and cases of a classifier; writes its confusion, ROC and reliability plots."""
+    plots = out / "plots"
+    p = np.stack(probs).astype(np.float32)
+    metrics, rows = _classification(loaded, p, class_names, n_boot, seed)
+    names = metrics["class_names"]
+    plot_confusion(np.array(metrics["confusion_matrix"]), names, plots / "confusion.png")
+    plot_roc(p, np.array(loaded.truth), names, plots / "roc.png")
+    plot_reliability(metrics["calibration_bins"], metrics["ece"], plots / "reliability.png")
+    return metrics, rows
 
 
 def check_options(task: str, threshold: float | None, min_lesion: int, lcc: bool) -> None:

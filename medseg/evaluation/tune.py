@@ -17,7 +17,7 @@ the natural order of their ids (``..._2.tif`` before ``..._10.tif``; volume slic
 connected components are 3D across neighbouring slices.
 
 Variants (rows of the ablation), each scored like ``medseg cv`` scores its folds
-(:func:`medseg.evaluation.report.summarize`: pooled, per-fold and a patient/group bootstrap 95%
+(:func:`medseg.evaluation.summary.summarize`: pooled, per-fold and a patient/group bootstrap 95%
 interval)::
 
     segmentation:   best  last  last+tta  last+threshold  last+min_lesion  last+largest_component
@@ -44,20 +44,25 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 
+from medseg.artifacts.cv import fold_dir
 from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.data.pipeline import load_arrays
 from medseg.data.scan import natural_key, scan_from_config
 from medseg.data.split import fold_manifest, load_manifest, select
 from medseg.errors import DataError
 from medseg.evaluation.evaluate import segmentation_row, write_cases
-from medseg.inference.export import reference_probabilities
+from medseg.evaluation.report import write_report
+from medseg.evaluation.stats import CI_LEVEL
+from medseg.evaluation.summary import summarize
 from medseg.inference.postprocess import postprocess
+from medseg.models.ensemble import mean_probabilities, reference_probabilities
 from medseg.models.metrics import dice_from_counts
 from medseg.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 
@@ -68,6 +73,33 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7, 0.2, 0.1, 0.05)
 MIN_LESION_VOXELS = (0, 10, 25, 50, 100, 200, 400)
 VIEWS = ("best", "last", "last_tta")  # checkpoint[_tta]
+#: What each view means, as the ablation's rows describe it.
+VIEW_DESCRIPTIONS = {
+    "best": "checkpoint with the best validation score of each fold (chosen on the scored "
+    "fold itself: optimistic)",
+    "last": "last checkpoint of each fold",
+    "last_tta": "last checkpoint, mean with the horizontal flip (TTA)",
+}
+#: Segmentation variants with post-processing: name -> (view, levers tuned, description).
+LEVERS = {
+    "last_threshold": ("last", ("threshold",), "threshold tuned on the other folds"),
+    "last_min_lesion": (
+        "last",
+        ("min_lesion",),
+        "minimum 3D lesion size tuned on the other folds",
+    ),
+    "last_largest_component": (
+        "last",
+        ("largest_component",),
+        "3D largest component kept when it helps on the other folds",
+    ),
+    "last_tta_postprocess": (
+        "last_tta",
+        ("threshold", "min_lesion", "largest_component"),
+        "TTA; threshold, minimum lesion size and largest component tuned jointly on "
+        "the other folds",
+    ),
+}
 HEADLINE_KEYS = (
     "dice_per_group_mean",
     "dice_per_group_median",
@@ -123,16 +155,12 @@ def _checkpoint_hashes(fdir: Path) -> dict[str, str]:
 
 
 def _predict(model, images: np.ndarray, tta: bool, batch: int = 32) -> np.ndarray:
-    parts = [
-        reference_probabilities(model, images[i : i + batch], tta)
-        for i in range(0, len(images), batch)
-    ]
-    return np.concatenate(parts).astype(np.float16)
+    return reference_probabilities(model, images, tta, batch_size=batch).astype(np.float16)
 
 
 def fold_probabilities(root: Path, k: int, cfg, manifest: dict, samples: list) -> FoldProbs:
     """The OOF probabilities of fold ``k`` for every view (cached in ``tune/probs``)."""
-    fdir = root / f"fold_{k}"
+    fdir = fold_dir(root, k)
     hashes = _checkpoint_hashes(fdir)
     cache = root / "tune" / "probs" / f"fold_{k}.npz"
     if cache.is_file():
@@ -302,7 +330,7 @@ def _write_variant(
     for f in ("config.yaml", "splits.json"):
         shutil.copy2(root / f, vdir / f)
     for k, rows in rows_by_fold.items():
-        write_cases(vdir / f"fold_{k}" / "oof.csv", rows, {"fold": k})
+        write_cases(fold_dir(vdir, k) / "oof.csv", rows, {"fold": k})
     return vdir
 
 
@@ -322,9 +350,9 @@ def _all_fold_probabilities(root: Path) -> tuple:
     cfg = open_run(root).config()
     manifest = load_manifest(root / "splits.json")
     k_folds = len(manifest.get("folds") or [])
-    missing = [k for k in range(1, k_folds + 1) if not (root / f"fold_{k}" / "oof.csv").is_file()]
+    missing = [k for k in range(1, k_folds + 1) if not (fold_dir(root, k) / "oof.csv").is_file()]
     if missing:
-        raise DataError(f"{root / f'fold_{missing[0]}'}: fold not finished; run medseg cv first")
+        raise DataError(f"{fold_dir(root, missing[0])}: fold not finished; run medseg cv first")
     samples = scan_from_config(cfg.data).samples
     folds = {k: fold_probabilities(root, k, cfg, manifest, samples) for k in range(1, k_folds + 1)}
     return cfg, manifest, folds
@@ -345,8 +373,8 @@ def _mean_over_runs(root: Path, manifest: dict, folds: dict, others: list[Path])
             ofp = other_folds[k]
             if ofp.ids != fp.ids or ofp.probs["last"].shape[-1] != fp.probs["last"].shape[-1]:
                 raise DataError(
-                    f"{other / f'fold_{k}'}: its out-of-fold samples or outputs differ from "
-                    f"those of {root / f'fold_{k}'}"
+                    f"{fold_dir(other, k)}: its out-of-fold samples or outputs differ from "
+                    f"those of {fold_dir(root, k)}"
                 )
         members.append(other_folds)
     return {
@@ -355,9 +383,7 @@ def _mean_over_runs(root: Path, manifest: dict, folds: dict, others: list[Path])
             groups=fp.groups,
             truth=fp.truth,
             probs={
-                v: np.mean([m[k].probs[v].astype(np.float32) for m in members], axis=0).astype(
-                    np.float16
-                )
+                v: mean_probabilities([m[k].probs[v] for m in members]).astype(np.float16)
                 for v in VIEWS
             },
             class_names=fp.class_names,
@@ -379,6 +405,37 @@ def tune_folder(ensemble_with: list[str | Path] | tuple = ()) -> str:
     """
     names = [Path(o).resolve().name for o in ensemble_with]
     return "tune-with-" + "+".join(names) if names else "tune"
+
+
+def _segmentation_variants(folds: dict[int, FoldProbs], add: Callable) -> dict:
+    """Score the segmentation variants through ``add(name, description, rows, settings)``;
+    returns the post-processing recommended for the ensemble (chosen on all folds)."""
+    for view in VIEWS:
+        add(
+            view,
+            VIEW_DESCRIPTIONS[view] + ", threshold 0.5",
+            {k: _seg_rows(fp, view, Setting()) for k, fp in folds.items()},
+        )
+    tables = {
+        view: {
+            k: _PatientTable(fp.probs[view], fp.truth, patient_volumes(fp.groups, fp.ids))
+            for k, fp in folds.items()
+        }
+        for view in ("last", "last_tta")
+    }
+    thresholds = next(iter(tables["last"].values())).thresholds  # (0.5,) for label maps
+    for name, (view, lever_names, description) in LEVERS.items():
+        grid = _grid(lever_names, thresholds)
+        rows, settings = {}, {}
+        for k, fp in folds.items():
+            others = [t for j, t in tables[view].items() if j != k]
+            chosen = choose_setting(others, grid)
+            settings[k] = chosen.as_dict()
+            rows[k] = _seg_rows(fp, view, chosen)
+        add(name, description, rows, settings)
+    grid = _grid(("threshold", "min_lesion", "largest_component"), thresholds)
+    chosen = choose_setting(list(tables["last_tta"].values()), grid)
+    return {"checkpoint": "last", "tta": True, **chosen.as_dict()}
 
 
 def tune(
@@ -409,8 +466,6 @@ def tune(
     Raises:
         DataError: the run is not a finished CV run, or a fold checkpoint is missing.
     """
-    from medseg.evaluation.report import summarize, write_report
-
     root = Path(run_dir)
     cfg, manifest, folds = _all_fold_probabilities(root)
     k_folds = len(folds)
@@ -421,7 +476,7 @@ def tune(
     seg = cfg.data.task == "segmentation"
     variants: list[dict] = []
 
-    def add(name: str, description: str, rows: dict[int, list[dict]], settings=None):
+    def add(name: str, description: str, rows: dict[int, list[dict]], settings=None) -> None:
         vdir = _write_variant(root, name, rows, out_name)
         summary = summarize(vdir, n_boot=n_boot, seed=seed)
         variants.append(
@@ -433,65 +488,13 @@ def tune(
                 "folder": str(vdir.relative_to(root)),
             }
         )
-        return vdir, summary
 
-    base = Setting()
-    plain = {
-        "best": "checkpoint with the best validation score of each fold (chosen on the scored "
-        "fold itself: optimistic)",
-        "last": "last checkpoint of each fold",
-        "last_tta": "last checkpoint, mean with the horizontal flip (TTA)",
-    }
     recommended = None
-    if not seg:
-        for view in VIEWS:
-            add(view, plain[view], {k: _cls_rows(fp, view) for k, fp in folds.items()})
+    if seg:
+        recommended = _segmentation_variants(folds, add)
     else:
         for view in VIEWS:
-            add(
-                view,
-                plain[view] + ", threshold 0.5",
-                {k: _seg_rows(fp, view, base) for k, fp in folds.items()},
-            )
-        levers = {
-            "last_threshold": ("last", ("threshold",), "threshold tuned on the other folds"),
-            "last_min_lesion": (
-                "last",
-                ("min_lesion",),
-                "minimum 3D lesion size tuned on the other folds",
-            ),
-            "last_largest_component": (
-                "last",
-                ("largest_component",),
-                "3D largest component kept when it helps on the other folds",
-            ),
-            "last_tta_postprocess": (
-                "last_tta",
-                ("threshold", "min_lesion", "largest_component"),
-                "TTA; threshold, minimum lesion size and largest component tuned jointly on "
-                "the other folds",
-            ),
-        }
-        tables = {
-            view: {
-                k: _PatientTable(fp.probs[view], fp.truth, patient_volumes(fp.groups, fp.ids))
-                for k, fp in folds.items()
-            }
-            for view in ("last", "last_tta")
-        }
-        thresholds = next(iter(tables["last"].values())).thresholds  # (0.5,) for label maps
-        for name, (view, lever_names, description) in levers.items():
-            grid = _grid(lever_names, thresholds)
-            rows, settings = {}, {}
-            for k, fp in folds.items():
-                others = [t for j, t in tables[view].items() if j != k]
-                chosen = choose_setting(others, grid)
-                settings[k] = chosen.as_dict()
-                rows[k] = _seg_rows(fp, view, chosen)
-            add(name, description, rows, settings)
-        grid = _grid(("threshold", "min_lesion", "largest_component"), thresholds)
-        chosen = choose_setting(list(tables["last_tta"].values()), grid)
-        recommended = {"checkpoint": "last", "tta": True, **chosen.as_dict()}
+            add(view, VIEW_DESCRIPTIONS[view], {k: _cls_rows(fp, view) for k, fp in folds.items()})
     key = "dice_per_group_mean" if seg else "accuracy"
     honest = [v for v in variants if v["name"] != "best"]
     best = max(honest, key=lambda v: v["metrics"][key]["value"])
@@ -506,7 +509,7 @@ def tune(
         "variants": variants,
         "best_variant": best["name"],
         "recommended": recommended,
-        "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "group", "level": 0.95},
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "group", "level": CI_LEVEL},
         "folder": out_name,
     }
     atomic_write_json(root / out_name / "tune.json", result)
