@@ -20,7 +20,7 @@ from medseg.data.preprocess import preprocess_images
 from medseg.data.scan import Sample, natural_key, scan_dataset
 from medseg.data.volumes import context_indices, stack_slices
 from medseg.errors import ConfigError, DataError
-from medseg.inference.predict import EnsemblePredictor, Predictor
+from medseg.inference.predictor import EnsemblePredictor, Predictor
 from medseg.io import read_image
 from tests.conftest import TINY_UNET, run_cli
 
@@ -154,7 +154,7 @@ def test_a_2p5d_unet_trains_tunes_exports_scores_and_predicts(tiny_synth, tmp_pa
     from medseg.evaluation.scoring import evaluate_model
     from medseg.evaluation.tune import tune
     from medseg.inference.export import export_run
-    from medseg.inference.predict import Predictor, predict
+    from medseg.inference.predict import predict
     from medseg.training.cv import run_cv
 
     root = tiny_synth / "segmentation"

@@ -21,8 +21,10 @@ from PIL import Image as PILImage
 from pydicom.uid import generate_uid
 
 from medseg.errors import ConfigError
+from medseg.inference.cases import collect_cases
 from medseg.inference.postprocess import apply_threshold, postprocess
-from medseg.inference.predict import Predictor, collect_cases, predict
+from medseg.inference.predict import predict
+from medseg.inference.predictor import Predictor
 from medseg.io import read_dicom_series, read_image
 from medseg.io.writers import write_seg
 

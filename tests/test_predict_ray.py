@@ -162,20 +162,20 @@ def test_missing_ray_is_one_clear_error(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_ray_continues_an_interrupted_batch(ray_local, tiny_model, batch, tmp_path, monkeypatch):
-    from medseg.inference import predict as predict_module
+    from medseg.inference.cases import CaseReader
 
     inputs, out = [batch / "pngs", batch / "vol.nii.gz"], tmp_path / "out"
-    read = predict_module._Reader.read
+    read = CaseReader.read
 
     def interrupted(self, case):
         if case.case_id == "img2":
             raise KeyboardInterrupt  # the local batch is killed before its 4th case
         return read(self, case)
 
-    monkeypatch.setattr(predict_module._Reader, "read", interrupted)
+    monkeypatch.setattr(CaseReader, "read", interrupted)
     with pytest.raises(KeyboardInterrupt):
         predict(tiny_model, inputs, out, progress=False)
-    monkeypatch.setattr(predict_module._Reader, "read", read)
+    monkeypatch.setattr(CaseReader, "read", read)
     assert not (out / "predictions.csv").exists()
 
     result = predict(tiny_model, inputs, out, progress=False, executor="ray", ray_workers=1)

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from medseg.inference.predict import collect_cases
+from medseg.inference.cases import collect_cases
 from medseg.io.writers import SEG_IDENTITY, write_seg
 from tests.conftest import run_cli
 

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from medseg.data.overlay import to_display
+from medseg.data.preprocess import Preprocessing
 from medseg.errors import ModelError
 from medseg.models.mobilenet import BACKBONE
 
@@ -158,23 +159,25 @@ class GradCAM:
             graph.inputs[0], [captured["features"], captured["head_input"], graph.outputs[0]]
         )
 
-    def __call__(self, images, class_index=None, *, prep: dict | None = None) -> np.ndarray:
+    def __call__(
+        self, images, class_index=None, *, prep: Preprocessing | dict | None = None
+    ) -> np.ndarray:
         """Heatmaps float32 ``[N, H, W]`` in [0, 1] at the input size.
 
         Args:
             images: float ``[N, H, W, C]`` model inputs, or raw pixels when ``prep`` is given.
             class_index: None (each image's predicted class), an int (for all images) or one
                 int per image.
-            prep: preprocessing keyword arguments
-                (:func:`medseg.inference.export.preprocessing`): ``images`` are raw pixels,
-                preprocessed as in training, and the heatmaps are mapped back to their size.
+            prep: the model's :class:`~medseg.data.preprocess.Preprocessing` (or its fields as
+                a dict): ``images`` are raw pixels, preprocessed as in training, and the
+                heatmaps are mapped back to their size.
         """
+        if isinstance(prep, dict):
+            prep = Preprocessing(**prep)
         x = tf.convert_to_tensor(images, tf.float32)
         raw_hw = tf.shape(x)[1:3]
         if prep is not None:
-            from medseg.data.preprocess import preprocess_images
-
-            x = preprocess_images(x, **prep)
+            x = prep.apply(x)
         with tf.GradientTape() as tape:
             features, head_input, probs = self._grad_model(x, training=False)
             features = tf.cast(features, tf.float32)
@@ -197,9 +200,7 @@ class GradCAM:
         cam = tf.math.divide_no_nan(cam, peak)
         cam = tf.image.resize(cam[..., tf.newaxis], tf.shape(x)[1:3], method="bilinear")
         if prep is not None:
-            from medseg.data.preprocess import restore_size
-
-            cam = restore_size(cam, raw_hw, prep["size"], prep["policy"])
+            cam = prep.restore(cam, raw_hw)
         return np.clip(cam[..., 0].numpy(), 0.0, 1.0).astype(np.float32)
 
     @staticmethod
@@ -220,7 +221,7 @@ def grad_cam(
     class_index=None,
     layer_name: str | None = None,
     *,
-    prep: dict | None = None,
+    prep: Preprocessing | dict | None = None,
 ) -> np.ndarray:
     """Grad-CAM heatmaps float32 ``[N, H, W]`` in [0, 1] at the input size (see :class:`GradCAM`;
     build a :class:`GradCAM` once to explain many batches with the same model)."""

@@ -50,13 +50,13 @@ times ``export.tolerance`` (1e-3 by default).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -64,112 +64,39 @@ import numpy as np
 import tensorflow as tf
 
 import medseg
+from medseg.artifacts.exports import (
+    CARD_NAME,
+    ENSEMBLE_NAME,
+    FOLDS_DIR,
+    KERAS_NAME,
+    MODEL_SIGNATURE,
+    SAVED_MODEL,
+    SERVE_SIGNATURE,
+    TFLITE_NAME,
+    folder_kind,
+)
 from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.config import Config
-from medseg.data.preprocess import preprocess_images, restore_size
+from medseg.data.preprocess import Preprocessing
 from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, ModelError, RunExistsError
+from medseg.inference.serving import model_function, serving_function
 from medseg.models.ensemble import (
     TTA_NOTE,
     as_model_list,
     is_segmentation,
-    model_probabilities,
     reference_probabilities,
 )
 from medseg.models.fold import FoldedBatchNorm, fold_batch_norm
 from medseg.models.loading import load_keras_model
-from medseg.utils import atomic_write_bytes, atomic_write_json, file_sha256
+from medseg.utils import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 logger = logging.getLogger(__name__)
 
-CARD_NAME = "medseg.json"
-SAVED_MODEL = "saved_model"
-TFLITE_NAME = "model.tflite"
-KERAS_NAME = "model.keras"
-FOLDS_DIR = "folds"
-ENSEMBLE_NAME = "ensemble.json"
-SERVE_SIGNATURE = "serve"
-MODEL_SIGNATURE = "model"
 FORMATS = ("savedmodel", "tflite")
 # TFLite float32 kernels (XNNPACK) round differently from TensorFlow's: allowed diff, relative to
 # export.tolerance.
 TFLITE_TOLERANCE_FACTOR = 10.0
-
-
-def preprocessing(cfg: Config) -> dict:
-    """The preprocessing a run's model expects, as keyword arguments of ``preprocess_images``."""
-    d = cfg.data
-    return {
-        "size": tuple(d.image_size),
-        "method": d.normalization,
-        "window": tuple(d.window),
-        "policy": d.resize,
-    }
-
-
-def prep_from_card(card: dict) -> dict:
-    """The preprocessing keyword arguments recorded in an export's ``medseg.json``."""
-    window = card.get("window")
-    return {
-        "size": tuple(card["input"]["model_size"]),
-        "method": card["normalization"],
-        "window": tuple(window) if window else (40.0, 400.0),
-        "policy": card["input"].get("resize", "stretch"),
-    }
-
-
-def serving_function(
-    model: keras.Model | Sequence[keras.Model],
-    task: str,
-    prep: dict,
-    threshold: float,
-    *,
-    tta: bool = False,
-):
-    """A ``tf.function`` from raw NHWC pixels to probabilities and masks/labels.
-
-    Args:
-        model: the trained Keras model, or the models of an ensemble (mean probability).
-        task: ``segmentation`` or ``classification``.
-        prep: :func:`preprocessing` of the run's config.
-        threshold: foreground threshold of binary segmentation masks.
-        tta: average over the image and its horizontal flip.
-    """
-    models = as_model_list(model)
-    channels = models[0].input_shape[-1]
-    n_out = models[0].output_shape[-1]
-
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="image")]
-    )
-    def serve(image):
-        x = preprocess_images(image, **prep)
-        probs = model_probabilities(models, x, tta)
-        if task == "classification":
-            return {"probabilities": probs, "label": tf.argmax(probs, -1, output_type=tf.int32)}
-        probs = restore_size(probs, tf.shape(image)[1:3], prep["size"], prep["policy"])
-        if n_out == 1:
-            mask = tf.cast(probs[..., 0] > threshold, tf.int32)
-        else:
-            mask = tf.argmax(probs, -1, output_type=tf.int32)
-        return {"probabilities": probs, "mask": mask}
-
-    return serve
-
-
-def model_function(
-    model: keras.Model | Sequence[keras.Model], size: Sequence[int], *, tta: bool = False
-):
-    """A ``tf.function`` from a preprocessed ``[batch, H, W, C]`` batch at the model size to
-    ``probabilities`` at the model size (the ``model`` signature, and the TFLite graph)."""
-    models = as_model_list(model)
-    channels = models[0].input_shape[-1]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *size, channels], tf.float32, name="image")])
-    def model_fn(image):
-        return {"probabilities": model_probabilities(models, image, tta)}
-
-    return model_fn
 
 
 def _normalize_formats(formats: str | Iterable[str]) -> tuple[str, ...]:
@@ -192,16 +119,9 @@ def _load_model(path: Path) -> keras.Model:
     return load_keras_model(path)  # checksum, safe mode
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _ensemble_members(run: RunDir, checkpoint: str) -> list[dict]:
     """The folds of a CV run's ``ensemble.json``: fold number and checkpoint path."""
-    spec = _read_json(run.path / ENSEMBLE_NAME)
+    spec = read_json(run.path / ENSEMBLE_NAME, missing_ok=True)
     if spec is None:
         raise ConfigError(
             f"{run.path}: --ensemble needs a cross-validation run folder (with {ENSEMBLE_NAME})"
@@ -218,11 +138,30 @@ def _ensemble_members(run: RunDir, checkpoint: str) -> list[dict]:
 
 
 def _cv_summary(run: RunDir) -> dict | None:
-    summary = _read_json(run.path / "cv_summary.json")
+    summary = read_json(run.path / "cv_summary.json", missing_ok=True)
     if summary is None:
         return None
     keys = ("k", "folds_done", "n_samples", "n_groups", "metrics", "test")
     return {k: summary[k] for k in keys if k in summary}
+
+
+@dataclass
+class _Export:
+    """What one export is made of: the run, its models and the choices of the call."""
+
+    run: RunDir
+    cfg: Config
+    checkpoint: str
+    formats: tuple[str, ...]
+    tta: bool
+    members: list[dict]  # the folds of an ensemble (fold number, checkpoint); none for one run
+    models: list[keras.Model]  # as trained: the reference of the verification
+    served: list[keras.Model]  # batch norm folded: what the graphs run
+    prep: Preprocessing
+
+    @property
+    def ensemble(self) -> bool:
+        return bool(self.members)
 
 
 def export_run(
@@ -254,6 +193,7 @@ def export_run(
     Raises:
         RunExistsError: ``out_dir`` exists and ``overwrite`` is false.
         ConfigError: unknown format, or ``ensemble`` on a folder that is not a CV run.
+        DataError: the run's ``ensemble.json`` or ``cv_summary.json`` is not valid JSON.
         ModelError: a checkpoint cannot be loaded, the TFLite conversion fails, or the reloaded
             export disagrees with the Keras models.
     """
@@ -264,115 +204,30 @@ def export_run(
     out = Path(out_dir) if out_dir else Path(cfg.export.dir) / run.path.name
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out}: export folder exists; pass --overwrite to replace it")
-    ensemble = ensemble or (run.path / ENSEMBLE_NAME).is_file()
+    ensemble = ensemble or folder_kind(run.path) == "cv"
+    members = _ensemble_members(run, checkpoint) if ensemble else []
     if ensemble:
-        members = _ensemble_members(run, checkpoint)
         models = [_load_model(m["path"]) for m in members]
     else:
-        members = []
         models = [load_run_model(run, checkpoint)]
-    task = cfg.data.task
-    prep = preprocessing(cfg)
-    tol = cfg.export.tolerance
     # The exported graphs run the models with batch norm folded into the convolutions (faster;
-    # the same function up to rounding, which the verification below bounds).
+    # the same function up to rounding, which the verification bounds).
     served = [fold_batch_norm(m) for m in models]
-    serve = serving_function(served, task, prep, cfg.predict.threshold, tta=tta)
-    model_fn = model_function(served, prep["size"], tta=tta)
+    prep = Preprocessing.from_config(cfg.data)
+    job = _Export(run, cfg, checkpoint, formats, tta, members, models, served, prep)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        archive = keras.export.ExportArchive()
-        for m in served:
-            archive.track(m)
-        archive.add_endpoint(SERVE_SIGNATURE, serve)
-        archive.add_endpoint(MODEL_SIGNATURE, model_fn)
-        archive.write_out(str(tmp / SAVED_MODEL), verbose=False)
-        verification = None
-        if "savedmodel" in formats:
-            max_diff = verify_export(tmp / SAVED_MODEL, models, prep, tta=tta)
-            if not max_diff <= tol:  # NaN fails too
-                raise ModelError(
-                    f"{out}: reloaded SavedModel differs from the Keras model(s) by "
-                    f"{max_diff:.3g} (tolerance {tol}); export discarded"
-                )
-            verification = {
-                "max_abs_diff": max_diff,
-                "tolerance": tol,
-                "against": "the Keras model(s) run eagerly on the same preprocessed inputs"
-                + (", mean over the folds" if ensemble else "")
-                + (" and the horizontal flip" if tta else ""),
-                "inputs": "random raw images at the model size and at another size",
-            }
-        tflite = None
-        if "tflite" in formats:
-            convert_tflite(tmp / SAVED_MODEL, tmp / TFLITE_NAME)
-            tfl_tol = tol * TFLITE_TOLERANCE_FACTOR
-            tfl_diff = verify_tflite(tmp / TFLITE_NAME, models, prep, tta=tta)
-            if not tfl_diff <= tfl_tol:
-                raise ModelError(
-                    f"{out}: TFLite model differs from the Keras model(s) by {tfl_diff:.3g} "
-                    f"(tolerance {tfl_tol:g}); export discarded"
-                )
-            tflite = _tflite_card(models[0], prep, task, tfl_diff, tfl_tol)
+        _write_saved_model(job, tmp / SAVED_MODEL)
+        verification, tflite = _verify(job, tmp, out)
         if "savedmodel" not in formats:
             shutil.rmtree(tmp / SAVED_MODEL)
         keras_files = _copy_checkpoints(run, checkpoint, members, tmp)
         manifest = load_manifest(run.splits_path) if run.splits_path.exists() else {}
-        card = _card(cfg, run, checkpoint, manifest, models[0], prep, task, verification, tflite)
-        card["formats"] = list(formats)
-        card["batch_norm_folded"] = sum(
-            isinstance(layer, FoldedBatchNorm)
-            for m in served
-            for layer in m._flatten_layers(include_self=False)
-        )
-        card["signatures"] = (
-            {
-                SERVE_SIGNATURE: "raw pixels, any size -> probabilities and mask/label "
-                "(preprocessing in-graph)",
-                MODEL_SIGNATURE: "preprocessed [batch, *model_size, channels] -> probabilities "
-                "at the model size",
-            }
-            if "savedmodel" in formats
-            else {}
-        )
-        card["ensemble"] = (
-            {
-                "combine": "mean_probability",
-                "folds": [
-                    {
-                        "fold": m["fold"],
-                        "source": m["path"].relative_to(run.path).as_posix(),
-                        "keras": f,
-                    }
-                    for m, f in zip(members, keras_files, strict=True)
-                ],
-                "cv_summary": _cv_summary(run),
-                "cv_manifest_hash": manifest.get("hash"),
-            }
-            if ensemble
-            else None
-        )
-        card["tta"] = {
-            "enabled": bool(tta),
-            "transforms": ["identity", "horizontal_flip"] if tta else ["identity"],
-            "combine": "mean_probability",
-            "note": TTA_NOTE if tta else None,
-        }
-        card["keras"] = {
-            "files": keras_files,
-            "sha256": {f: file_sha256(tmp / f) for f in keras_files},  # checked when loaded
-            "note": "copies of the Keras checkpoints"
-            + (" (one per fold; the export is their mean probability)" if ensemble else "")
-            + "; they take the preprocessed batch (see input) and hold no TTA"
-            + (
-                f"; loading them needs the TF-Hub module at {cfg.model.hub_handle}"
-                if cfg.model.hub_handle
-                else ""
-            ),
-        }
+        card = _card(cfg, run, checkpoint, manifest, models[0], prep, verification, tflite)
+        card.update(_card_contents(job, manifest, keras_files, tmp))
         atomic_write_json(tmp / CARD_NAME, card)
         if out.exists():
             shutil.rmtree(out)
@@ -392,6 +247,56 @@ def export_run(
     return out
 
 
+def _write_saved_model(job: _Export, path: Path) -> None:
+    """The SavedModel of the export, with its two signatures (see the module docstring)."""
+    task, threshold = job.cfg.data.task, job.cfg.predict.threshold
+    archive = keras.export.ExportArchive()
+    for m in job.served:
+        archive.track(m)
+    archive.add_endpoint(
+        SERVE_SIGNATURE, serving_function(job.served, task, job.prep, threshold, tta=job.tta)
+    )
+    archive.add_endpoint(MODEL_SIGNATURE, model_function(job.served, job.prep.size, tta=job.tta))
+    archive.write_out(str(path), verbose=False)
+
+
+def _verify(job: _Export, tmp: Path, out: Path) -> tuple[dict | None, dict | None]:
+    """Check the SavedModel and write and check the TFLite file (each when asked for) against
+    the Keras models; the ``verification`` and ``tflite`` entries of the card.
+
+    Raises:
+        ModelError: a format differs from the Keras models by more than its tolerance.
+    """
+    tol, tta = job.cfg.export.tolerance, job.tta
+    verification = tflite = None
+    if "savedmodel" in job.formats:
+        max_diff = verify_export(tmp / SAVED_MODEL, job.models, job.prep, tta=tta)
+        if not max_diff <= tol:  # NaN fails too
+            raise ModelError(
+                f"{out}: reloaded SavedModel differs from the Keras model(s) by "
+                f"{max_diff:.3g} (tolerance {tol}); export discarded"
+            )
+        verification = {
+            "max_abs_diff": max_diff,
+            "tolerance": tol,
+            "against": "the Keras model(s) run eagerly on the same preprocessed inputs"
+            + (", mean over the folds" if job.ensemble else "")
+            + (" and the horizontal flip" if tta else ""),
+            "inputs": "random raw images at the model size and at another size",
+        }
+    if "tflite" in job.formats:
+        convert_tflite(tmp / SAVED_MODEL, tmp / TFLITE_NAME)
+        tfl_tol = tol * TFLITE_TOLERANCE_FACTOR
+        tfl_diff = verify_tflite(tmp / TFLITE_NAME, job.models, job.prep, tta=tta)
+        if not tfl_diff <= tfl_tol:
+            raise ModelError(
+                f"{out}: TFLite model differs from the Keras model(s) by {tfl_diff:.3g} "
+                f"(tolerance {tfl_tol:g}); export discarded"
+            )
+        tflite = _tflite_card(job.models[0], job.prep, job.cfg.data.task, tfl_diff, tfl_tol)
+    return verification, tflite
+
+
 def _copy_checkpoints(run: RunDir, checkpoint: str, members: list[dict], dest: Path) -> list:
     """Copy the Keras checkpoint(s) into the export; returns their paths relative to it."""
     if not members:
@@ -407,11 +312,14 @@ def _copy_checkpoints(run: RunDir, checkpoint: str, members: list[dict], dest: P
     return files
 
 
-def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflite) -> dict:
+def _card(cfg, run, checkpoint, manifest, model, prep, verification, tflite) -> dict:
+    """The model card's description of the model (see :func:`_card_contents` for the rest)."""
+    task = cfg.data.task
     metrics = run.metrics()
-    test = _read_json(run.path / "test_metrics.json")
+    test = read_json(run.path / "test_metrics.json", missing_ok=True)
     if not metrics and test is not None:  # CV run: the ensemble on the held-out test split
         metrics = {"test": test}
+    fields = prep.card_fields()
     return {
         "format": "medseg-export/1",
         "task": task,
@@ -425,8 +333,8 @@ def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflit
             "dtype": "float32",
             "layout": "NHWC",
             "channels": int(model.input_shape[-1]),
-            "model_size": list(prep["size"]),
-            "resize": prep["policy"],
+            "model_size": fields["model_size"],
+            "resize": fields["resize"],
             "resize_note": "any input size is brought to model_size in-graph (stretch: "
             "bilinear antialiased resize; pad: fit keeping the aspect ratio, zero padding); "
             "segmentation outputs are mapped back to the input size",
@@ -434,8 +342,8 @@ def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflit
         "layout": cfg.data.layout,
         "slice_axis": cfg.data.slice_axis,
         "context_slices": cfg.data.context_slices,
-        "normalization": cfg.data.normalization,
-        "window": list(prep["window"]) if cfg.data.normalization == "window" else None,
+        "normalization": fields["normalization"],
+        "window": fields["window"],
         "threshold": cfg.predict.threshold,
         "outputs": ["probabilities", "label"]
         if task == "classification"
@@ -453,8 +361,63 @@ def _card(cfg, run, checkpoint, manifest, model, prep, task, verification, tflit
     }
 
 
-def _tflite_card(model, prep, task, max_diff, tol) -> dict:
-    size, channels, k = list(prep["size"]), int(model.input_shape[-1]), model.output_shape[-1]
+def _card_contents(job: _Export, manifest: dict, keras_files: list, folder: Path) -> dict:
+    """The model card's description of the export: formats, signatures, ensemble, TTA and the
+    Keras copies (checksums of the files in ``folder``)."""
+    savedmodel = "savedmodel" in job.formats
+    return {
+        "formats": list(job.formats),
+        "batch_norm_folded": sum(
+            isinstance(layer, FoldedBatchNorm)
+            for m in job.served
+            for layer in m._flatten_layers(include_self=False)
+        ),
+        "signatures": {
+            SERVE_SIGNATURE: "raw pixels, any size -> probabilities and mask/label "
+            "(preprocessing in-graph)",
+            MODEL_SIGNATURE: "preprocessed [batch, *model_size, channels] -> probabilities "
+            "at the model size",
+        }
+        if savedmodel
+        else {},
+        "ensemble": {
+            "combine": "mean_probability",
+            "folds": [
+                {
+                    "fold": m["fold"],
+                    "source": m["path"].relative_to(job.run.path).as_posix(),
+                    "keras": f,
+                }
+                for m, f in zip(job.members, keras_files, strict=True)
+            ],
+            "cv_summary": _cv_summary(job.run),
+            "cv_manifest_hash": manifest.get("hash"),
+        }
+        if job.ensemble
+        else None,
+        "tta": {
+            "enabled": bool(job.tta),
+            "transforms": ["identity", "horizontal_flip"] if job.tta else ["identity"],
+            "combine": "mean_probability",
+            "note": TTA_NOTE if job.tta else None,
+        },
+        "keras": {
+            "files": keras_files,
+            "sha256": {f: file_sha256(folder / f) for f in keras_files},  # checked when loaded
+            "note": "copies of the Keras checkpoints"
+            + (" (one per fold; the export is their mean probability)" if job.ensemble else "")
+            + "; they take the preprocessed batch (see input) and hold no TTA"
+            + (
+                f"; loading them needs the TF-Hub module at {job.cfg.model.hub_handle}"
+                if job.cfg.model.hub_handle
+                else ""
+            ),
+        },
+    }
+
+
+def _tflite_card(model, prep: Preprocessing, task, max_diff, tol) -> dict:
+    size, channels, k = list(prep.size), int(model.input_shape[-1]), model.output_shape[-1]
     return {
         "file": TFLITE_NAME,
         "input": "preprocessed",
@@ -463,8 +426,8 @@ def _tflite_card(model, prep, task, max_diff, tol) -> dict:
         "output": "probabilities",
         "output_shape": [-1, *size, int(k)] if task == "segmentation" else [-1, int(k)],
         "signature": MODEL_SIGNATURE,
-        "preprocessing": f"normalise each image ({prep['method']}), then resize to "
-        f"{size[0]}x{size[1]} ({prep['policy']}), as medseg.data.preprocess.preprocess_images; "
+        "preprocessing": f"normalise each image ({prep.method}), then resize to "
+        f"{size[0]}x{size[1]} ({prep.policy}), as medseg.data.preprocess.preprocess_images; "
         "map segmentation outputs back with restore_size and threshold/argmax them yourself",
         "ops": "TFLITE_BUILTINS",
         "dtype": "float32",
@@ -488,7 +451,7 @@ def _verification_inputs(size: Sequence[int], channels: int) -> list[np.ndarray]
 def verify_export(
     saved_model: Path,
     model: keras.Model | Sequence[keras.Model],
-    prep: dict,
+    prep: Preprocessing,
     *,
     tta: bool = False,
 ) -> float:
@@ -506,15 +469,15 @@ def verify_export(
     model_sig = loaded.signatures.get(MODEL_SIGNATURE)
     seg = is_segmentation(models[0])
     diff = 0.0
-    for raw in _verification_inputs(prep["size"], models[0].input_shape[-1]):
+    for raw in _verification_inputs(prep.size, models[0].input_shape[-1]):
         got = serve(image=tf.constant(raw))["probabilities"].numpy()
-        x = preprocess_images(tf.constant(raw), **prep).numpy()
+        x = prep.apply(tf.constant(raw)).numpy()
         want = reference_probabilities(models, x, tta)
         if model_sig is not None:
             got_m = model_sig(image=tf.constant(x))["probabilities"].numpy()
             diff = max(diff, _max_abs_diff(got_m, want))
         if seg:
-            want = restore_size(tf.constant(want), raw.shape[1:3], prep["size"], prep["policy"])
+            want = prep.restore(tf.constant(want), raw.shape[1:3])
         diff = max(diff, _max_abs_diff(got, np.asarray(want)))
     return diff
 
@@ -579,7 +542,7 @@ def run_tflite(path: str | Path, x: np.ndarray) -> np.ndarray:
 def verify_tflite(
     path: Path,
     model: keras.Model | Sequence[keras.Model],
-    prep: dict,
+    prep: Preprocessing,
     *,
     tta: bool = False,
 ) -> float:
@@ -587,8 +550,8 @@ def verify_tflite(
     batches of 1 and 2 images (the second exercises the dynamic batch size)."""
     models = as_model_list(model)
     diff = 0.0
-    for raw in _verification_inputs(prep["size"], models[0].input_shape[-1]):
-        x = preprocess_images(tf.constant(raw), **prep).numpy()
+    for raw in _verification_inputs(prep.size, models[0].input_shape[-1]):
+        x = prep.apply(tf.constant(raw)).numpy()
         for batch in (x[:1], x):
             got = run_tflite(path, batch)
             diff = max(diff, _max_abs_diff(got, reference_probabilities(models, batch, tta)))

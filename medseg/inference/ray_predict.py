@@ -1,9 +1,9 @@
 """Batch inference on a Ray cluster (``medseg predict --executor ray``).
 
-The cases of :func:`medseg.inference.predict.collect_cases` are spread over a pool of Ray actors.
+The cases of :func:`medseg.inference.cases.collect_cases` are spread over a pool of Ray actors.
 Each actor loads the model (export or run folder) once, into a
-:class:`~medseg.inference.predict.Predictor`, and then predicts case after case with the same
-code as the local executor (:func:`medseg.inference.predict._run_case`): the same per-case
+:class:`~medseg.inference.predictor.Predictor`, and then predicts case after case with the same
+code as the local executor (:func:`medseg.inference.case.run_case`): the same per-case
 folders and files, written into a hidden temporary folder and renamed into place when the case
 succeeds. The driver collects the rows and writes ``predictions.csv`` / ``predictions.json`` with
 :func:`~medseg.io.writers.write_tables`, in the order of the cases, so the output folder
@@ -34,14 +34,14 @@ lost node) loses no case: the cases it held are retried on the other actors and 
 replaces it (at most as many replacements as the pool has actors); a case whose actor died twice
 while holding it becomes an error row saying so. Nothing is dropped: every case has a row.
 A full disk (:class:`~medseg.errors.OutputError` in an actor) stops the batch, as it does
-locally. Given the batch record of :func:`~medseg.inference.predict.predict`, the cases of an
+locally. Given the batch record (:class:`~medseg.inference.batch.Batch`), the cases of an
 interrupted batch that already have a row are not predicted again, and every final row is recorded
 as it arrives, so rerunning the same command (with either executor) continues a batch.
 
 Testing hook: ``MEDSEG_RAY_FAULTS="fail:<case-id>,crash:<case-id>"`` together with
 ``MEDSEG_RAY_FAULTS_DIR=<folder>`` (both read by the actors; the driver passes them on) makes
 reading that case raise (``fail``) or kill the actor's process (``crash``), once per marker
-folder.
+folder (:mod:`medseg.inference.ray_worker`).
 """
 
 from __future__ import annotations
@@ -51,18 +51,20 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medseg.errors import ConfigError, MedsegError, ModelError
-from medseg.raytools import describe, import_ray, init_ray, worker_logging
+from medseg.errors import ConfigError, MedsegError
+from medseg.inference.batch import Batch, PredictResult, progress_bar
+from medseg.inference.ray_worker import FAULT_ENV, PredictWorker
+from medseg.raytools import describe, import_ray, init_ray
 
-if TYPE_CHECKING:  # the actors import TensorFlow (via predict) only once its output is muted
-    from medseg.inference.predict import Case, Predictor, PredictResult, _Batch, _Options
+if TYPE_CHECKING:
+    from medseg.inference.case import Options
+    from medseg.inference.cases import Case
+    from medseg.inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -70,139 +72,6 @@ logger = logging.getLogger(__name__)
 ATTEMPTS = 2
 #: Units of work queued on one actor at a time (one running, one waiting: no idle gap).
 IN_FLIGHT_PER_ACTOR = 2
-#: Environment variables of the testing hook, passed on to the actors when set.
-FAULT_ENV = ("MEDSEG_RAY_FAULTS", "MEDSEG_RAY_FAULTS_DIR")
-
-
-# --------------------------------------------------------------------------- the actor
-
-
-def _fault(kind: str, case_id: str) -> bool:
-    """Whether the testing hook asks for fault ``kind`` on ``case_id`` now (once per marker)."""
-    spec, folder = os.environ.get(FAULT_ENV[0], ""), os.environ.get(FAULT_ENV[1], "")
-    if not spec or not folder or f"{kind}:{case_id}" not in spec.split(","):
-        return False
-    try:
-        fd = os.open(Path(folder) / f"{kind}-{case_id}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True
-
-
-class _FaultyReader:
-    """A case reader with the testing hook in front of it (see the module docstring)."""
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    def read(self, case: Case):
-        if _fault("crash", case.case_id):
-            logger.warning("%s: MEDSEG_RAY_FAULTS: killing this worker", case.case_id)
-            os._exit(1)
-        if _fault("fail", case.case_id):
-            raise RuntimeError("injected failure (MEDSEG_RAY_FAULTS)")
-        return self.reader.read(case)
-
-
-class _PredictWorker:
-    """Body of a Ray actor: one loaded model that predicts cases into ``out``.
-
-    Never raises from ``__init__``: a start-up error is kept and returned by :meth:`prepare`, so
-    that the driver can report it as the medseg error it is.
-    """
-
-    def __init__(self, model: str, out: str, cwd: str, log_level: int, threads: int):
-        self.host = socket.gethostname()
-        self.error: MedsegError | None = None
-        self.predictor: Predictor | None = None
-        self.opts: _Options | None = None
-        self.out = Path(out)
-        self.reader = None
-        worker_logging(log_level)
-        # The driver reports the outcome of every case; the actors would say it twice.
-        logging.getLogger("medseg.inference.predict").setLevel(logging.CRITICAL)
-        try:
-            if os.path.isdir(cwd):
-                os.chdir(cwd)  # relative paths mean the driver's working directory
-            for what, path in (("output folder", out), ("model", model)):
-                if not Path(path).exists():
-                    raise ConfigError(
-                        f"{path}: the {what} is not visible on Ray worker {self.host}; it must "
-                        "be on storage that every Ray worker sees under the same path"
-                    )
-            self._tensorflow(log_level, threads)
-            from medseg.inference.predict import Predictor, _Reader
-
-            self.reader = _Reader()
-            if os.environ.get(FAULT_ENV[0]):
-                self.reader = _FaultyReader(self.reader)
-            self.predictor = Predictor(model)
-        except MedsegError as e:
-            self.error = e
-        except Exception as e:
-            self.error = ModelError(
-                f"{model}: cannot load the model on Ray worker {self.host} "
-                f"({type(e).__name__}: {e})"
-            )
-
-    @staticmethod
-    def _tensorflow(log_level: int, threads: int) -> None:
-        """Import TensorFlow (its C++ start-up lines muted, unless debugging), limit it to
-        ``threads`` threads and let it grow into the GPU memory."""
-        if log_level > logging.DEBUG:
-            from medseg.utils import import_tensorflow_quietly
-
-            import_tensorflow_quietly()
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-            for gpu in gpus:
-                tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError as e:  # TensorFlow already initialised: keep its settings
-            logger.debug("TensorFlow settings of the Ray worker unchanged: %s", e)
-
-    def info(self) -> dict:
-        """The model's task and card (the driver resolves the options with them)."""
-        if self.error is not None or self.predictor is None:
-            return {"error": self.error, "host": self.host}
-        return {
-            "error": None,
-            "host": self.host,
-            "task": self.predictor.task,
-            "card": self.predictor.card,
-        }
-
-    def prepare(self, opts: _Options) -> dict:
-        """Take the resolved options and build what they need; returns the start-up error."""
-        if self.error is None and self.predictor is not None:
-            from medseg.inference.predict import _prepare_model
-
-            try:
-                _prepare_model(self.predictor, opts)
-                self.opts = opts
-            except MedsegError as e:
-                self.error = e
-        return {"error": self.error, "host": self.host, "pid": os.getpid()}
-
-    def run(self, cases: list[Case]) -> list[tuple[dict, int, float, float]]:
-        """Predict ``cases``; per case: the row, slices, model seconds, case seconds."""
-        if self.predictor is None or self.opts is None:
-            raise ModelError(f"Ray worker {self.host} has no model ({self.error})")
-        from medseg.inference.predict import _Clock, _run_case
-
-        results = []
-        for case in cases:
-            clock, t0 = _Clock(), time.perf_counter()
-            row = _run_case(self.predictor, case, self.reader, self.out, self.opts, clock)
-            results.append((row, clock.slices, clock.seconds, time.perf_counter() - t0))
-        return results
-
-
-# --------------------------------------------------------------------------- the driver
 
 
 @dataclass
@@ -234,8 +103,8 @@ def _units(cases: list[Case | None]) -> list[_Unit]:
 
 
 def _error_row(case: Case, message: str) -> dict:
-    """The row of a case that never got a row from an actor (the columns :func:`_run_case`
-    gives every row)."""
+    """The row of a case that never got a row from an actor (the columns
+    :func:`~medseg.inference.case.run_case` gives every row)."""
     row: dict = {"case_id": case.case_id, "source": case.source, "status": "error"}
     row["error"] = message
     if case.kind == "series":
@@ -280,17 +149,98 @@ def _pool_size(resources: dict, workers: int | None, cpus_per_worker: float, uni
     return workers, num_gpus
 
 
+class _Pool:
+    """The Ray actors of a batch, started ones and dead ones alike (an actor's index is its
+    place in :attr:`actors`).
+
+    Args:
+        ray: the Ray module.
+        args: the arguments of every :class:`~medseg.inference.ray_worker.PredictWorker`.
+        cpus_per_worker: CPUs reserved by each actor.
+    """
+
+    def __init__(self, ray, args: tuple, cpus_per_worker: float):
+        self.ray, self.args, self.cpus_per_worker = ray, args, cpus_per_worker
+        self.actors: list = []
+        self.actor_class = None
+
+    def new_actor(self) -> int:
+        """Start one more actor; its index."""
+        self.actors.append(self.actor_class.remote(*self.args))
+        return len(self.actors) - 1
+
+    def start(self, units: int, workers: int | None, opts: Options) -> tuple[list[int], Options]:
+        """Start the actors for ``units`` units of work (see :func:`_pool_size`); they load the
+        model and prepare for ``opts``.
+
+        Returns:
+            The actors' indices and the options resolved for the model
+            (:func:`~medseg.inference.case.resolve_options`).
+
+        Raises:
+            MedsegError: an actor could not start or load the model (see :func:`_start`).
+        """
+        from medseg.inference.case import resolve_options
+
+        resources = self.ray.cluster_resources()
+        n, num_gpus = _pool_size(resources, workers, self.cpus_per_worker, units)
+        env = {
+            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update({k: os.environ[k] for k in FAULT_ENV if k in os.environ})
+        self.actor_class = self.ray.remote(PredictWorker).options(
+            num_cpus=self.cpus_per_worker,
+            num_gpus=num_gpus,
+            max_restarts=0,
+            runtime_env={"env_vars": env},
+        )
+        t0 = time.perf_counter()
+        live = [self.new_actor() for _ in range(n)]
+        info = _start(self.ray, [self.actors[live[0]].info.remote()])[0]
+        opts = resolve_options(info["task"], info["card"], opts)
+        _start(self.ray, [self.actors[a].prepare.remote(opts) for a in live])
+        logger.info(
+            "%d Ray workers loaded %s in %.1f s (%g CPU, %g GPU each; cluster: %g CPU, %g GPU)",
+            len(live),
+            self.args[0],
+            time.perf_counter() - t0,
+            self.cpus_per_worker,
+            num_gpus,
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+        )
+        return live, opts
+
+    def kill_all(self) -> None:
+        """Kill every actor (the dead ones too)."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+
+
+def _model_dir(model: str | Path | Predictor) -> str:
+    """The folder every actor loads the model from (absolute)."""
+    from medseg.inference.predictor import Predictor
+
+    if isinstance(model, Predictor):
+        if getattr(model, "path", None) is None:
+            raise ConfigError("--executor ray needs the model's folder, not a model object")
+        model = model.path
+    return str(Path(model).resolve())
+
+
 def predict_on_ray(
     model: str | Path | Predictor,
     cases: list[Case],
     out: str | Path,
-    opts: _Options,
+    opts: Options,
     *,
     address: str | None = None,
     workers: int | None = None,
     cpus_per_worker: float = 1,
     progress: bool = True,
-    batch: _Batch | None = None,
+    batch: Batch | None = None,
 ) -> PredictResult:
     """Predict ``cases`` on a pool of Ray actors into ``out`` (see the module docstring).
 
@@ -310,9 +260,10 @@ def predict_on_ray(
             of the cluster; never more than the units of work).
         cpus_per_worker: CPUs reserved by each actor (and TensorFlow threads of each).
         progress: show a progress bar over the cases on stderr (only when it is a terminal).
-        batch: the batch record of :func:`~medseg.inference.predict.predict` (started here,
-            once Ray is there): the cases it has rows for (an interrupted batch) are not
-            predicted again, and every final row is recorded in it, as the local executor does.
+        batch: the batch record of :func:`~medseg.inference.predict.predict` (started here, once
+            Ray is there, and finished when the tables are written): the cases it has rows for
+            (an interrupted batch) are not predicted again, and every final row is recorded in
+            it, as the local executor does.
 
     Returns:
         The rows (every case, failed ones with ``status == "error"``), slices, model seconds
@@ -328,84 +279,24 @@ def predict_on_ray(
     if workers is not None and workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {workers}")
     ray = import_ray()
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from medseg.inference.predict import (
-        Predictor,
-        PredictResult,
-        _Clock,
-        _Reader,
-        _resolve_options,
-        _run_case,
-    )
     from medseg.io.writers import write_tables
 
-    if isinstance(model, Predictor):
-        if getattr(model, "path", None) is None:
-            raise ConfigError("--executor ray needs the model's folder, not a model object")
-        model = model.path
-    model_dir = str(Path(model).resolve())
+    model_dir = _model_dir(model)
     out = Path(out)
     if batch is not None:
         batch.start()
     out.mkdir(parents=True, exist_ok=True)
-    out_dir = str(out.resolve())
-    log_level = logging.getLogger("medseg").getEffectiveLevel()
-    verbose = log_level <= logging.INFO
-    done = batch.done if batch is not None else {}
     commit = batch.commit if batch is not None else (lambda row: row)
-    rows: list[dict | None] = [done.get(case.case_id) for case in cases]
-    for i, case in enumerate(cases):
-        if rows[i] is None and case.kind == "error":  # unreadable at discovery: as locally
-            rows[i] = commit(_run_case(None, case, _Reader(), out, opts, _Clock()))  # type: ignore[arg-type]
+    rows = _known_rows(cases, batch, out, opts, commit)
     units = _units([c if r is None else None for c, r in zip(cases, rows, strict=True)])
-
-    started = init_ray(ray, address, verbose) if units else False
-    actors: list = []
+    log_level = logging.getLogger("medseg").getEffectiveLevel()
+    started = init_ray(ray, address, log_level <= logging.INFO) if units else False
+    args = (model_dir, str(out.resolve()), os.getcwd(), log_level, max(1, int(cpus_per_worker)))
+    pool = _Pool(ray, args, cpus_per_worker)
     try:
-        resources = ray.cluster_resources() if units else {}
-        n, num_gpus = (
-            _pool_size(resources, workers, cpus_per_worker, len(units)) if units else (0, 0)
-        )
-        env = {
-            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.update({k: os.environ[k] for k in FAULT_ENV if k in os.environ})
-        actor_class = ray.remote(_PredictWorker).options(
-            num_cpus=cpus_per_worker,
-            num_gpus=num_gpus,
-            max_restarts=0,
-            runtime_env={"env_vars": env},
-        )
-        args = (model_dir, out_dir, os.getcwd(), log_level, max(1, int(cpus_per_worker)))
-
-        def new_actor():
-            actors.append(actor_class.remote(*args))
-            return len(actors) - 1
-
-        t0 = time.perf_counter()
-        pool = [new_actor() for _ in range(n)] if units else []
-        if pool:
-            info = _start(ray, [actors[pool[0]].info.remote()])[0]
-            opts = _resolve_options(info["task"], info["card"], opts)
-            _start(ray, [actors[a].prepare.remote(opts) for a in pool])
-            logger.info(
-                "%d Ray workers loaded %s in %.1f s (%g CPU, %g GPU each; cluster: %g CPU, %g GPU)",
-                len(pool),
-                model_dir,
-                time.perf_counter() - t0,
-                cpus_per_worker,
-                num_gpus,
-                resources.get("CPU", 0),
-                resources.get("GPU", 0),
-            )
+        live, opts = pool.start(len(units), workers, opts) if units else ([], opts)
         start = time.perf_counter()
-        show = progress and sys.stderr.isatty()
-        bar = tqdm(total=len(cases), desc="predict", unit="case", file=sys.stderr, disable=not show)
-        redirect = logging_redirect_tqdm() if show else contextlib.nullcontext()
-        with redirect, bar:
+        with progress_bar(len(cases), progress) as bar:
             bar.update(sum(r is not None for r in rows))
 
             def finish(i: int, row: dict) -> None:
@@ -414,7 +305,7 @@ def predict_on_ray(
                 if row["status"] != "ok":
                     logger.error("%s", row["error"])
 
-            driver = _Driver(ray, actors, pool, opts, new_actor, finish)
+            driver = _Driver(ray, pool, live, opts, finish)
             driver.run(units, cases)
         _clean_up(out, driver.crashed)
         final = [r for r in rows if r is not None]
@@ -423,9 +314,7 @@ def predict_on_ray(
         wall = time.perf_counter() - start
         result = PredictResult(out, final, driver.slices, driver.seconds, wall)
     finally:
-        for actor in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+        pool.kill_all()
         if started:
             ray.shutdown()
     logger.info(
@@ -438,22 +327,41 @@ def predict_on_ray(
         result.slices_per_second,
         out,
     )
+    if batch is not None:
+        batch.finish()
     return result
+
+
+def _known_rows(
+    cases: list[Case], batch: Batch | None, out: Path, opts: Options, commit
+) -> list[dict | None]:
+    """The rows the driver has before any actor starts: those of the cases an interrupted batch
+    finished, and those of the cases found unreadable when they were collected (as locally);
+    None for the cases to predict."""
+    from medseg.inference.case import Clock, run_case
+    from medseg.inference.cases import CaseReader
+
+    done = batch.done if batch is not None else {}
+    rows: list[dict | None] = [done.get(case.case_id) for case in cases]
+    for i, case in enumerate(cases):
+        if rows[i] is None and case.kind == "error":
+            rows[i] = commit(run_case(None, case, CaseReader(), out, opts, Clock()))
+    return rows
 
 
 class _Driver:
     """Hands the units to the actors until every case has its final row (see the module
     docstring for the retries)."""
 
-    def __init__(self, ray, actors: list, pool: list[int], opts: _Options, new_actor, finish):
-        self.ray, self.actors, self.opts = ray, actors, opts
-        self.new_actor, self.finish = new_actor, finish
+    def __init__(self, ray, pool: _Pool, live: list[int], opts: Options, finish):
+        self.ray, self.pool, self.opts, self.finish = ray, pool, opts, finish
+        self.actors = pool.actors  # grows as replacements start
         self.queue: collections.deque[_Unit] = collections.deque()
-        self.live = set(pool)
-        self.load = dict.fromkeys(pool, 0)
+        self.live = set(live)
+        self.load = dict.fromkeys(live, 0)
         self.starting: dict = {}  # prepare() ref of a replacement actor -> its index
         self.inflight: dict = {}  # run() ref -> (actor index, unit)
-        self.replacements = len(pool)
+        self.replacements = len(live)
         self.crashed: set[str] = set()  # ids of the cases that dead actors held
         self.slices, self.seconds = 0, 0.0
 
@@ -520,7 +428,7 @@ class _Driver:
         self.load[a] -= 1
         try:
             results = self.ray.get(ref)
-        except RayTaskError as e:  # raised by the actor's code around _run_case; it lives on
+        except RayTaskError as e:  # raised by the actor's code around run_case; it lives on
             cause = getattr(e, "cause", None)
             if isinstance(cause, MedsegError):
                 raise cause from None  # stops the batch, as it does locally (a full disk)
@@ -562,7 +470,7 @@ class _Driver:
             self.ray.kill(self.actors[a], no_restart=True)
         if self.replacements > 0:
             self.replacements -= 1
-            b = self.new_actor()
+            b = self.pool.new_actor()
             self.starting[self.actors[b].prepare.remote(self.opts)] = b
 
 

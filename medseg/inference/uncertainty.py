@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from medseg.data.preprocess import Preprocessing
 from medseg.errors import ConfigError, ModelError
 
 #: the dropout-type layers that MC dropout switches on (``SpatialDropout*`` subclass ``Dropout``).
@@ -239,7 +240,7 @@ def mc_predict(
     *,
     batch_size: int | None = None,
     threshold: float = 0.5,
-    prep: dict | None = None,
+    prep: Preprocessing | dict | None = None,
 ) -> dict:
     """Mean and variance of ``n_samples`` MC-dropout passes, and a per-case uncertainty score.
 
@@ -254,9 +255,10 @@ def mc_predict(
         seed: seed of the dropout masks: the same seed gives the same result.
         batch_size: images per pass (all at once when None).
         threshold: foreground threshold of a one-channel (sigmoid) segmentation output.
-        prep: preprocessing keyword arguments (:func:`medseg.inference.export.preprocessing`):
-            ``images`` are raw pixels, normalised and resized in the same way as for training,
-            and segmentation ``mean``/``variance`` are mapped back to the input size (bilinear).
+        prep: the model's :class:`~medseg.data.preprocess.Preprocessing` (or its fields as a
+            dict): ``images`` are raw pixels, normalised and resized in the same way as for
+            training, and segmentation ``mean``/``variance`` are mapped back to the input size
+            (bilinear).
 
     Returns:
         ``mean`` and ``variance`` (float32, shape of the model output), ``samples_used``,
@@ -273,28 +275,13 @@ def mc_predict(
     if int(n_samples) < 2:
         raise ConfigError(f"MC-dropout needs n_samples >= 2, got {n_samples}")
     n_samples = int(n_samples)
+    if isinstance(prep, dict):
+        prep = Preprocessing(**prep)
     x = tf.convert_to_tensor(images, tf.float32)
     raw_hw = tf.shape(x)[1:3]
     if prep is not None:
-        from medseg.data.preprocess import preprocess_images
-
-        x = preprocess_images(x, **prep)
-    if isinstance(model_or_fn, keras.Model):
-        model_or_fn = [model_or_fn]
-    if isinstance(model_or_fn, (list, tuple)) and model_or_fn:
-        fns = []
-        for j, model in enumerate(model_or_fn):
-            if not isinstance(model, keras.Model):
-                raise ModelError(f"mc_predict: ensemble member {j} is not a Keras model")
-            mc, fn = _sampler(model)
-            _reseed(mc, seed, j)
-            fns.append(fn)
-    elif callable(model_or_fn) and not isinstance(model_or_fn, (list, tuple)):
-        fns = [model_or_fn]
-    else:
-        raise ModelError(
-            f"mc_predict needs a Keras model, a list of them or a callable, got {model_or_fn!r}"
-        )
+        x = prep.apply(x)
+    fns = _sampling_functions(model_or_fn, seed)
     step = int(batch_size) if batch_size else max(int(x.shape[0]), 1)
     total = total_sq = ent = None
     for fn in [f for f in fns for _ in range(n_samples)]:
@@ -324,23 +311,10 @@ def mc_predict(
         )
     elif mean.ndim == 4:
         if prep is not None:
-            from medseg.data.preprocess import restore_size
-
-            size, policy = prep["size"], prep["policy"]
-            mean = restore_size(tf.constant(mean, tf.float32), raw_hw, size, policy).numpy()
-            variance = restore_size(tf.constant(variance, tf.float32), raw_hw, size, policy)
+            mean = prep.restore(tf.constant(mean, tf.float32), raw_hw).numpy()
+            variance = prep.restore(tf.constant(variance, tf.float32), raw_hw)
             variance = np.maximum(variance.numpy(), 0.0)
-        vmap = variance.mean(-1)
-        fg = foreground_mask(mean, threshold)
-        out.update(
-            task="segmentation",
-            variance_map=vmap.astype(np.float32),
-            foreground=fg,
-            uncertainty=np.array(
-                [segmentation_uncertainty(v, f) for v, f in zip(vmap, fg, strict=True)],
-                np.float32,
-            ),
-        )
+        out.update(_segmentation_scores(variance, mean, threshold))
     else:
         raise ModelError(
             f"mc_predict: model output of shape {mean.shape} is neither [N, K] (classification) "
@@ -348,3 +322,37 @@ def mc_predict(
         )
     out.update(mean=mean.astype(np.float32), variance=variance.astype(np.float32))
     return out
+
+
+def _sampling_functions(model_or_fn, seed: int) -> list[Callable]:
+    """The stochastic functions of :func:`mc_predict`'s ``model_or_fn``, seeded."""
+    if isinstance(model_or_fn, keras.Model):
+        model_or_fn = [model_or_fn]
+    if isinstance(model_or_fn, (list, tuple)) and model_or_fn:
+        fns = []
+        for j, model in enumerate(model_or_fn):
+            if not isinstance(model, keras.Model):
+                raise ModelError(f"mc_predict: ensemble member {j} is not a Keras model")
+            mc, fn = _sampler(model)
+            _reseed(mc, seed, j)
+            fns.append(fn)
+        return fns
+    if callable(model_or_fn) and not isinstance(model_or_fn, (list, tuple)):
+        return [model_or_fn]
+    raise ModelError(
+        f"mc_predict needs a Keras model, a list of them or a callable, got {model_or_fn!r}"
+    )
+
+
+def _segmentation_scores(variance: np.ndarray, mean: np.ndarray, threshold: float) -> dict:
+    """``variance_map``, ``foreground`` and per-image ``uncertainty`` of segmentation passes."""
+    vmap = variance.mean(-1)
+    fg = foreground_mask(mean, threshold)
+    return {
+        "task": "segmentation",
+        "variance_map": vmap.astype(np.float32),
+        "foreground": fg,
+        "uncertainty": np.array(
+            [segmentation_uncertainty(v, f) for v, f in zip(vmap, fg, strict=True)], np.float32
+        ),
+    }
