@@ -1,14 +1,8 @@
 """K-fold cross-validation (``medseg cv``): one fresh model per fold, resumable, with a report.
 
-Layout of a cross-validation run::
-
-    runs/<name>/config.yaml          resolved config
-    runs/<name>/splits.json          k-fold manifest (no group in two folds; test groups apart)
-    runs/<name>/fold_<k>/            an ordinary run folder per fold (k = 1..K), trained on the
-                                     fold's own manifest, plus oof.csv (its out-of-fold cases)
-    runs/<name>/ensemble.json        the fold models, combined by mean probability
-    runs/<name>/test_metrics.json    the ensemble on the held-out test split (when there is one)
-    runs/<name>/cv_summary.json, report.md, report.html, plots/
+The folder it writes (``runs/<name>/`` with ``splits.json``, ``fold_<k>/`` run folders and their
+``oof.csv``, ``ensemble.json``, ``test_metrics.json``, the summary and the report) is described
+and opened by :mod:`medseg.artifacts.cv`.
 
 Rerunning the same command skips finished folds and resumes an unfinished one from its last
 completed epoch; nothing already finished is trained again.
