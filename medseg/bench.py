@@ -241,7 +241,8 @@ def infer_rates(
     import numpy as np
     import tensorflow as tf
 
-    from medseg.inference.export import convert_tflite, model_function, tflite_interpreter
+    from medseg.inference.export import convert_tflite, tflite_interpreter
+    from medseg.inference.serving import model_function
     from medseg.models.fold import fold_batch_norm
 
     per_path = max(seconds / max(len(paths), 1), 1.0)

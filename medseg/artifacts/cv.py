@@ -16,10 +16,13 @@ through the functions here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medseg.artifacts.runs import RunDir
+from medseg.utils import read_json
+
+#: The file that makes a run folder a cross-validation folder: its fold models.
+ENSEMBLE_NAME = "ensemble.json"
 
 
 def fold_dir(root: Path, k: int) -> Path:
@@ -34,7 +37,12 @@ def fold_done(root: Path, k: int) -> bool:
 
 
 def load_ensemble(run_dir: str | Path) -> list[Path]:
-    """Paths of the fold models recorded in a CV run's ``ensemble.json``."""
+    """Paths of the fold models recorded in a CV run's ``ensemble.json``.
+
+    Raises:
+        DataError: ``ensemble.json`` is missing, unreadable or not a JSON object; the message
+            names the file.
+    """
     root = Path(run_dir)
-    spec = json.loads((root / "ensemble.json").read_text())
+    spec = read_json(root / ENSEMBLE_NAME)
     return [root / f["model"] for f in spec["folds"]]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medseg.artifacts.cv import ENSEMBLE_NAME
 from medseg.errors import ModelError
 
 CARD_NAME = "medseg.json"
@@ -29,8 +30,6 @@ FOLDS_DIR = "folds"
 SERVE_SIGNATURE = "serve"
 #: Signature of the SavedModel from the preprocessed batch to probabilities (the TFLite graph).
 MODEL_SIGNATURE = "model"
-#: The file that makes a run folder a cross-validation folder (its fold models).
-ENSEMBLE_NAME = "ensemble.json"
 #: The file of every run folder (the resolved config).
 RUN_CONFIG = "config.yaml"
 

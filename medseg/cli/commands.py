@@ -135,13 +135,16 @@ def _cmd_cv(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from medseg.errors import ConfigError
+    from medseg.artifacts.exports import folder_kind
+    from medseg.errors import ConfigError, ModelError
     from medseg.evaluation.evaluate import evaluate, headline
 
     run = Path(args.run)
-    is_export = (run / "medseg.json").is_file()
-    is_cv = (run / "ensemble.json").is_file()
-    if args.out or is_export or is_cv:
+    try:
+        kind = folder_kind(run)
+    except ModelError:  # not a model folder: evaluate() below says what is missing
+        kind = None
+    if args.out or kind in ("export", "cv"):
         if not args.data or not args.out:
             raise ConfigError(
                 f"{run}: an export or cross-validation folder is scored on a labelled folder: "

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.artifacts.cv import fold_dir
+from medseg.artifacts.cv import ENSEMBLE_NAME, fold_dir
 from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.data.pipeline import load_arrays
 from medseg.data.scan import natural_key, scan_from_config
@@ -345,8 +345,8 @@ def _headline(summary: dict) -> dict:
 
 def _all_fold_probabilities(root: Path) -> tuple:
     """``(config, manifest, {fold: FoldProbs})`` of a finished CV run folder."""
-    if not (root / "ensemble.json").is_file() or not (root / "splits.json").is_file():
-        raise DataError(f"{root}: not a finished cross-validation run (no ensemble.json)")
+    if not (root / ENSEMBLE_NAME).is_file() or not (root / "splits.json").is_file():
+        raise DataError(f"{root}: not a finished cross-validation run (no {ENSEMBLE_NAME})")
     cfg = open_run(root).config()
     manifest = load_manifest(root / "splits.json")
     k_folds = len(manifest.get("folds") or [])

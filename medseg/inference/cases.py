@@ -32,17 +32,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import DataError
 from medseg.io import (
     IMAGE_SUFFIXES,
+    DicomHeader,
     Image,
     image_suffix,
     is_dicom,
     read_dicom_files,
+    read_dicom_header,
     read_image,
 )
 from medseg.io.base import raise_walk_error
@@ -78,17 +79,6 @@ class Case:
     folder_clean: bool = field(default=False, repr=False)
     # PatientID, PatientName, StudyDate: only with keep_identifiers (see collect_cases)
     identifiers: dict | None = field(default=None, repr=False)
-
-
-@dataclass
-class _Header:
-    """What case discovery needs from a DICOM file's header (never patient data)."""
-
-    path: Path
-    series_uid: str | None
-    series_number: int | None
-    frames: int
-    positioned: bool
 
 
 def collect_cases(inputs: list[str | Path], *, keep_identifiers: bool = False) -> list[Case]:
@@ -145,7 +135,7 @@ def _walk(root: Path) -> tuple[list[Case], int]:
 def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
     """The cases directly in ``folder`` and the number of mask files skipped."""
     singles: list[Case] = []  # files and errors, in file-name order
-    headers: list[_Header] = []
+    headers: list[DicomHeader] = []
     masks = 0
     clean = True  # every file _scan of read_dicom_series would look at is a series slice
     for name in names:
@@ -168,7 +158,7 @@ def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
                 logger.debug("%s: skipped (not an image)", path)
             continue
         try:
-            header = _read_header(path)
+            header = read_dicom_header(path)
         except DataError as e:
             clean = False
             singles.append(Case(file_stem(path), str(path), "error", (path,), error=str(e)))
@@ -181,10 +171,10 @@ def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
         else:
             headers.append(header)
 
-    groups: dict[str, list[_Header]] = {}
+    groups: dict[str, list[DicomHeader]] = {}
     for header in headers:
         groups.setdefault(header.series_uid, []).append(header)
-    series: list[list[_Header]] = []
+    series: list[list[DicomHeader]] = []
     for group in groups.values():
         if len(group) > 1 and any(h.positioned for h in group):
             series.append(group)
@@ -225,55 +215,6 @@ def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
     return cases + singles, masks
 
 
-def _read_header(path: Path) -> _Header | None:
-    """The header of a DICOM file (no pixel data); None for DICOM objects without an image.
-
-    Raises:
-        DataError: the file is empty, not DICOM, or its header is truncated or corrupt.
-    """
-    import pydicom
-    from pydicom.uid import UID
-
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty (0 bytes)")
-    marker = is_dicom(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=not marker)
-            rows, columns = ds.get("Rows"), ds.get("Columns")
-            uid = ds.get("SeriesInstanceUID")
-            number = ds.get("SeriesNumber")
-            frames = ds.get("NumberOfFrames")
-            positioned = "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
-            sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-    except Exception as e:
-        reason = str(e).split("\n")[0].strip() or type(e).__name__
-        raise DataError(f"{path}: DICOM header is truncated or corrupt ({reason})") from None
-    if rows is None or columns is None:
-        if not marker:
-            raise DataError(f"{path}: not a DICOM image (no 'DICM' marker and no image size)")
-        kind = UID(str(sop)).name if sop else ""
-        if kind and kind != str(sop) and "Image" not in kind:
-            logger.warning("%s: skipped, a DICOM object without an image (%s)", path, kind)
-            return None
-        raise DataError(f"{path}: DICOM header is truncated or corrupt (no Rows/Columns)")
-    return _Header(
-        path=path,
-        series_uid=str(uid) if uid else None,
-        series_number=_int_or_none(number),
-        frames=max(_int_or_none(frames) or 1, 1),
-        positioned=positioned,
-    )
-
-
-def _int_or_none(value) -> int | None:
-    try:
-        return int(value) if value is not None and str(value).strip() != "" else None
-    except (TypeError, ValueError):
-        return None
-
-
 def file_stem(path: Path) -> str:
     """File name without its suffix (both of ``.nii.gz``)."""
     name = path.name
@@ -285,27 +226,21 @@ def file_stem(path: Path) -> str:
 def _name_after_patients(cases: list[Case]) -> None:
     """``keep_identifiers``: prefix the ids of DICOM cases with their PatientID and attach the
     patient's identifiers (the ids are made file-name safe afterwards)."""
-    import pydicom
-
     for case in cases:
         if case.kind not in ("series", "file") or not (
             case.kind == "series" or is_dicom(case.paths[0])
         ):
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(
-                    case.paths[0],
-                    stop_before_pixels=True,
-                    specific_tags=["PatientID", "PatientName", "StudyDate"],
-                )
-        except Exception:  # the reader reports unreadable files in the case's row
+            header = read_dicom_header(case.paths[0])
+        except (DataError, OSError):  # the reader reports unreadable files in the case's row
+            continue
+        if header is None:
             continue
         ids = {
-            "patient_id": str(ds.get("PatientID") or ""),
-            "patient_name": str(ds.get("PatientName") or ""),
-            "study_date": str(ds.get("StudyDate") or ""),
+            "patient_id": header.patient_id or "",
+            "patient_name": header.patient_name or "",
+            "study_date": header.study_date or "",
         }
         case.identifiers = ids
         if ids["patient_id"]:

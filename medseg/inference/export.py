@@ -64,9 +64,9 @@ import numpy as np
 import tensorflow as tf
 
 import medseg
+from medseg.artifacts.cv import ENSEMBLE_NAME
 from medseg.artifacts.exports import (
     CARD_NAME,
-    ENSEMBLE_NAME,
     FOLDS_DIR,
     KERAS_NAME,
     MODEL_SIGNATURE,

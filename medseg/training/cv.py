@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 import medseg
-from medseg.artifacts.cv import fold_dir, fold_done
+from medseg.artifacts.cv import ENSEMBLE_NAME, fold_dir, fold_done
 from medseg.artifacts.runs import RunDir, default_run_name, load_run_model
 from medseg.config import Config
 from medseg.data.pipeline import load_arrays
@@ -168,7 +168,7 @@ def run_cv(
             run_fold(cfg_dict, str(root), f, callbacks)
     done = [f for f in range(1, k + 1) if fold_done(root, f)]
     atomic_write_json(
-        root / "ensemble.json",
+        root / ENSEMBLE_NAME,
         {
             "combine": "mean_probability",
             "folds": [
