@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny synthetic data, pydicom's bundled scans, the real data folder, the CLI."""
+"""Shared fixtures: tiny synthetic data, pydicom's bundled scans, the real data folder, the
+models that several modules test (trained once per session) and the CLI runners."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,6 +72,30 @@ def tiny_unet_run(tiny_synth, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hub_module(tmp_path_factory) -> Path:
+    """A tiny MobileNetV2 TF-Hub module (32x32, alpha 0.35; batch-norm momentum 0 calibrates the
+    moving statistics in one epoch, so outputs depend on the input), for the session."""
+    from medseg.models.hub import make_hub_module
+
+    out = tmp_path_factory.mktemp("hub") / "mobilenetv2_035_32"
+    return make_hub_module(out, input_size=32, alpha=0.35, bn_momentum=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_run(tiny_synth, tiny_hub_module, tmp_path_factory) -> Path:
+    """A run folder of the recipe's classifier on ``tiny_hub_module`` (32x32, one epoch, a quarter
+    of the training images for validation), shared by the session: use it, do not change it."""
+    from medseg.config import load_config
+    from medseg.training.train import train
+
+    overrides = [*TINY_UNET, "train.epochs=1", "train.batch_size=4", "data.val_fraction=0.25"]
+    overrides += [f"model.hub_handle={tiny_hub_module}", "run.name=cls"]
+    overrides += [f"data.root={tiny_synth / 'classification'}"]
+    overrides += [f"run.root={tmp_path_factory.mktemp('runs')}"]
+    return train(load_config(REPO / "configs" / "brain-tumor-mobilenetv2.yaml", overrides)).run.path
+
+
+@pytest.fixture(scope="session")
 def pydicom_files() -> Path:
     """pydicom's bundled test files (globbed on disk: get_testdata_files() tries the network)."""
     import pydicom
@@ -82,8 +111,98 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``medseg ARGS`` in a subprocess (as a user would) and return the finished process."""
+@dataclass(frozen=True)
+class CliRun:
+    """A finished ``medseg`` command: its exit code and what it wrote (like a finished process)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+#: Loggers whose level or handlers a CLI run sets (its logging set-up, ``train``): restored after.
+_CLI_LOGGERS = ("", "pydicom", "highdicom", "tensorflow")
+
+
+def _quiet(args: tuple[str, ...]) -> bool:
+    """Whether ``--quiet`` (``-q``) is among the options before the verb."""
+    for arg in args:
+        if not arg.startswith("-"):
+            return False
+        if arg in ("-q", "--quiet"):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _process_state_restored():
+    """Undo what a CLI run changes in this process: environment variables, logger levels and
+    handlers, Keras' global dtype policy and graph state, TensorFlow's op determinism."""
+    env = dict(os.environ)
+    loggers = [logging.getLogger(name) for name in _CLI_LOGGERS]
+    levels = [(log, log.level, list(log.handlers)) for log in loggers]
+    determinism = None
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.framework import config as tf_config
+
+        determinism = tf_config.is_op_determinism_enabled()
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        for log, level, handlers in levels:
+            log.setLevel(level)
+            log.handlers[:] = handlers
+        if "keras" in sys.modules:
+            import keras
+
+            keras.mixed_precision.set_global_policy("float32")
+            keras.backend.clear_session()
+        if "tensorflow" in sys.modules and not determinism:
+            from tensorflow.python.framework import config as tf_config
+
+            tf_config.disable_op_determinism()
+
+
+def run_cli(*args: str, cwd: Path) -> CliRun:
+    """Run ``medseg ARGS`` from ``cwd`` in this process (``medseg.cli.main``) and return what it
+    printed and its exit code, as :func:`run_cli_subprocess` would without starting TensorFlow
+    again.
+
+    Log records reach the captured stderr as in the console command: the CLI's
+    ``logging.basicConfig`` does nothing under pytest (pytest has put its own handlers on the
+    root logger), so its root handler and level are set up here for the call. ``SystemExit``
+    (argparse's ``--help`` and usage errors) becomes the exit code.
+    """
+    from medseg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("medseg: %(message)s"))
+    here = Path.cwd()
+    with _process_state_restored():
+        root = logging.getLogger()
+        root.setLevel(logging.WARNING if _quiet(args) else logging.INFO)
+        root.addHandler(handler)
+        os.chdir(cwd)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(list(args))
+                except SystemExit as e:
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            os.chdir(here)
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+def run_cli_subprocess(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m medseg.cli ARGS`` in a new process, as a user would (for the tests whose
+    subject is the process: its entry point, its own logging set-up, signals, exit codes)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "medseg.cli", *args],

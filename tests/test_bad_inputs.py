@@ -20,11 +20,10 @@ error type and a pattern of its message, and which CLI run covers it (``cli``):
   folder) but split into its two series by ``predict`` (exit 0 for them, by design).
 
 CLI errors are checked to be exactly one ``medseg: error:`` line naming the file; library errors
-to be one line too. The unreadable file and folder have their permissions removed; when the tests
-run as root, who reads everything, the denial is emulated (in-process by patching ``Path.open``,
-``os.scandir`` and ``os.listdir`` for that one path; in the CLI subprocess by the same patch in a
-``sitecustomize`` module). The TensorFlow-starting CLI runs are grouped so the whole file stays
-near two minutes on two cores.
+to be one line too. The CLI runs in the test process (``tests.conftest.run_cli``). The unreadable
+file and folder have their permissions removed; when the tests run as root, who reads everything,
+the denial is emulated by patching ``Path.open``, ``os.scandir`` and ``os.listdir`` for that one
+path.
 """
 
 from __future__ import annotations
@@ -539,53 +538,6 @@ def _deny(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "listdir", fake_listdir)
 
 
-# The same denial for a CLI subprocess run as root: a sitecustomize module on PYTHONPATH.
-_DENY_SITECUSTOMIZE = """
-import errno
-import os
-from pathlib import Path
-
-_DENIED = Path(os.environ["MEDSEG_TEST_DENY"])
-_open, _scandir, _listdir = Path.open, os.scandir, os.listdir
-
-
-def _check(target):
-    if isinstance(target, (str, os.PathLike)) and Path(target) == _DENIED:
-        raise PermissionError(errno.EACCES, "Permission denied", str(target))
-
-
-def _fake_open(self, *args, **kwargs):
-    _check(self)
-    return _open(self, *args, **kwargs)
-
-
-def _fake_scandir(target="."):
-    _check(target)
-    return _scandir(target)
-
-
-def _fake_listdir(target="."):
-    _check(target)
-    return _listdir(target)
-
-
-Path.open, os.scandir, os.listdir = _fake_open, _fake_scandir, _fake_listdir
-"""
-
-
-def _deny_in_cli(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """:func:`_deny` for the CLI subprocesses that :func:`run_cli` starts from now on."""
-    if not IS_ROOT:
-        return
-    site = tmp_path / "deny_site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_DENY_SITECUSTOMIZE)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    )
-    monkeypatch.setenv("MEDSEG_TEST_DENY", str(path))
-
-
 def _raised(fn, *args, **kwargs) -> MedsegError:
     """The medseg error ``fn`` raises (any other exception fails the test as it propagates)."""
     try:
@@ -636,13 +588,13 @@ def _evaluate(case: Case, path: Path) -> MedsegError:
 
 
 def _predictor(case: Case, path: Path) -> MedsegError:
-    from medseg.inference.predict import Predictor
+    from medseg.inference.predictor import Predictor
 
     return _raised(Predictor, path)
 
 
 def _collect_cases(case: Case, path: Path) -> MedsegError:
-    from medseg.inference.predict import collect_cases
+    from medseg.inference.cases import collect_cases
 
     return _raised(collect_cases, [path])
 
@@ -782,7 +734,6 @@ def test_cli_predict_reports_each_bad_file_as_a_failed_case(corpus_models: Path,
         "--no-overlays",
         "--no-progress",
         cwd=tmp_path,
-        timeout=300,
     )
     assert proc.returncode == 1, proc.stderr  # the batch ran; some cases failed
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
@@ -808,7 +759,7 @@ def test_cli_predict_reports_each_bad_file_as_a_failed_case(corpus_models: Path,
 @pytest.mark.slow
 def test_cli_predict_names_an_unreadable_file(corpus_models: Path, tmp_path, monkeypatch) -> None:
     [case] = [c for c in _cases("predict") if c.denied]
-    _deny_in_cli(corpus_models / case.denied, tmp_path, monkeypatch)
+    _deny(corpus_models / case.denied, monkeypatch)
     proc = run_cli(
         "predict",
         "--model",
@@ -818,7 +769,6 @@ def test_cli_predict_names_an_unreadable_file(corpus_models: Path, tmp_path, mon
         "preds",
         "--no-progress",
         cwd=tmp_path,
-        timeout=300,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert re.search(rf"failed: .*{case.named}.*{case.match}", proc.stderr), proc.stderr
@@ -831,10 +781,8 @@ def test_cli_strict_audit_refuses_bad_datasets(
 ) -> None:
     root = corpus / case.path
     if case.denied:
-        _deny_in_cli(corpus / case.denied, tmp_path, monkeypatch)
-    proc = run_cli(
-        "data", "audit", str(root), "--layout", case.layout, "--strict", cwd=tmp_path, timeout=120
-    )
+        _deny(corpus / case.denied, monkeypatch)
+    proc = run_cli("data", "audit", str(root), "--layout", case.layout, "--strict", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     _one_error_line(proc, case.named, case.match)
 
@@ -842,7 +790,7 @@ def test_cli_strict_audit_refuses_bad_datasets(
 @pytest.mark.slow
 @pytest.mark.parametrize("case", _cases("config"), ids=lambda c: c.id)
 def test_cli_refuses_bad_configs(case: Case, corpus: Path, tmp_path) -> None:
-    proc = run_cli("data", "audit", str(corpus / case.path), cwd=tmp_path, timeout=120)
+    proc = run_cli("data", "audit", str(corpus / case.path), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     _one_error_line(proc, case.named, case.match)
     assert "medseg-corpus-was-executed" not in proc.stdout + proc.stderr
@@ -852,7 +800,7 @@ def test_cli_refuses_bad_configs(case: Case, corpus: Path, tmp_path) -> None:
 def test_cli_train_refuses_bad_configs(corpus: Path, tmp_path) -> None:
     for name in ("python_tag",):  # the others are the same code path
         [case] = [c for c in CASES if c.id == f"config_{name}"]
-        proc = run_cli("train", "-c", str(corpus / case.path), cwd=tmp_path, timeout=300)
+        proc = run_cli("train", "-c", str(corpus / case.path), cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         _one_error_line(proc, case.named, case.match)
         assert "medseg-corpus-was-executed" not in proc.stdout + proc.stderr
@@ -874,7 +822,6 @@ def test_cli_evaluate_names_every_unusable_sample(
         "--data",
         str(corpus / "datasets" / dataset),
         cwd=tmp_path,
-        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     skipped = [ln for ln in proc.stderr.splitlines() if "skipped:" in ln]
@@ -893,7 +840,6 @@ def test_cli_strict_evaluate_stops_at_the_first_unusable_sample(corpus_models, t
         "--data",
         str(corpus / "datasets" / "pairs_bad"),
         cwd=tmp_path,
-        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     line = _one_error_line(proc, str(corpus / "datasets" / "pairs_bad"), ".")
@@ -909,7 +855,7 @@ def test_cli_refuses_bad_models_and_inputs(
 ) -> None:
     path = corpus_models / case.path
     if case.denied:
-        _deny_in_cli(corpus_models / case.denied, tmp_path, monkeypatch)
+        _deny(corpus_models / case.denied, monkeypatch)
     if case.cli == "evaluate":
         args = ["evaluate", str(path)]
     elif case.cli == "predict-input":
@@ -918,6 +864,6 @@ def test_cli_refuses_bad_models_and_inputs(
     else:
         image = corpus_models / "files" / "valid.png"
         args = ["predict", "--model", str(path), str(image), "--out", "preds", "--no-progress"]
-    proc = run_cli(*args, cwd=tmp_path, timeout=300)
+    proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     _one_error_line(proc, case.named, case.match)

@@ -1,10 +1,14 @@
-"""The vertical slice through the CLI, in subprocesses, as a user runs it:
-data synth -> train (1 epoch, 32x32) -> evaluate -> export -> reload SavedModel -> predict."""
+"""The vertical slice through the CLI, as a user runs it:
+data synth -> train (1 epoch, 32x32) -> evaluate -> export -> reload SavedModel -> predict.
+
+The commands run in the test process (``tests.conftest.run_cli``); one test checks that they print
+what the console command ``python -m medseg.cli`` prints in a process of its own."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_cli_subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -218,6 +222,32 @@ def test_data_audit_through_the_cli(workdir):
     assert "lgg" in proc.stdout
     missing = run_cli("data", "audit", "no/such/folder", cwd=workdir)
     assert missing.returncode == 2 and "no/such/folder" in missing.stderr
+
+
+def _timeless(text: str) -> str:
+    """``text`` with its numbers masked (timings differ between two runs of a command)."""
+    return re.sub(r"\d+(\.\d+)?", "N", text)
+
+
+def test_in_process_runs_print_what_the_console_command_prints(workdir):
+    """``run_cli`` against the entry point in a new process: the same exit code, output and log
+    lines (with the CLI's own logging set-up), for a success, ``--quiet``, a medseg error and a
+    usage error (``data`` verbs: no TensorFlow to start)."""
+    runs = (
+        ["data", "audit", "data/synthetic/classification"],
+        ["--quiet", "data", "audit", "data/synthetic/classification"],
+        ["data", "audit", "no/such/folder"],
+        ["data", "audit"],
+    )
+    mine = [run_cli(*args, cwd=workdir) for args in runs]
+    for args, proc in zip(runs, mine, strict=True):
+        console = run_cli_subprocess(*args, cwd=workdir)
+        assert proc.returncode == console.returncode, args
+        assert _timeless(proc.stdout) == _timeless(console.stdout), args
+        assert _timeless(proc.stderr) == _timeless(console.stderr), args
+    assert [proc.returncode for proc in mine] == [0, 0, 2, 2]
+    assert "medseg: scanned data/synthetic/classification" in mine[0].stderr
+    assert mine[1].stderr == "" and _timeless(mine[1].stdout) == _timeless(mine[0].stdout)
 
 
 def test_hub_classifier_through_the_cli(workdir):

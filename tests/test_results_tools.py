@@ -1,12 +1,16 @@
 """``medseg tune`` (out-of-fold ablation and post-processing chosen on the other folds) and
 ``medseg evaluate MODEL --data FOLDER --out DIR`` (exports, CV ensembles and runs scored on any
-labelled folder)."""
+labelled folder).
+
+The tests that train or run the CLI are ``slow``; they share the module's CV runs, tuning and
+export (fixtures), and the session's classifier run (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,10 +29,8 @@ from medseg.evaluation.tune import (
 )
 from medseg.inference.export import export_run
 from medseg.inference.postprocess import postprocess
-from medseg.models.hub import make_hub_module
 from medseg.models.metrics import confusion_counts, dice_from_counts
 from medseg.training.cv import run_cv
-from medseg.training.train import train
 
 from .conftest import REPO, TINY_UNET, run_cli
 
@@ -67,39 +69,37 @@ def seg_cv(work, tiny_synth):
 
 
 @pytest.fixture(scope="module")
-def hub(work):
-    """A tiny MobileNetV2 TF-Hub module built here (32x32, alpha 0.35; batch-norm momentum 0
-    calibrates the moving statistics in one epoch, so outputs depend on the input)."""
-    return make_hub_module(work / "hub", input_size=32, alpha=0.35, bn_momentum=0.0)
+def seg_tuned(seg_cv) -> tuple:
+    """``medseg tune`` of ``seg_cv`` (50 bootstrap resamples): the finished command and the
+    tune.json it wrote, as written."""
+    proc = run_cli("tune", str(seg_cv), "--n-boot", "50", cwd=seg_cv.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, (seg_cv / "tune" / "tune.json").read_text()
 
 
-def _classifier_config(work, tiny_synth, hub, *overrides: str):
-    """The recipe's classifier config on the hub module, tiny (32x32, 1 epoch)."""
-    return load_config(
+@pytest.fixture(scope="module")
+def seg_export(seg_cv, work) -> Path:
+    """``seg_cv``'s fold models exported as one ensemble (their last checkpoints)."""
+    return export_run(seg_cv, work / "exports" / "segcv", checkpoint="last")
+
+
+@pytest.fixture(scope="module")
+def cls_cv(work, tiny_synth, tiny_hub_module):
+    """A 2-fold CV of the recipe's classifier on the session's hub module, tiny (32x32, 1 epoch)."""
+    cfg = load_config(
         REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
         [
             *TINY_UNET,
             "train.epochs=1",
             "train.batch_size=4",
-            f"model.hub_handle={hub}",
+            f"model.hub_handle={tiny_hub_module}",
             f"data.root={tiny_synth / 'classification'}",
             f"run.root={work / 'runs'}",
-            *overrides,
+            "cv.folds=2",
+            "run.name=clscv",
         ],
     )
-
-
-@pytest.fixture(scope="module")
-def cls_run(work, tiny_synth, hub):
-    """A tiny MobileNetV2 classifier run."""
-    cfg = _classifier_config(work, tiny_synth, hub, "data.val_fraction=0.25", "run.name=cls")
-    return train(cfg).run.path
-
-
-@pytest.fixture(scope="module")
-def cls_cv(work, tiny_synth, hub):
-    """A 2-fold CV of the tiny classifier."""
-    return run_cv(_classifier_config(work, tiny_synth, hub, "cv.folds=2", "run.name=clscv")).path
+    return run_cv(cfg).path
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +156,7 @@ def test_choose_setting_reaches_low_thresholds_for_an_under_confident_model():
 # medseg tune
 
 
+@pytest.mark.slow
 def test_cv_scores_the_last_checkpoint(seg_cv):
     ensemble = json.loads((seg_cv / "ensemble.json").read_text())
     assert all(f["model"].endswith("last.keras") for f in ensemble["folds"])
@@ -164,11 +165,11 @@ def test_cv_scores_the_last_checkpoint(seg_cv):
         assert metrics["val"]["checkpoint"] == "last"
 
 
-def test_tune_cli_scores_every_variant_out_of_fold(seg_cv):
-    proc = run_cli("tune", str(seg_cv), "--n-boot", "50", cwd=seg_cv.parent)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+@pytest.mark.slow
+def test_tune_cli_scores_every_variant_out_of_fold(seg_cv, seg_tuned):
+    proc, written = seg_tuned
     assert "| last_tta_postprocess |" in proc.stdout and "recommended" in proc.stdout
-    result = json.loads((seg_cv / "tune" / "tune.json").read_text())
+    result = json.loads(written)
     names = [v["name"] for v in result["variants"]]
     assert names == [
         "best",
@@ -195,8 +196,9 @@ def test_tune_cli_scores_every_variant_out_of_fold(seg_cv):
     assert (seg_cv / "tune" / result["best_variant"] / "report.md").is_file()
 
 
-def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
-    result = json.loads((seg_cv / "tune" / "tune.json").read_text())
+@pytest.mark.slow
+def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv, seg_tuned):
+    result = json.loads(seg_tuned[1])
     joint = next(v for v in result["variants"] if v["name"] == "last_tta_postprocess")
     from medseg.artifacts.runs import open_run
     from medseg.data.scan import scan_from_config
@@ -229,6 +231,7 @@ def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv):
         assert mean_dice(others, chosen) == pytest.approx(best, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_tune_classifier_variants(cls_cv):
     from medseg.evaluation.tune import tune
 
@@ -245,6 +248,7 @@ def test_tune_classifier_variants(cls_cv):
     assert (cls_cv / "tune" / result["best_variant"] / "plots").is_dir()
 
 
+@pytest.mark.slow
 def test_tune_refuses_an_unfinished_cv(work):
     proc = run_cli("tune", str(work / "nowhere"), cwd=work)
     assert proc.returncode == 2 and "not a finished cross-validation run" in proc.stderr
@@ -257,11 +261,15 @@ def seg_cv_other(work, tiny_synth):
     return _seg_cv(work, tiny_synth, "segcv_other", "model.base_filters=6", *flips)
 
 
-def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, seg_cv_other):
+@pytest.mark.slow
+def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(
+    seg_cv, seg_cv_other, seg_tuned
+):
     from medseg.evaluation.tune import tune
 
     tune(seg_cv_other, n_boot=0)  # its own probabilities, cached in its tune/probs
-    own = (seg_cv / "tune" / "tune.json").read_text() if (seg_cv / "tune").is_dir() else None
+    own = seg_tuned[1]
+    assert (seg_cv / "tune" / "tune.json").read_text() == own
     proc = run_cli(
         "tune", str(seg_cv), "--with", str(seg_cv_other), "--n-boot", "0", cwd=seg_cv.parent
     )
@@ -276,8 +284,7 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, 
     result = json.loads(written)
     assert result["ensemble_with"] == [str(seg_cv_other)]
     assert result["folder"] == "tune-with-segcv_other"
-    if own is not None:  # the run's own tuning is left as it was
-        assert (seg_cv / "tune" / "tune.json").read_text() == own
+    assert (seg_cv / "tune" / "tune.json").read_text() == own  # the run's own tuning: as it was
     from medseg.data.split import load_manifest
     from medseg.evaluation.tune import _all_fold_probabilities, _mean_over_runs
 
@@ -308,6 +315,7 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(seg_cv, 
     assert (ens / "tune.json").read_text() == written
 
 
+@pytest.mark.slow
 def test_tune_with_a_run_on_other_folds_is_refused(seg_cv, cls_cv):
     proc = run_cli("tune", str(seg_cv), "--with", str(cls_cv), "--n-boot", "0", cwd=seg_cv.parent)
     assert proc.returncode != 0 and str(cls_cv) in proc.stderr and "folds differ" in proc.stderr
@@ -317,11 +325,13 @@ def test_tune_with_a_run_on_other_folds_is_refused(seg_cv, cls_cv):
 # medseg evaluate MODEL --data FOLDER --out DIR
 
 
-def test_cv_ensemble_and_its_export_score_the_same_on_a_labelled_folder(seg_cv, work, tiny_synth):
+@pytest.mark.slow
+def test_cv_ensemble_and_its_export_score_the_same_on_a_labelled_folder(
+    seg_cv, seg_export, work, tiny_synth
+):
     data = tiny_synth / "segmentation"
-    export = export_run(seg_cv, work / "exports" / "segcv", checkpoint="last")
     direct = evaluate_model(seg_cv, data, work / "ev_cv", checkpoint="last", n_boot=100)
-    served = evaluate_model(export, data, work / "ev_export", n_boot=100)
+    served = evaluate_model(seg_export, data, work / "ev_export", n_boot=100)
     assert direct["dice"] == pytest.approx(served["dice"], abs=1e-3)
     assert direct["dice_per_group_mean"] == pytest.approx(served["dice_per_group_mean"], abs=1e-3)
     cases = _rows(work / "ev_export" / "cases.csv")
@@ -340,6 +350,7 @@ def test_cv_ensemble_and_its_export_score_the_same_on_a_labelled_folder(seg_cv, 
     assert int(first["tp"]) + int(first["fn"]) == int(first["true_pixels"])
 
 
+@pytest.mark.slow
 def test_largest_component_never_adds_foreground(seg_cv, work, tiny_synth):
     data = tiny_synth / "segmentation"
     plain = work / "ev_plain"
@@ -353,12 +364,13 @@ def test_largest_component_never_adds_foreground(seg_cv, work, tiny_synth):
     assert all(after[g] <= before[g] for g in before)
 
 
-def test_evaluate_cli_classifier_on_a_labelled_folder(cls_run, work, tiny_synth):
+@pytest.mark.slow
+def test_evaluate_cli_classifier_on_a_labelled_folder(tiny_cls_run, work, tiny_synth):
     data = tiny_synth / "classification"
     out = work / "ev_cls"
     proc = run_cli(
         "evaluate",
-        str(cls_run),
+        str(tiny_cls_run),
         "--data",
         str(data),
         "--out",
@@ -377,12 +389,12 @@ def test_evaluate_cli_classifier_on_a_labelled_folder(cls_run, work, tiny_synth)
     for name in ("confusion.png", "roc.png", "reliability.png"):
         assert (out / "plots" / name).is_file()
     # the same folder again: refused, then replaced with --overwrite
-    again = run_cli("evaluate", str(cls_run), "--data", str(data), "--out", str(out), cwd=work)
+    again = run_cli("evaluate", str(tiny_cls_run), "--data", str(data), "--out", str(out), cwd=work)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     # segmentation-only options are refused for a classifier
     bad = run_cli(
         "evaluate",
-        str(cls_run),
+        str(tiny_cls_run),
         "--data",
         str(data),
         "--out",
@@ -393,7 +405,8 @@ def test_evaluate_cli_classifier_on_a_labelled_folder(cls_run, work, tiny_synth)
     assert bad.returncode == 2 and "segmentation models only" in bad.stderr
 
 
-def test_evaluate_refuses_a_folder_with_other_classes(cls_run, work, tiny_synth):
+@pytest.mark.slow
+def test_evaluate_refuses_a_folder_with_other_classes(tiny_cls_run, work, tiny_synth):
     other = work / "other_classes"
     src = tiny_synth / "classification"
     shutil.copytree(src, other)
@@ -401,29 +414,29 @@ def test_evaluate_refuses_a_folder_with_other_classes(cls_run, work, tiny_synth)
     for split in ("Training", "Testing"):
         (other / split / name).rename(other / split / "zzz_unknown")
     proc = run_cli(
-        "evaluate", str(cls_run), "--data", str(other), "--out", str(work / "y"), cwd=work
+        "evaluate", str(tiny_cls_run), "--data", str(other), "--out", str(work / "y"), cwd=work
     )
     assert proc.returncode == 2
     assert str(other) in proc.stderr and "differ from the model's classes" in proc.stderr
 
 
-def test_evaluate_an_export_needs_data_and_out(seg_cv, work):
-    export = work / "exports" / "segcv"
-    if not export.exists():
-        export_run(seg_cv, export, checkpoint="last")
-    proc = run_cli("evaluate", str(export), cwd=work)
+@pytest.mark.slow
+def test_evaluate_an_export_needs_data_and_out(seg_export, work):
+    proc = run_cli("evaluate", str(seg_export), cwd=work)
     assert proc.returncode == 2 and "--data FOLDER and --out DIR" in proc.stderr
     proc = run_cli(
-        "evaluate", str(export), "--data", str(work), "--out", str(work / "z"), "--tta", cwd=work
-    )
+        "evaluate", str(seg_export), "--data", str(work), "--out", str(work / "z"), "--tta",
+        cwd=work,
+    )  # fmt: skip
     assert proc.returncode == 2 and "no test-time augmentation" in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_with_another_model_scores_the_mean_of_their_probabilities(
     seg_cv, seg_cv_other, work, tiny_synth
 ):
     from medseg.data.scan import scan_dataset
-    from medseg.inference.predict import Predictor
+    from medseg.inference.predictor import Predictor
     from medseg.io import read_image
 
     data = tiny_synth / "segmentation"
