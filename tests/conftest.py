@@ -212,3 +212,17 @@ def run_cli_subprocess(*args: str, cwd: Path, timeout: float = 600) -> subproces
         text=True,
         timeout=timeout,
     )
+
+
+#: Test files that start a local Ray instance: one worker runs them all, one after the other.
+RAY_FILES = {"test_cv_ray.py", "test_predict_ray.py", "test_promises.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``scripts/test.sh`` runs), keep each
+    file's tests on one worker, so a module's fixtures (a trained model, a CV run) are built once,
+    and the files that start Ray on the same worker, so two local Ray instances never overlap."""
+    for item in items:
+        name = item.path.name
+        group = "ray" if name in RAY_FILES else str(item.path.relative_to(REPO))
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -100,7 +100,7 @@ Errors
     packages), a NIfTI with a NaN or singular affine, or a DICOM/NIfTI header that declares
     more than :data:`~medseg.io.base.MAX_SAMPLES` samples (refused before anything is
     allocated). Whatever else a third-party decoder raises on a damaged file is wrapped in a
-    DataError naming the file too (``tests/test_fuzz_readers.py`` fuzzes this).
+    DataError naming the file too (``tests/io/test_fuzz_readers.py`` fuzzes this).
 
 :func:`to_channels` converts between 1 and 3 channels (repeat, or ITU-R BT.601 luma).
 """

@@ -25,7 +25,7 @@ from medseg.errors import ConfigError
 from medseg.training.cluster import parse_tf_config, tf_config_for
 from medseg.training.distributed import resolve_cluster, worker_timeout
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "data.image_size=[32,32]",
     "model.base_filters=4",

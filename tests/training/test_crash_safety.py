@@ -41,7 +41,7 @@ from medseg.models.loading import (
 from medseg.training.callbacks import AtomicBackupAndRestore, AtomicCSVLogger
 from medseg.utils import TEMP_NAME, atomic_write_text
 from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli
-from tests.test_predict import IntensityModel, write_pngs
+from tests.inference.test_predict import IntensityModel, write_pngs
 
 TINY = as_cli_sets(TINY_UNET)
 MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"

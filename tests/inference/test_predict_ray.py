@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 from medseg.errors import ConfigError
 from medseg.inference.predict import predict
-from tests.test_predict import make_series, write_pngs
+from tests.inference.test_predict import make_series, write_pngs
 
 
 @pytest.fixture(scope="module")

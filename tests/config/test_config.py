@@ -21,7 +21,7 @@ from medseg.config import (
 )
 from medseg.errors import ConfigError
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
 

@@ -30,7 +30,7 @@ from medseg.io import (
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 REAL_DICOM = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-tumor-progression-dicom"
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "brain-tumor-progression-dicom"
 )
 
 ROWS, COLS = 6, 8

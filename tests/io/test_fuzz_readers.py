@@ -11,7 +11,7 @@ one line; anything else (a ``ValueError`` from pydicom, an ``OSError`` from niba
 reader bug.
 
 The default run is small and reproducible (``derandomize``: the same examples on every run, no
-example database). ``MEDSEG_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_readers.py`` runs more, and
+example database). ``MEDSEG_FUZZ_EXAMPLES=5000 pytest tests/io/test_fuzz_readers.py`` runs more, and
 ``MEDSEG_FUZZ_SEED=<n>`` draws a different, still reproducible, set.
 """
 

@@ -32,7 +32,7 @@ from medseg.errors import DataError
 from medseg.io import slice_positions
 
 MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SECRET_PID = "SECRET-PID-4711"  # PatientID in the headers: must never show up in ids or messages
 SPACING = 5.0
 

@@ -26,7 +26,7 @@ from medseg.data.scan import Sample, scan_dataset
 from medseg.data.synthetic import CLASSES, SynthSpec, classification_sample, generate
 from medseg.errors import DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _phantom(i: int, size: int = 128) -> np.ndarray:

@@ -15,7 +15,7 @@ from keras import layers  # noqa: E402
 
 from medseg.errors import ConfigError, ModelError  # noqa: E402
 from medseg.models.mobilenet_unet import SKIP_LAYERS, MobileNetV2UNet  # noqa: E402
-from tests.test_models import ModelTester, _all_layers, _np  # noqa: E402
+from tests.models.test_models import ModelTester, _all_layers, _np  # noqa: E402
 
 SIZE = 64
 ALPHA = 0.35

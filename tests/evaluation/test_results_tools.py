@@ -31,8 +31,7 @@ from medseg.inference.export import export_run
 from medseg.inference.postprocess import postprocess
 from medseg.models.metrics import confusion_counts, dice_from_counts
 from medseg.training.cv import run_cv
-
-from .conftest import REPO, TINY_UNET, run_cli
+from tests.conftest import REPO, TINY_UNET, run_cli
 
 
 def _rows(path) -> list[dict]:
