@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from medseg.config import DataConfig
 from medseg.data.augment import apply_augment
-from medseg.data.preprocess import preprocess_images, resize_masks
+from medseg.data.preprocess import Preprocessing, resize_masks
 from medseg.data.samples import Sample, natural_key
 from medseg.data.volumes import reslice, stack_slices
 from medseg.errors import ConfigError, DataError
@@ -40,13 +40,7 @@ logger = logging.getLogger(__name__)
 
 def _preprocess(image: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """HxWxC or DxHxWxC raw pixels -> normalised, resized float32 (same rank)."""
-    return preprocess_images(
-        tf.convert_to_tensor(image),
-        tuple(cfg.image_size),
-        cfg.normalization,
-        window=tuple(cfg.window),
-        policy=cfg.resize,
-    ).numpy()
+    return Preprocessing.from_config(cfg).apply(tf.convert_to_tensor(image)).numpy()
 
 
 def _check_mask(mask: np.ndarray, image: np.ndarray, sample: Sample, num_classes: int) -> None:
