@@ -15,6 +15,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
 
 def _module(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root.parent).with_suffix("").parts)
@@ -38,34 +42,15 @@ def _inside_function(tree: ast.AST) -> set[int]:
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    index, low, stack, on, out, n = {}, {}, [], set(), [], [0]
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = n[0]
-        n[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
+    """The strongly connected components of more than one module: the import cycles."""
+    names = sorted(set(graph) | {w for deps in graph.values() for w in deps})
+    at = {name: i for i, name in enumerate(names)}
+    edges = [(at[v], at[w]) for v, deps in graph.items() for w in deps]
+    rows, cols = zip(*edges, strict=True) if edges else ((), ())
+    adjacency = csr_matrix((np.ones(len(edges)), (rows, cols)), shape=(len(names),) * 2)
+    _, labels = connected_components(adjacency, directed=True, connection="strong")
+    groups = [[n for n, lab in zip(names, labels, strict=True) if lab == g] for g in set(labels)]
+    return sorted(g for g in groups if len(g) > 1)
 
 
 def report(root: Path) -> dict:

@@ -16,6 +16,10 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
 PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 
 #: Layer of each top-level part of medseg.
@@ -128,41 +132,20 @@ def test_inference_and_evaluation_never_import_training():
     assert not bad, "\n".join(bad)
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module: the import cycles."""
+    names = sorted(set(graph) | {w for deps in graph.values() for w in deps})
+    at = {name: i for i, name in enumerate(names)}
+    edges = [(at[v], at[w]) for v, deps in graph.items() for w in deps]
+    rows, cols = zip(*edges, strict=True) if edges else ((), ())
+    adjacency = csr_matrix((np.ones(len(edges)), (rows, cols)), shape=(len(names),) * 2)
+    _, labels = connected_components(adjacency, directed=True, connection="strong")
+    groups = [[n for n, lab in zip(names, labels, strict=True) if lab == g] for g in set(labels)]
+    return sorted(g for g in groups if len(g) > 1)
+
+
 def test_no_import_cycles():
-    graph = _graph()
-    # packages' __init__ re-exports are edges too; a cycle is a strongly connected component
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    cycles: list[list[str]] = []
-    counter = [0]
-
-    def visit(v: str) -> None:  # Tarjan's algorithm
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on_stack.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                cycles.append(sorted(comp))
-
-    for v in sorted(_modules()):
-        if v not in index:
-            visit(v)
+    cycles = _cycles(_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
