@@ -181,6 +181,18 @@ def _predict_case(
     return row
 
 
+def _mc_dropout(work: _Work, images: np.ndarray) -> dict:
+    """``--mc-samples`` stochastic passes of the case's model (:func:`mc_predict`)."""
+    predictor, opts = work.predictor, work.opts
+    return mc_predict(
+        predictor.keras_models(),
+        images,
+        opts.mc_samples,
+        prep=predictor.preprocessing,
+        batch_size=opts.batch_size,
+    )
+
+
 def _classify(work: _Work, images: np.ndarray, volume: np.ndarray) -> dict:
     """A classifier's columns: the label, class and probabilities (a volume: the mean over its
     slices), and the uncertainty and Grad-CAM when asked for."""
@@ -191,13 +203,7 @@ def _classify(work: _Work, images: np.ndarray, volume: np.ndarray) -> dict:
     row: dict = {"label": int(mean.argmax()), "class": names[int(mean.argmax())]}
     row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, mean, strict=True)})
     if opts.mc_samples:
-        r = mc_predict(
-            predictor.keras_models(),
-            images,
-            opts.mc_samples,
-            prep=predictor.preprocessing,
-            batch_size=opts.batch_size,
-        )
+        r = _mc_dropout(work, images)
         row["uncertainty"] = round(float(predictive_entropy(r["mean"].mean(axis=0))), 6)
     if opts.explain:
         k = len(volume) // 2
@@ -270,14 +276,8 @@ def _write_segmentation(work: _Work, mask: np.ndarray, per_slice: np.ndarray) ->
 def _segmentation_uncertainty(work: _Work, images: np.ndarray, mask: np.ndarray, k: int) -> dict:
     """MC-dropout columns and maps of a segmentation: the mean variance over the predicted
     lesion, ``uncertainty.png`` of slice ``k`` and, for a volume, ``uncertainty.nii.gz``."""
-    predictor, opts, case = work.predictor, work.opts, work.case
-    r = mc_predict(
-        predictor.keras_models(),
-        images,
-        opts.mc_samples,
-        prep=predictor.preprocessing,
-        batch_size=opts.batch_size,
-    )
+    case = work.case
+    r = _mc_dropout(work, images)
     variance = unreslice(r["variance_map"], work.axis)
     row: dict = {"uncertainty": round(float(segmentation_uncertainty(variance, mask > 0)), 6)}
     if work.image.is_volume:
