@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -209,10 +210,11 @@ def test_predict_explain_writes_a_heatmap_per_case_for_a_classifier(workdir, mon
 
 
 @pytest.mark.slow
-def test_cv_on_ray_through_the_cli(workdir, monkeypatch):
+def test_cv_on_ray_through_the_cli(workdir, monkeypatch, caplog):
     pytest.importorskip("ray")
     from medseg.cli import main
 
+    caplog.set_level(logging.INFO, logger="medseg")
     monkeypatch.chdir(workdir)
     args = ["cv", "-c", "configs/demo.yaml", "--name", "cv-ray", "--folds", "2"]
     args += ["--executor", "ray", *as_cli_sets([*TINY_UNET, "train.epochs=1"])]
@@ -225,3 +227,5 @@ def test_cv_on_ray_through_the_cli(workdir, monkeypatch):
         assert _status(root / f"fold_{k}") == "done"
         assert (root / f"fold_{k}" / "oof.csv").is_file()
     assert (root / "report.md").is_file()
+    # the folds ran as Ray tasks, not through the local executor
+    assert "2 folds submitted to Ray" in caplog.text
