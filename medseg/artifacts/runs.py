@@ -81,6 +81,16 @@ class RunDir:
         return self.path / "metrics.json"
 
     @property
+    def plan_path(self) -> Path:
+        """3D runs: the resolved volume plan (spacing, patch, normalisation, labels)."""
+        return self.path / "plan.json"
+
+    @property
+    def fingerprint_path(self) -> Path:
+        """3D runs: the dataset fingerprint the plan was made from."""
+        return self.path / "fingerprint.json"
+
+    @property
     def state_path(self) -> Path:
         return self.path / "state.json"
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 from medseg.config.sections import (
     DISTRIBUTE,
     GROUP_BY,
+    LABEL_RESAMPLING,
     LAYOUTS,
     LR_SCALINGS,
     LR_SCHEDULES,
+    MODEL_NORMS,
     MONITOR_MODES,
     NORMALIZATIONS,
     OPTIMIZERS,
     PRECISIONS,
     RESIZE_POLICIES,
     TASKS,
+    VOLUME_NORMALIZATIONS,
     Config,
 )
 from medseg.errors import ConfigError
@@ -35,6 +38,7 @@ def validate(cfg: Config) -> Config:
     _check_augment(cfg)
     _check_model(cfg)
     _check_train(cfg)
+    _check_volume(cfg)
     _check_rest(cfg)
     return cfg
 
@@ -58,7 +62,10 @@ def _check_data(cfg: Config) -> None:
         "data.image_size",
         f"expected [height, width], each >= 8, got {d.image_size}",
     )
-    _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    if cfg.model.name == "unet3d":  # channels come from dataset.json (or the volumes)
+        _check(d.channels >= 1, "data.channels", f"must be >= 1, got {d.channels}")
+    else:
+        _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _check(
         0 <= d.context_slices <= 4,
         "data.context_slices",
@@ -134,6 +141,8 @@ def _check_augment(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
+    _check_choice("model.norm", m.norm, MODEL_NORMS)
+    _check(m.max_filters >= 1, "model.max_filters", f"must be >= 1, got {m.max_filters}")
     _check(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
     _check(m.base_filters >= 1, "model.base_filters", f"must be >= 1, got {m.base_filters}")
     _check(1 <= m.depth <= 7, "model.depth", f"must be in [1, 7], got {m.depth}")
@@ -172,7 +181,7 @@ def _check_train(cfg: Config) -> None:
     _check(0 <= t.min_lr_fraction <= 1, "train.min_lr_fraction", "must be in [0, 1]")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(0 <= t.oversample_tumour < 1, "train.oversample_tumour", "must be in [0, 1)")
-    if t.patch_size:
+    if t.patch_size and m.name != "unet3d":
         _check(
             len(t.patch_size) == 2
             and all(8 <= p <= s for p, s in zip(t.patch_size, d.image_size, strict=True)),
@@ -193,6 +202,40 @@ def _check_train(cfg: Config) -> None:
         )
     _check_choice("train.monitor_mode", t.monitor_mode, MONITOR_MODES)
     _check(t.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1")
+
+
+def _check_volume(cfg: Config) -> None:
+    v = cfg.volume
+    _check_choice("volume.normalization", v.normalization, VOLUME_NORMALIZATIONS)
+    _check_choice("volume.label_resampling", v.label_resampling, LABEL_RESAMPLING)
+    _check(
+        not v.target_spacing or (len(v.target_spacing) == 3 and min(v.target_spacing) > 0),
+        "volume.target_spacing",
+        f"expected [] or three spacings > 0 (mm), got {v.target_spacing}",
+    )
+    _check(
+        not v.intensity_clip
+        or (len(v.intensity_clip) == 2 and v.intensity_clip[0] < v.intensity_clip[1]),
+        "volume.intensity_clip",
+        f"expected [] or [low, high] with low < high, got {v.intensity_clip}",
+    )
+    _check(0.0 <= v.foreground_share <= 1.0, "volume.foreground_share", "must be in [0, 1]")
+    _check(v.batches_per_epoch >= 1, "volume.batches_per_epoch", "must be >= 1")
+    _check(0.0 <= v.overlap < 1.0, "volume.overlap", f"must be in [0, 1), got {v.overlap}")
+    _check(v.sw_batch >= 1, "volume.sw_batch", f"must be >= 1, got {v.sw_batch}")
+    _check(v.image_order in (0, 1, 2, 3, 4, 5), "volume.image_order", "must be in 0..5")
+    if cfg.model.name == "unet3d":
+        patch = cfg.train.patch_size
+        _check(
+            not patch or (len(patch) == 3 and min(patch) >= 8),
+            "train.patch_size",
+            f"unet3d: expected [] or [depth, height, width], each >= 8, got {patch}",
+        )
+        _check(
+            all(p % 2**cfg.model.depth == 0 for p in patch),
+            "train.patch_size",
+            f"{patch} must be divisible by 2**model.depth = {2**cfg.model.depth}",
+        )
 
 
 def _check_rest(cfg: Config) -> None:

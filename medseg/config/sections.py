@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 TASKS = ("segmentation", "classification")
-LAYOUTS = ("auto", "lgg", "pairs", "class_folders", "dicom_series", "nifti")
+LAYOUTS = ("auto", "lgg", "pairs", "class_folders", "dicom_series", "nifti", "msd")
 NORMALIZATIONS = ("minmax", "percentile", "percentile_channel", "zscore", "window", "none")
 GROUP_BY = ("auto", "folder", "phash", "none")
 RESIZE_POLICIES = ("stretch", "pad")
@@ -32,6 +32,9 @@ DISTRIBUTE = ("auto", "none", "mirrored", "multiworker")
 LR_SCALINGS = ("linear", "none")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 MONITOR_MODES = ("min", "max")
+MODEL_NORMS = ("batch", "instance", "none")
+VOLUME_NORMALIZATIONS = ("auto", "zscore", "ct", "none")
+LABEL_RESAMPLING = ("nearest", "linear")
 
 
 @dataclass
@@ -44,7 +47,9 @@ class DataConfig:
             ``pairs`` (``images/`` + ``masks/`` with matching stems), ``class_folders``
             (``<class>/*.png``, optionally under ``Training/`` and ``Testing/``),
             ``dicom_series`` (``<patient>/<study>/<series>/*.dcm``, image series + mask series)
-            ``nifti`` (``images/<case>.nii.gz`` + ``labels/<case>.nii.gz``), or ``auto``
+            ``nifti`` (``images/<case>.nii.gz`` + ``labels/<case>.nii.gz``), ``msd`` (a
+            ``dataset.json`` with ``imagesTr/`` and ``labelsTr/``, Medical Segmentation
+            Decathlon and nnU-Net style: 3D volumes, several channels and labels), or ``auto``
             (detected from the folder's structure).
         root: dataset folder (relative paths are relative to the working directory).
         image_series: ``dicom_series``: substring of the SeriesDescription (or folder name) of
@@ -109,6 +114,10 @@ class DataConfig:
 class AugmentConfig:
     """Training-time augmentation (albumentations); probabilities are per image.
 
+    For 3D patches (``unet3d``) ``hflip``, ``vflip`` and ``dflip`` flip the column, row and
+    slice axes; ``affine`` rotates (``rotate_limit`` degrees about each axis) and scales
+    (``scale_limit``); ``elastic``, ``gamma`` and ``noise`` are probabilities per patch.
+
     ``missing_sequence`` is the probability of overwriting one or more channels with the
     ``reference_channel`` (the FLAIR of the LGG images), as in scans whose missing sequences were
     filled with FLAIR (6 of the 46 shared LGG patients).
@@ -125,6 +134,7 @@ class AugmentConfig:
     gamma: float = 0.0
     noise: float = 0.0
     elastic: float = 0.0
+    dflip: float = 0.0
     grid_distortion: float = 0.0
     missing_sequence: float = 0.0
     reference_channel: int = 1
@@ -156,6 +166,11 @@ class ModelConfig:
         freeze_backbone: keep the pretrained backbone's weights fixed (head only).
         fine_tune_after: with ``freeze_backbone``, unfreeze the backbone after this many epochs
             (0: never).
+        norm: ``unet3d``: normalisation after each convolution, ``batch``, ``instance`` or
+            ``none`` (2D models use ``batch_norm``).
+        deep_supervision: ``unet3d``: also train on the outputs of the two coarser decoder
+            levels (weights 1/2, 1/4); the served model keeps only the full-resolution output.
+        max_filters: ``unet3d``: cap on the filters of a level (nnU-Net uses 320).
     """
 
     name: str = "unet"
@@ -173,6 +188,9 @@ class ModelConfig:
     alpha: float = 1.0
     freeze_backbone: bool = False
     fine_tune_after: int = 0
+    norm: str = "batch"
+    deep_supervision: bool = False
+    max_filters: int = 320
 
 
 @dataclass
@@ -262,6 +280,47 @@ class TrainConfig:
 
 
 @dataclass
+class VolumeConfig:
+    """3D (``unet3d``) data handling: spacing, normalisation, patches and sliding windows.
+
+    Empty values are taken from the dataset fingerprint (``medseg data audit`` shows it) and the
+    resolved values are recorded in the run's ``plan.json``; any value set here overrides them.
+    The patch size is ``train.patch_size`` (empty: from the fingerprint).
+
+    Attributes:
+        target_spacing: voxel spacing (mm, slice/row/col) the model works at; empty: the
+            dataset's median spacing.
+        normalization: ``zscore`` (per channel, per volume: MRI), ``ct`` (clip to
+            ``intensity_clip`` then z-score with the dataset's foreground mean and std), ``none``,
+            or ``auto`` (``ct`` for CT, ``zscore`` otherwise, from ``dataset.json``'s modality).
+        intensity_clip: ``ct``: [low, high] HU; empty: the 0.5 and 99.5 foreground percentiles.
+        foreground_share: share of training patches centred on a foreground voxel (the classes
+            in turn); the others are placed at random.
+        batches_per_epoch: training batches in one epoch (patches are drawn at random).
+        overlap: sliding-window overlap between neighbouring windows, in [0, 1).
+        gaussian: weight each window's prediction with a Gaussian (sigma 1/8 of the window)
+            instead of uniformly.
+        mirror_tta: also predict on the 7 flipped copies of each window and average.
+        sw_batch: windows per model call.
+        image_order: spline order for resampling images: 1 linear, 3 cubic (training data; the
+            served model resamples linearly in-graph).
+        label_resampling: ``nearest`` or ``linear`` (on one-hot maps) for label maps.
+    """
+
+    target_spacing: list[float] = field(default_factory=list)
+    normalization: str = "auto"
+    intensity_clip: list[float] = field(default_factory=list)
+    foreground_share: float = 0.33
+    batches_per_epoch: int = 50
+    overlap: float = 0.5
+    gaussian: bool = True
+    mirror_tta: bool = False
+    sw_batch: int = 4
+    image_order: int = 3
+    label_resampling: str = "nearest"
+
+
+@dataclass
 class CVConfig:
     """K-fold cross-validation (``medseg cv``): folds are grouped by patient."""
 
@@ -315,6 +374,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
