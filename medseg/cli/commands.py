@@ -261,6 +261,7 @@ def _cmd_audit(args) -> int:
     from medseg.data.audit import audit, format_audit
 
     root, layout, threshold = Path(args.source), args.layout, args.threshold
+    cfg = None
     if root.suffix in (".yaml", ".yml"):
         from medseg.config import load_config
 
@@ -273,6 +274,7 @@ def _cmd_audit(args) -> int:
         args.out,
         threshold=6 if threshold is None else threshold,
         strict=args.strict,
+        config=cfg,
     )
     print(format_audit(report))
     if args.out:

@@ -28,7 +28,9 @@ mask overlays for segmentation) are written there atomically. :func:`format_audi
 table for people.
 
 The per-image checks are in :mod:`medseg.data.audit_checks`, the near-duplicate findings in
-:mod:`medseg.data.audit_duplicates`.
+:mod:`medseg.data.audit_duplicates`. A 3D ``dataset.json`` dataset (layout ``msd``) gets its own
+audit, :func:`medseg.data.audit_volumes.audit_volumes`: the dataset fingerprint and the plan
+defaults instead of the 2D checks (near-duplicates and the like are None in its report).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.config import Config
 from medseg.data import scan as scan_module
 from medseg.data.audit_checks import (
     Record,
@@ -54,6 +57,7 @@ from medseg.data.audit_checks import (
     size_summary,
 )
 from medseg.data.audit_duplicates import MAX_LISTED, near_duplicates, split_key
+from medseg.data.audit_volumes import audit_volumes, format_volume_audit
 from medseg.data.dedup import default_workers
 from medseg.data.samples import Sample, ScanResult
 from medseg.errors import DataError
@@ -226,6 +230,7 @@ def audit(
     workers: int | None = None,
     image_series: str = "",
     mask_series: str = "MaskTumor",
+    config: Config | None = None,
 ) -> dict[str, Any]:
     """Audit a dataset folder; see the module docstring for what the report holds.
 
@@ -241,9 +246,12 @@ def audit(
         workers: reading threads.
         image_series, mask_series: for the ``dicom_series`` layout, which series are the image
             and the mask (see :func:`medseg.data.scan.scan_dataset`).
+        config: ``msd`` layout: the config whose values override the plan defaults (None: the
+            defaults).
 
     Returns:
-        The report (JSON-able dict with the keys :data:`REPORT_KEYS`).
+        The report (JSON-able dict with the keys :data:`REPORT_KEYS`; for ``msd`` also
+        ``fingerprint`` and ``plan``).
 
     Raises:
         DataError: the folder is missing, holds no usable layout, or (strict) a scan problem.
@@ -253,6 +261,8 @@ def audit(
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     layout = layout or _detect_layout(root)
+    if layout == "msd":
+        return audit_volumes(root, out_dir, config=config, strict=strict, workers=workers)
     series = {"image_series": image_series, "mask_series": mask_series}
     scan = _scan(root, layout, strict, series)
     samples = list(scan.samples)
@@ -397,6 +407,8 @@ def _pairs_text(d: dict[str, Any]) -> str:
 
 def format_audit(report: dict[str, Any]) -> str:
     """A short human-readable table of an :func:`audit` report."""
+    if "fingerprint" in report:
+        return format_volume_audit(report)
     nd, g = report["near_duplicate_groups"], report["groups"]
     rows = [
         ("dataset", f"{report['root']} ({report['layout']})"),

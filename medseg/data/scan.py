@@ -21,6 +21,9 @@ Layouts (``data.layout`` in the config):
 * ``nifti``: ``<root>/images/<case>.nii[.gz]`` + ``<root>/labels/<case>.nii[.gz]``, or nnU-Net's
   ``imagesTr/<case>_0000.nii.gz`` + ``labelsTr/<case>.nii.gz``. One sample per slice along the
   first axis of the volume as :mod:`medseg.io` returns it; the group is the case.
+* ``msd``: a ``dataset.json`` (Medical Segmentation Decathlon or nnU-Net) with ``imagesTr/`` and
+  ``labelsTr/``: one sample per case (the whole volume, every channel), the group is the case
+  (:mod:`medseg.data.scan_msd`). A folder holding a ``dataset.json`` is detected as ``msd``.
 
 Problems (an image without a mask, a mask without an image, an empty class folder, a study without
 exactly one matching image and mask series, a mask whose slices or size differ from the image's)
@@ -35,8 +38,8 @@ makes every sample its own group, ``phash`` groups near-duplicate 2D images
 ``folder`` otherwise. :func:`detect_layout` guesses the layout of a folder.
 
 The 2D layouts are scanned here; ``dicom_series`` in :mod:`medseg.data.scan_dicom`, ``nifti`` in
-:mod:`medseg.data.scan_nifti`; :class:`Sample` and :class:`ScanResult` are defined in
-:mod:`medseg.data.samples`.
+:mod:`medseg.data.scan_nifti`, ``msd`` in :mod:`medseg.data.scan_msd`; :class:`Sample` and
+:class:`ScanResult` are defined in :mod:`medseg.data.samples`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from medseg.data.samples import (
     subdirs,
 )
 from medseg.data.scan_dicom import has_dicom, scan_dicom_series
+from medseg.data.scan_msd import scan_msd
 from medseg.data.scan_nifti import NIFTI_FOLDERS, nifti_files, scan_nifti
 from medseg.errors import ConfigError, DataError
 from medseg.io import list_image_files
@@ -171,6 +175,7 @@ SCANNERS = {
     "class_folders": scan_class_folders,
     "dicom_series": scan_dicom_series,
     "nifti": scan_nifti,
+    "msd": scan_msd,
 }
 
 LAYOUT_HINTS = {
@@ -179,6 +184,7 @@ LAYOUT_HINTS = {
     "class_folders": "<class>/*.png or Training/<class>/ + Testing/<class>/",
     "dicom_series": "<patient>/<study>/<series>/*.dcm",
     "nifti": "images/ + labels/ (or imagesTr/ + labelsTr/) with .nii.gz volumes",
+    "msd": "dataset.json + imagesTr/ + labelsTr/ (Medical Segmentation Decathlon, nnU-Net)",
 }
 
 GROUP_BY = ("auto", "folder", "phash", "none")
@@ -192,6 +198,8 @@ def detect_layout(root: str | Path) -> str:
     """
     root = Path(root)
     require_dir(root)
+    if (root / "dataset.json").is_file():
+        return "msd"
     folders = subdirs(root)
     names = {d.name for d in folders}
     for img, lbl in NIFTI_FOLDERS:
@@ -306,7 +314,7 @@ def _regroup(result: ScanResult, group_by: str, threshold: int) -> list[Sample]:
             )
         return [replace(s, group=s.id) for s in samples]
     # phash
-    if any(s.index is not None for s in samples):
+    if result.layout == "msd" or any(s.index is not None for s in samples):
         raise DataError(
             f"{result.root}: group_by 'phash' is for 2D images; '{result.layout}' volumes are "
             f"grouped by patient/case (use 'folder')"

@@ -70,6 +70,12 @@ NIfTI (``.nii``, ``.nii.gz``)
     * :func:`write_nifti_like` writes a DxHxW label volume back in the reference NIfTI's own
       voxel order and affine (or, for a DICOM reference, with its affine), atomically.
 
+Datasets described by a ``dataset.json`` (Medical Segmentation Decathlon, nnU-Net v2)
+    * :func:`read_dataset_json` gives a :class:`DatasetDescription` (label and channel names,
+      modality, the :class:`MsdCase` list); :func:`read_case_image` reads every channel of a case
+      (a 4D file, or ``_0000`` ... ``_000N`` files stacked), :func:`read_case_labels` its label
+      map. Details in :mod:`medseg.io.msd`.
+
 Masks (:func:`read_mask`)
     * An integer label map, HxW (DxHxW for multi-page TIFF, multi-frame DICOM, DICOM series
       folder or NIfTI, in the same orientation and slice order as :func:`read_image`), dtype
@@ -113,10 +119,18 @@ from medseg.io.dicom_series import (
     slice_positions,
 )
 from medseg.io.headers import DicomHeader, is_dicom, read_dicom_header
+from medseg.io.msd import (
+    DatasetDescription,
+    MsdCase,
+    read_case_image,
+    read_case_labels,
+    read_dataset_json,
+)
 from medseg.io.nifti import write_nifti_like
 from medseg.io.readers import list_image_files, read_image, read_mask
 
 __all__ = [
+    "DatasetDescription",
     "DicomHeader",
     "IMAGE_SUFFIXES",
     "Image",
@@ -125,7 +139,11 @@ __all__ = [
     "is_dicom",
     "list_image_files",
     "match_slice_positions",
+    "MsdCase",
     "read_dicom_files",
+    "read_case_image",
+    "read_case_labels",
+    "read_dataset_json",
     "read_dicom_header",
     "read_dicom_series",
     "read_image",
