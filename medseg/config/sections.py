@@ -228,7 +228,8 @@ class TrainConfig:
         warmup_epochs: epochs of linear warm-up (cosine only).
         min_lr_fraction: final learning rate as a fraction of the peak.
         loss: registered loss name (``bce_dice``, ``dice``, ``bce``, ``focal``, ``tversky``,
-            ``focal_tversky``, ``bce_tversky``, ``categorical_crossentropy``).
+            ``focal_tversky``, ``bce_tversky``, ``categorical_crossentropy``; ``dice_ce`` for
+            ``unet3d``: cross-entropy plus the soft Dice of the foreground classes).
         label_smoothing: for classification losses.
         class_weights: weight classification classes by inverse frequency in the training split.
         oversample_tumour: segmentation: fraction of each training batch drawn from slices whose

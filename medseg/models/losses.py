@@ -1,13 +1,14 @@
 """Segmentation and classification losses, by name.
 
 Keras 3's built-ins are used where they exist (``keras.losses.Dice``, ``BinaryFocalCrossentropy``,
-``Tversky``, ``CategoricalCrossentropy``); :class:`BCEDice` and :class:`FocalTversky` combine
-them.
+``Tversky``, ``CategoricalCrossentropy``); :class:`BCEDice`, :class:`FocalTversky` and
+:class:`DiceCE` (softmax label maps) combine them.
 """
 
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from medseg.config import TrainConfig
 from medseg.errors import ConfigError
@@ -95,6 +96,65 @@ class FocalTversky(keras.losses.Loss):
         }
 
 
+@keras.saving.register_keras_serializable(package="medseg")
+class DiceCE(keras.losses.Loss):
+    """Categorical cross-entropy plus ``1 - soft Dice`` of each class, for softmax label maps.
+
+    nnU-Net's loss: the Dice of each class is taken over the whole batch (all voxels of all
+    samples pooled, "batch dice"), ``(2 * sum(y * p) + smooth) / (sum(y) + sum(p) + smooth)``, and
+    averaged over the classes (the foreground ones unless ``include_background``). A class absent
+    from both truth and prediction scores 1. Works for ``[B, D, H, W, K]`` and ``[B, H, W, K]``
+    one-hot targets.
+
+    With deep supervision, compile one ``DiceCE`` per output with the loss weights of
+    :func:`medseg.models.unet3d.deep_supervision_weights`.
+
+    Args:
+        include_background: also average the Dice of class 0.
+        dice_weight: weight of the Dice term.
+        ce_weight: weight of the cross-entropy term.
+        smooth: added to the Dice numerator and denominator.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = False,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        smooth: float = 1e-5,
+        name: str = "dice_ce",
+        **kw,
+    ):
+        super().__init__(name=name, **kw)
+        self.include_background = include_background
+        self.dice_weight = dice_weight
+        self.ce_weight = ce_weight
+        self.smooth = smooth
+        self._ce = keras.losses.CategoricalCrossentropy()
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        axes = tuple(range(len(y_pred.shape) - 1))  # everything but the classes
+        tp = ops.sum(y_true * y_pred, axis=axes)
+        denom = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+        dice = (2.0 * tp + self.smooth) / (denom + self.smooth)
+        if not self.include_background:
+            dice = dice[1:]
+        loss = self.dice_weight * (1.0 - ops.mean(dice))
+        if self.ce_weight:
+            loss = loss + self.ce_weight * self._ce(y_true, y_pred)
+        return loss
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "include_background": self.include_background,
+            "dice_weight": self.dice_weight,
+            "ce_weight": self.ce_weight,
+            "smooth": self.smooth,
+        }
+
+
 LOSSES = {
     "bce_dice": lambda cfg: BCEDice(),
     "dice": lambda cfg: keras.losses.Dice(),
@@ -113,6 +173,8 @@ LOSSES = {
     "categorical_crossentropy": lambda cfg: keras.losses.CategoricalCrossentropy(
         label_smoothing=cfg.label_smoothing
     ),
+    # softmax label maps (unet3d): cross-entropy + foreground batch Dice, as nnU-Net trains
+    "dice_ce": lambda cfg: DiceCE(),
 }
 
 

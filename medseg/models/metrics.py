@@ -6,6 +6,9 @@ false positives and false negatives; when prediction and truth are both empty th
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
 import keras
 import numpy as np
 from keras import ops
@@ -45,11 +48,123 @@ class DiceScore(keras.metrics.Metric):
         return {**super().get_config(), "threshold": self.threshold}
 
 
-def training_metrics(task: str, num_classes: int) -> list:
+@keras.saving.register_keras_serializable(package="medseg")
+class MeanClassDice(keras.metrics.Metric):
+    """Mean over ``class_ids`` of each class's Dice, from hard (argmax) label maps.
+
+    True/false positives and false negatives of ``argmax(y_pred) == k`` against
+    ``argmax(y_true) == k`` are accumulated per class over every voxel seen (an epoch); each
+    class's Dice is ``2TP / (2TP + FP + FN)``, 1.0 when the class is absent from both. ``y_true``
+    is one-hot (or soft) ``[..., K]``, ``y_pred`` probabilities ``[..., K]``.
+
+    Args:
+        class_ids: the classes averaged (e.g. ``[1, 2]``: the foreground of a 3-label map).
+    """
+
+    def __init__(self, class_ids: list[int], name: str = "dice", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_ids = [int(k) for k in class_ids]
+        n = len(self.class_ids)
+        self.tp = self.add_variable(shape=(n,), initializer="zeros", name="tp")
+        self.fp = self.add_variable(shape=(n,), initializer="zeros", name="fp")
+        self.fn = self.add_variable(shape=(n,), initializer="zeros", name="fn")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ids = ops.convert_to_tensor(self.class_ids, "int32")
+        t = ops.expand_dims(ops.cast(ops.argmax(y_true, axis=-1), "int32"), -1) == ids
+        p = ops.expand_dims(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), -1) == ids
+        t = ops.reshape(ops.cast(t, "float32"), (-1, len(self.class_ids)))
+        p = ops.reshape(ops.cast(p, "float32"), (-1, len(self.class_ids)))
+        self.tp.assign_add(ops.sum(t * p, axis=0))
+        self.fp.assign_add(ops.sum((1 - t) * p, axis=0))
+        self.fn.assign_add(ops.sum(t * (1 - p), axis=0))
+
+    def class_dice(self):
+        """Each class's Dice over what was seen, in the order of ``class_ids``."""
+        denom = 2 * self.tp + self.fp + self.fn
+        return ops.where(denom > 0, 2 * self.tp / ops.maximum(denom, 1.0), 1.0)
+
+    def result(self):
+        return ops.mean(self.class_dice())
+
+    def reset_state(self):
+        for v in (self.tp, self.fp, self.fn):
+            v.assign(ops.zeros_like(v))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "class_ids": list(self.class_ids)}
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class ClassDice(MeanClassDice):
+    """Dice of one class of a label map (argmax of one-hot truth and of probabilities),
+    accumulated over the epoch; 1.0 when the class is absent from both.
+
+    Args:
+        class_id: the class.
+        name: the metric's name (``dice_anterior``: the logs read ``val_dice_anterior``).
+    """
+
+    def __init__(self, class_id: int, name: str | None = None, **kwargs):
+        super().__init__([class_id], name=name or f"dice_{class_id}", **kwargs)
+        self.class_id = int(class_id)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.pop("class_ids")
+        return {**config, "class_id": self.class_id}
+
+
+def metric_suffix(label: str) -> str:
+    """A label name as a metric-name suffix: lower case, runs of other characters as ``_``.
+
+    Example:
+        >>> metric_suffix("Left Hippocampus (anterior)")
+        'left_hippocampus_anterior'
+    """
+    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
+
+
+def class_dice_metrics(
+    num_classes: int, class_names: Mapping[int, str] | Sequence[str] | None = None
+) -> list:
+    """One :class:`ClassDice` per foreground class (``dice_<name>``) and their mean (``dice``).
+
+    Args:
+        num_classes: classes of the softmax output, background (class 0) included.
+        class_names: name of each class (a ``{class: name}`` mapping such as the plan's
+            ``labels``, or a list indexed by class); a missing or empty name gives ``dice_<k>``.
+    """
+    if isinstance(class_names, Mapping):
+        names = {int(k): str(v) for k, v in class_names.items()}
+    else:
+        names = dict(enumerate(class_names or []))
+    metrics, used = [], {"dice"}
+    for k in range(1, num_classes):
+        suffix = metric_suffix(names.get(k, "")) or str(k)
+        name = f"dice_{suffix}" if f"dice_{suffix}" not in used else f"dice_{suffix}_{k}"
+        used.add(name)
+        metrics.append(ClassDice(k, name=name))
+    return [MeanClassDice(list(range(1, num_classes)), name="dice"), *metrics]
+
+
+def training_metrics(
+    task: str,
+    num_classes: int,
+    class_names: Mapping[int, str] | Sequence[str] | None = None,
+) -> list:
     """Metrics reported every epoch.
 
     Classification: accuracy, AUC, precision and recall. Binary segmentation: Dice and IoU of
-    the foreground. Label maps: mean IoU and the IoU of each foreground class (``iou_<k>``).
+    the foreground. Label maps (softmax, ``num_classes >= 2``): mean IoU and the IoU of each
+    foreground class (``iou_<k>``), the Dice of each foreground class (``dice_<name>``, see
+    :func:`class_dice_metrics`) and their mean (``dice``).
+
+    Args:
+        task: ``segmentation`` or ``classification``.
+        num_classes: model outputs (background included for label maps).
+        class_names: label maps: the name of each class (the plan's ``labels``), so that the logs
+            read ``val_dice_anterior``; without it the metrics are ``dice_1``, ``dice_2``, ...
     """
     if task == "classification":
         return [
@@ -63,10 +178,11 @@ def training_metrics(task: str, num_classes: int) -> list:
             DiceScore(name="dice"),
             keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou"),
         ]
-    return [keras.metrics.OneHotMeanIoU(num_classes=num_classes, name="iou")] + [
+    iou = [keras.metrics.OneHotMeanIoU(num_classes=num_classes, name="iou")] + [
         keras.metrics.OneHotIoU(num_classes=num_classes, target_class_ids=[k], name=f"iou_{k}")
         for k in range(1, num_classes)
     ]
+    return iou + class_dice_metrics(num_classes, class_names)
 
 
 def confusion_counts(pred: np.ndarray, true: np.ndarray) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ from medseg.errors import ConfigError
 from medseg.models.mobilenet import build_mobilenetv2_classifier
 from medseg.models.mobilenet_unet import MobileNetV2UNet
 from medseg.models.unet import UNet
+from medseg.models.unet3d import build_unet3d
 
 
 def _require_task(cfg: Config, task: str) -> None:
@@ -83,10 +84,39 @@ def _mobilenetv2_unet(cfg: Config, num_outputs: int) -> keras.Model:
     )
 
 
+def _unet3d(cfg: Config, num_outputs: int) -> keras.Model:
+    m = cfg.model
+    _require_task(cfg, "segmentation")
+    if num_outputs < 2:
+        raise ConfigError(
+            f"model.num_classes: unet3d has a softmax head over the labels, background included, "
+            f"so it needs >= 2 outputs, got {num_outputs}"
+        )
+    if cfg.data.context_slices:
+        raise ConfigError(
+            "data.context_slices: unet3d sees whole volumes; context slices are for 2D models"
+        )
+    # volumes [D, H, W, C]: the channels are the sequences (data.channels)
+    return build_unet3d(
+        cfg.data.channels,
+        num_outputs,
+        base_filters=m.base_filters,
+        depth=m.depth,
+        max_filters=m.max_filters,
+        norm=m.norm,
+        dropout=m.dropout,
+        deep_supervision=m.deep_supervision,
+        bn_momentum=m.bn_momentum,
+        l2=m.l2,
+        name="unet3d",
+    )
+
+
 MODELS: dict[str, Callable[[Config, int], keras.Model]] = {
     "unet": _unet,
     "mobilenetv2_unet": _mobilenetv2_unet,
     "mobilenetv2_classifier": _mobilenetv2_classifier,
+    "unet3d": _unet3d,
 }
 
 
