@@ -80,6 +80,7 @@ from medseg.config import Config
 from medseg.data.preprocess import Preprocessing
 from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, ModelError, RunExistsError
+from medseg.inference.export3d import export_volumetric
 from medseg.inference.serving import model_function, serving_function
 from medseg.models.ensemble import (
     TTA_NOTE,
@@ -183,12 +184,14 @@ def export_run(
         overwrite: replace an existing export folder.
         ensemble: export the mean-probability ensemble of a CV run's folds (automatic when
             ``run_dir`` holds ``ensemble.json``).
-        tta: horizontal-flip test-time augmentation in the graph.
+        tta: horizontal-flip test-time augmentation in the graph (a ``unet3d`` run: mirror
+            TTA over the 8 flips of each window).
         formats: ``savedmodel`` and/or ``tflite`` (``both`` for the two).
 
     Returns:
         The export folder (holding ``medseg.json``, ``saved_model/`` and/or ``model.tflite``,
-        and the Keras checkpoint copies).
+        and the Keras checkpoint copies). A ``unet3d`` run is exported by
+        :func:`medseg.inference.export3d.export_volumetric`.
 
     Raises:
         RunExistsError: ``out_dir`` exists and ``overwrite`` is false.
@@ -201,6 +204,16 @@ def export_run(
     formats = _normalize_formats(formats)
     run = open_run(run_dir)
     cfg = run.config()
+    if cfg.model.name == "unet3d":  # volumetric: sliding window in the graph
+        if ensemble or folder_kind(run.path) == "cv" or formats != ("savedmodel",):
+            raise ConfigError(
+                f"{run.path}: a unet3d run exports one run folder as a SavedModel (no ensemble, "
+                "no tflite)"
+            )
+        mirror = True if tta else None
+        return export_volumetric(
+            run.path, out_dir, checkpoint=checkpoint, overwrite=overwrite, mirror=mirror
+        )
     out = Path(out_dir) if out_dir else Path(cfg.export.dir) / run.path.name
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out}: export folder exists; pass --overwrite to replace it")
