@@ -36,6 +36,8 @@ LAYERS = {
     "evaluation": 6,
     "training": 7,
     "demo": 8,
+    "demo3d": 8,
+    "bench3d": 8,
     "bench": 8,
     "bench_torch_reference": 8,  # standalone: imports torch, never medseg
     "cli": 9,

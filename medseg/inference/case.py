@@ -297,7 +297,7 @@ def _segment_names(predictor: BasePredictor, n_out: int) -> dict[int, str]:
     return {k: classes[k] if k < len(classes) else f"label {k}" for k in range(1, n_out)}
 
 
-def _commit(tmp_dir: Path, case_dir: Path) -> None:
+def commit_case_dir(tmp_dir: Path, case_dir: Path) -> None:
     """Move a finished case's temporary folder into place (nothing when it holds nothing)."""
     if not tmp_dir.is_dir():
         return
@@ -352,7 +352,7 @@ def run_case(
         if case.kind != "series":
             row["input_type"] = "volume" if image.is_volume else "image"
         row.update(_predict_case(predictor, image, case, tmp_dir, opts, clock))
-        _commit(tmp_dir, out / case.case_id)
+        commit_case_dir(tmp_dir, out / case.case_id)
     except OutputError as e:
         # a full disk stops the batch: every case after this one would fail the same way
         raise disk_full_error(out / case.case_id) from e

@@ -100,3 +100,34 @@ def postprocess(
         keep &= largest
     lookup = np.concatenate([[False], keep])
     return np.where(lookup[components], mask, 0).astype(mask.dtype)
+
+
+def largest_component_per_label(labels: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """Keep, for each label > 0 separately, only its largest connected component.
+
+    The per-structure post-processing of label maps with several structures (nnU-Net's
+    "remove all but the largest component" applied to each class): unlike :func:`postprocess`,
+    two touching structures are judged apart, so one never removes the other. Removed voxels
+    become background.
+
+    Args:
+        labels: HxW or DxHxW integer label map.
+        connectivity: 1 for face neighbours, up to ``ndim`` for corner neighbours too.
+
+    Returns:
+        A new array of the same shape and dtype.
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    out = labels.copy()
+    structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
+    for value in np.unique(labels):
+        if value <= 0:
+            continue
+        components, n = ndimage.label(labels == value, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+        out[(components > 0) & (components != int(np.argmax(sizes)) + 1)] = 0
+    return out

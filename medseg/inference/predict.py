@@ -53,11 +53,12 @@ import logging
 import time
 from pathlib import Path
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, ModelError
 from medseg.inference.batch import Batch, PredictResult, batch_signature, progress_bar
 from medseg.inference.case import Clock, Options, prepare_model, resolve_options, run_case
 from medseg.inference.cases import Case, CaseReader, collect_cases
 from medseg.inference.postprocess import check_threshold
+from medseg.inference.predict3d import is_volumetric_model, predict_volumes
 from medseg.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
 from medseg.inference.ray_predict import predict_on_ray
 from medseg.io.writers import write_tables
@@ -148,6 +149,8 @@ def predict(
     signature = batch_signature(model, inputs, _signed(opts, keep_identifiers, ensemble_with))
     batch = Batch.open(out, signature, overwrite)  # a finished batch needs overwrite
     cases = collect_cases(inputs, keep_identifiers=keep_identifiers)
+    if _volumetric(model, opts, executor, ensemble_with):
+        return predict_volumes(model, cases, out, batch, opts.largest_component, progress)
     if executor == "ray":  # the same batch record: skips and records cases as locally
         return predict_on_ray(
             model,
@@ -198,6 +201,36 @@ def _checked(given: Options, executor: str, ensemble_with) -> Options:
         min_lesion_voxels=int(given.min_lesion_voxels),
         mc_samples=int(given.mc_samples),
     )
+
+
+def _volumetric(model, opts: Options, executor: str, ensemble_with) -> bool:
+    """Whether ``model`` is a 3D model folder (a bad folder is left to the 2D loader's error).
+
+    Raises:
+        ConfigError: a 3D model with options that 3D models do not support yet.
+    """
+    if isinstance(model, BasePredictor):
+        return False
+    try:
+        if not is_volumetric_model(model):
+            return False
+    except ModelError:
+        return False
+    given = {
+        "--executor ray": executor == "ray",
+        "--with": bool(ensemble_with),
+        "--mc-samples": bool(opts.mc_samples),
+        "--explain": opts.explain,
+        "--threshold": opts.threshold is not None,
+        "--min-lesion-voxels": bool(opts.min_lesion_voxels),
+    }
+    unsupported = [name for name, used in given.items() if used]
+    if unsupported:
+        raise ConfigError(
+            f"{', '.join(unsupported)}: not supported for 3D (unet3d) models yet; a 3D model "
+            "takes --largest-component"
+        )
+    return True
 
 
 def _signed(opts: Options, keep_identifiers: bool, ensemble_with) -> dict:

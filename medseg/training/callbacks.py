@@ -20,6 +20,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from medseg.artifacts.runs import RunDir
+from medseg.config import Config
 from medseg.errors import OutputError
 from medseg.models.loading import commit_checkpoint, verify_checkpoint
 from medseg.utils import atomic_write_text, disk_full_error, is_disk_full
@@ -185,3 +187,56 @@ def _csv_value(value):
     if array.ndim == 0:
         return array.item()
     return json.dumps(array.tolist())
+
+
+def _history_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _best_so_far(path: Path, monitor: str, mode: str) -> float | None:
+    """The best ``monitor`` value logged before a resume (so ``best.keras`` is not replaced by
+    a worse epoch after it)."""
+    values = [float(r[monitor]) for r in _history_rows(path) if r.get(monitor)]
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
+
+
+def run_callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
+    """medseg's callbacks of a run: the history CSV, the last and best checkpoints, TensorBoard,
+    backup-and-restore for resuming, NaN termination and early stopping, then ``extra``."""
+    t = cfg.train
+    history = run.logs / "history.csv"
+    prior = None
+    if resumed and run.best_model.exists():
+        prior = _best_so_far(history, t.monitor, t.monitor_mode)
+    # Everything an epoch writes (log row, checkpoints) comes before BackupAndRestore saves the
+    # epoch as done: a kill in between then repeats the epoch instead of losing its records.
+    callbacks = [
+        AtomicCSVLogger(history, append=resumed),
+        AtomicModelCheckpoint(str(run.last_model)),
+        AtomicModelCheckpoint(
+            str(run.best_model),
+            monitor=t.monitor,
+            mode=t.monitor_mode,
+            save_best_only=True,
+            initial_value_threshold=prior,
+        ),
+        keras.callbacks.TensorBoard(str(run.logs / "tensorboard"), write_graph=False),
+        AtomicBackupAndRestore(str(run.checkpoints / "backup")),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if t.early_stopping:
+        callbacks.append(
+            ValidatedEarlyStopping(
+                monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping, verbose=1
+            )
+        )
+    if cfg.model.freeze_backbone and cfg.model.fine_tune_after:
+        from medseg.models.mobilenet import FineTuneAfter
+
+        callbacks.append(FineTuneAfter(cfg.model.fine_tune_after))
+    return callbacks + list(extra)

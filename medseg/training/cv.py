@@ -27,9 +27,11 @@ from medseg.data.scan import scan_from_config
 from medseg.data.split import load_manifest, make_kfold, select, write_manifest
 from medseg.errors import ConfigError, RunExistsError
 from medseg.evaluation.evaluate import score, write_cases
+from medseg.evaluation.report3d import write_volumetric_report
 from medseg.models.ensemble import mean_probabilities
 from medseg.training.distributed import resolve_cluster
 from medseg.training.folds import CV_CHECKPOINT, run_fold
+from medseg.training.volumetric import is_volumetric
 from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def _cv_manifest(cfg: Config, root: Path) -> dict:
         cfg.cv.folds,
         seed=cfg.train.seed,
         test_fraction=cfg.data.test_fraction,
-        stratify=True,
+        stratify=not is_volumetric(cfg),  # 3D cases all hold every structure
     )
     manifest["class_names"] = scan.class_names
     manifest["layout"] = scan.layout
@@ -178,7 +180,9 @@ def run_cv(
     )
     if len(done) == k:
         _ensemble_on_test(cfg, root, manifest, done)
-    if report is None:
+    if report is None and is_volumetric(cfg):
+        report = write_volumetric_report
+    elif report is None:
         from medseg.evaluation.report import write_report
 
         report = write_report

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import logging
 import math
@@ -40,12 +39,7 @@ from medseg.evaluation.plots import plot_history
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
-from medseg.training.callbacks import (
-    AtomicBackupAndRestore,
-    AtomicCSVLogger,
-    AtomicModelCheckpoint,
-    ValidatedEarlyStopping,
-)
+from medseg.training.callbacks import AtomicBackupAndRestore, run_callbacks
 from medseg.training.distributed import (
     Placement,
     SyncBatchNormStatistics,
@@ -58,29 +52,11 @@ from medseg.training.distributed import (
     weights_digest,
 )
 from medseg.training.optim import build_optimizer
+from medseg.training.result import TrainResult
+from medseg.training.volumetric import is_volumetric, train_volumetric
 from medseg.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` produced.
-
-    Attributes:
-        run: the run folder (on a worker other than the chief: the folder the chief writes).
-        history: the Keras history.
-        metrics: the validation metrics (empty on workers other than the chief).
-        is_chief: whether this process wrote the run folder (always, without a cluster).
-        weights: short SHA-256 of the final weights (:func:`weights_digest`): the same on every
-            worker of a multi-worker run.
-    """
-
-    run: RunDir
-    history: dict
-    metrics: dict
-    is_chief: bool = True
-    weights: str = ""
 
 
 def num_outputs(cfg: Config, scan: ScanResult) -> int:
@@ -151,22 +127,6 @@ def _seed(cfg: Config) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _history_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _best_so_far(path: Path, monitor: str, mode: str) -> float | None:
-    """The best ``monitor`` value logged before a resume (so ``best.keras`` is not replaced by
-    a worse epoch after it)."""
-    values = [float(r[monitor]) for r in _history_rows(path) if r.get(monitor)]
-    if not values:
-        return None
-    return max(values) if mode == "max" else min(values)
-
-
 def validation_epochs(epochs: int, every: int) -> int | list[int]:
     """The 1-based epochs ``fit`` validates: every ``every``-th one and the last one.
 
@@ -177,41 +137,6 @@ def validation_epochs(epochs: int, every: int) -> int | list[int]:
     if every == 1:
         return 1
     return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
-
-
-def _callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
-    t = cfg.train
-    history = run.logs / "history.csv"
-    prior = None
-    if resumed and run.best_model.exists():
-        prior = _best_so_far(history, t.monitor, t.monitor_mode)
-    # Everything an epoch writes (log row, checkpoints) comes before BackupAndRestore saves the
-    # epoch as done: a kill in between then repeats the epoch instead of losing its records.
-    callbacks = [
-        AtomicCSVLogger(history, append=resumed),
-        AtomicModelCheckpoint(str(run.last_model)),
-        AtomicModelCheckpoint(
-            str(run.best_model),
-            monitor=t.monitor,
-            mode=t.monitor_mode,
-            save_best_only=True,
-            initial_value_threshold=prior,
-        ),
-        keras.callbacks.TensorBoard(str(run.logs / "tensorboard"), write_graph=False),
-        AtomicBackupAndRestore(str(run.checkpoints / "backup")),
-        keras.callbacks.TerminateOnNaN(),
-    ]
-    if t.early_stopping:
-        callbacks.append(
-            ValidatedEarlyStopping(
-                monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping, verbose=1
-            )
-        )
-    if cfg.model.freeze_backbone and cfg.model.fine_tune_after:
-        from medseg.models.mobilenet import FineTuneAfter
-
-        callbacks.append(FineTuneAfter(cfg.model.fine_tune_after))
-    return callbacks + list(extra)
 
 
 def _write_summary(model: keras.Model, path) -> None:
@@ -266,6 +191,10 @@ def train(
         logger.info("train.mixed_precision auto: %s", policy)
     keras.mixed_precision.set_global_policy(policy)
     _seed(cfg)
+    if is_volumetric(cfg):
+        if placement.multiworker:
+            raise ConfigError("TF_CONFIG: unet3d does not train across several workers yet")
+        return train_volumetric(cfg, callbacks, manifest=manifest, eval_checkpoint=eval_checkpoint)
     if placement.is_chief:
         return _train(cfg, placement, callbacks, manifest, eval_checkpoint)
     # Other workers do the same work (saving can take part in collective ops) into a
@@ -448,7 +377,7 @@ def _fit(
 ) -> keras.callbacks.History:
     """``model.fit`` with medseg's callbacks; a lost worker or a bad file becomes a medseg
     error."""
-    fit_callbacks = _callbacks(cfg, prep.run, prep.resumed, extra_callbacks or [])
+    fit_callbacks = run_callbacks(cfg, prep.run, prep.resumed, extra_callbacks or [])
     if placement.strategy.num_replicas_in_sync > 1:
         # first: the checkpoints of the epoch then hold the averaged statistics
         fit_callbacks.insert(0, SyncBatchNormStatistics(placement.strategy))

@@ -1,0 +1,168 @@
+"""Batch prediction with a 3D model: whole volumes at their own resolution, several structures.
+
+:func:`medseg.inference.predict.predict` hands a 3D model (an export whose card says
+``"dims": 3``, or a ``unet3d`` run folder) to :func:`predict_volumes`. Each case (a NIfTI file, a
+DICOM series, any volume :func:`medseg.inference.cases.collect_cases` finds) is read, predicted
+by sliding window at its own shape and spacing (:class:`~medseg.inference.volumetric.
+VolumePredictor`) and written into ``<out>/<case-id>/``:
+
+* ``mask.nii.gz``: the label map in the source's geometry (its affine and voxel order);
+* ``seg.dcm`` for a DICOM series: a DICOM SEG with one segment per structure, named as in the
+  model's labels (``dataset.json``);
+
+and its row of ``predictions.csv``/``.json`` holds each structure's volume in mL
+(``volume_ml_<structure>``). The batch is resumable and each case is committed atomically, as
+for 2D models (:mod:`medseg.inference.batch`, :func:`medseg.inference.case.commit_case_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from medseg.artifacts.exports import RUN_CONFIG, folder_kind, read_card
+from medseg.errors import DataError, MedsegError, OutputError
+from medseg.inference.batch import Batch, PredictResult, progress_bar
+from medseg.inference.case import commit_case_dir
+from medseg.inference.cases import Case, CaseReader
+from medseg.inference.postprocess import largest_component_per_label
+from medseg.inference.volumetric import VolumePredictor, structure_volumes_ml
+from medseg.io.writers import write_mask_nifti, write_seg, write_tables
+from medseg.utils import disk_full_error, is_disk_full
+
+logger = logging.getLogger(__name__)
+
+
+def is_volumetric_model(path: str | Path) -> bool:
+    """Whether ``path`` is a 3D model: an export whose card says ``"dims": 3``, or a run or CV
+    folder of a ``unet3d`` config.
+
+    Raises:
+        ModelError: ``path`` is not a model folder (:func:`medseg.artifacts.exports.folder_kind`).
+    """
+    kind = folder_kind(path)
+    if kind == "export":
+        return int(read_card(path).get("dims", 2)) == 3
+    config = yaml.safe_load((Path(path) / RUN_CONFIG).read_text()) or {}
+    return (config.get("model") or {}).get("name") == "unet3d"
+
+
+def column_name(structure: str) -> str:
+    """``"Anterior"`` -> ``"anterior"``: a structure's name as a column suffix."""
+    return "_".join(structure.lower().split())
+
+
+def _predict_volume(
+    predictor: VolumePredictor, case: Case, reader: CaseReader, case_dir: Path, largest: bool
+) -> tuple[dict, int, float]:
+    image = reader.read(case)
+    if not image.is_volume:
+        raise DataError(f"{case.source}: a 3D model needs a volume, got a 2D image")
+    spacing = image.meta.spacing
+    if spacing is None:
+        raise DataError(f"{case.source}: the volume has no voxel spacing; a 3D model needs it")
+    t0 = time.perf_counter()
+    labels = predictor.predict(image.array, spacing)["labels"]
+    seconds = time.perf_counter() - t0
+    if largest:
+        labels = largest_component_per_label(labels)
+    names = {k: v for k, v in predictor.labels.items() if k > 0}
+    row: dict = {"shape": "x".join(map(str, labels.shape))}
+    row["spacing_mm"] = "x".join(f"{s:.4g}" for s in spacing)
+    for name, ml in structure_volumes_ml(labels, spacing, names).items():
+        row[f"volume_ml_{column_name(name)}"] = round(ml, 4)
+    case_dir.mkdir(parents=True, exist_ok=True)
+    row["mask_geometry"] = write_mask_nifti(case_dir / "mask.nii.gz", labels, image.meta)
+    row["mask"] = f"{case.case_id}/mask.nii.gz"
+    if case.kind == "series":
+        write_seg(
+            case_dir / "seg.dcm",
+            labels,
+            image.meta.source,
+            segment_names=names,
+            series_number=case.series_number,
+        )
+        row["seg"] = f"{case.case_id}/seg.dcm"
+    return row, int(labels.shape[0]), seconds
+
+
+def run_volume_case(
+    predictor: VolumePredictor, case: Case, reader: CaseReader, out: Path, largest: bool
+) -> tuple[dict, int, float]:
+    """Read, predict and write one case; its row, the slices predicted and the seconds in the
+    model (0 on failure).
+
+    Raises:
+        OutputError: the output disk is full.
+    """
+    row: dict = {"case_id": case.case_id, "source": case.source, "status": "ok", "error": ""}
+    if case.identifiers:
+        row.update(case.identifiers)
+    row["input_type"] = "dicom_series" if case.kind == "series" else "volume"
+    if case.kind == "error":
+        row.update(status="error", error=case.error)
+        logger.error("%s", case.error)
+        return row, 0, 0.0
+    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    slices, seconds = 0, 0.0
+    try:
+        written, slices, seconds = _predict_volume(predictor, case, reader, tmp_dir, largest)
+        row.update(written)
+        commit_case_dir(tmp_dir, out / case.case_id)
+    except OutputError as e:
+        raise disk_full_error(out / case.case_id) from e
+    except MedsegError as e:
+        row.update(status="error", error=str(e))
+        logger.error("%s", e)
+    except Exception as e:  # one bad case must not stop the batch
+        if is_disk_full(e):
+            raise disk_full_error(out / case.case_id) from e
+        row.update(status="error", error=f"{case.source}: {type(e).__name__}: {e}")
+        logger.error("%s: unexpected error: %s: %s", case.case_id, type(e).__name__, e)
+        logger.debug("%s: traceback", case.case_id, exc_info=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return row, slices, seconds
+
+
+def predict_volumes(
+    model: str | Path | VolumePredictor,
+    cases: list[Case],
+    out: Path,
+    batch: Batch,
+    largest_component: bool = False,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict ``cases`` one after another with a 3D model (a folder or a loaded
+    :class:`VolumePredictor`); write their outputs and the tables."""
+    predictor = model if isinstance(model, VolumePredictor) else VolumePredictor(model)
+    start = time.perf_counter()
+    batch.start()
+    reader, rows = CaseReader(), []
+    n_slices, model_seconds = 0, 0.0
+    with progress_bar(len(cases), progress) as bar:
+        for case in cases:
+            row = batch.done.get(case.case_id)
+            if row is None:
+                t0 = time.perf_counter()
+                row, slices, seconds = run_volume_case(
+                    predictor, case, reader, out, largest_component
+                )
+                n_slices, model_seconds = n_slices + slices, model_seconds + seconds
+                logger.info(
+                    "%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0
+                )
+                row = batch.commit(row)
+            rows.append(row)
+            bar.update(1)
+    write_tables(out, rows)
+    batch.finish()
+    result = PredictResult(out, rows, n_slices, model_seconds, time.perf_counter() - start)
+    logger.info("predicted %d volumes (%d failed) -> %s", len(rows), result.n_failed, out)
+    return result

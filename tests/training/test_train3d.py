@@ -1,0 +1,156 @@
+"""3D segmentation end to end on synthetic phantoms: train, cross-validate, export, predict, CLI.
+
+The volumes (:mod:`medseg.data.synthetic3d`) have two touching structures, anisotropic voxels
+(2 x 1 x 1.5 mm) and oblique grids, in the MSD layout with a ``dataset.json``. The models are tiny
+(4 base filters, depth 2) and train for a few batches: these tests check the chain and its files,
+not accuracy (the recipe's accuracy is measured on the real data, see docs/results.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.config import load_config
+from medseg.data.synthetic3d import (
+    lps_affine,
+    phantom3d,
+    write_dicom_series,
+    write_msd_dataset,
+    write_nifti_volume,
+)
+from medseg.errors import ConfigError
+from tests.conftest import REPO, as_cli_sets, run_cli
+
+pytestmark = pytest.mark.slow
+
+#: A tiny 3D U-Net trained for a few batches (the chain, not accuracy).
+TINY_3D = [
+    "model.base_filters=4",
+    "model.depth=2",
+    "model.max_filters=16",
+    "train.epochs=2",
+    "train.warmup_epochs=0",
+    "volume.batches_per_epoch=2",
+    "volume.sw_batch=2",
+]
+SHAPE, SPACING = (20, 24, 16), (2.0, 1.0, 1.5)
+
+
+@pytest.fixture(scope="module")
+def msd(tmp_path_factory) -> Path:
+    return write_msd_dataset(
+        tmp_path_factory.mktemp("msd") / "phantoms", n_cases=6, shape=SHAPE, spacing=SPACING
+    )
+
+
+def _config(msd: Path, root: Path, name: str, *extra: str):
+    sets = [f"data.root={msd}", f"run.root={root}", f"run.name={name}", *TINY_3D, *extra]
+    return load_config(REPO / "configs" / "demo3d.yaml", sets)
+
+
+@pytest.fixture(scope="module")
+def run3d(msd, tmp_path_factory):
+    from medseg.training.train import train
+
+    return train(_config(msd, tmp_path_factory.mktemp("runs"), "tiny3d"))
+
+
+def test_train_writes_a_3d_run(run3d):
+    run = run3d.run
+    for name in ("plan.json", "fingerprint.json", "splits.json", "cases_val.csv", "metrics.json"):
+        assert (run.path / name).is_file(), name
+    assert run.best_model.is_file() and run.last_model.is_file()
+    plan = json.loads(run.plan_path.read_text())
+    assert plan["target_spacing"] == list(SPACING)  # the fingerprint's median spacing
+    assert all(p % 4 == 0 for p in plan["patch_size"])  # divisible by 2**depth
+    history = (run.logs / "history.csv").read_text().splitlines()[0]
+    assert "val_dice_anterior" in history and "val_dice_posterior" in history
+    metrics = json.loads(run.metrics_path.read_text())
+    assert set(metrics["val"]["structures"]) == {"anterior", "posterior"}
+    assert metrics["val"]["unit"] == "mm"
+    rows = list(csv.DictReader(run.path.joinpath("cases_val.csv").open()))
+    splits = json.loads(run.splits_path.read_text())["splits"]
+    # every validation case, both structures, with and without post-processing
+    assert len(rows) == len(splits["val"]) * 2 * 2
+    assert {r["id"] for r in rows} == set(splits["val"])
+    assert not set(splits["val"]) & set(splits["train"])
+
+
+def test_unet3d_config_errors_name_the_key(msd, tmp_path):
+    from medseg.training.train import train
+
+    with pytest.raises(ConfigError, match="data.test_fraction"):
+        train(_config(msd, tmp_path, "t", "data.test_fraction=0.2"))
+    with pytest.raises(ConfigError, match="train.patch_size"):
+        _config(msd, tmp_path, "t", "train.patch_size=[18,20,20]")  # 18: not divisible by 4
+
+
+def _heldout(folder: Path) -> tuple[Path, Path]:
+    """One unseen phantom as NIfTI and as a DICOM series of the same oblique geometry. Its
+    intensities are whole numbers in int16 range, so both files hold exactly the same values."""
+    image, _ = phantom3d(SHAPE, seed=1000)
+    image = np.round(image[..., 0] * 1000).astype(np.float32)
+    affine = lps_affine(SHAPE, SPACING, angles_deg=(0.0, 0.0, 6.0))
+    nifti = write_nifti_volume(folder / "heldout.nii.gz", image, affine)
+    series = folder / "heldout_dicom"
+    write_dicom_series(series, image, SPACING, affine, seed=3)
+    return nifti, series
+
+
+def test_export_and_predict_nifti_and_dicom_give_the_same_labels(run3d, tmp_path):
+    import highdicom as hd
+
+    from medseg.inference.export import export_run
+    from medseg.inference.predict import predict
+    from medseg.io import read_image
+
+    export = export_run(run3d.run.path, tmp_path / "export")
+    card = json.loads((export / "medseg.json").read_text())
+    assert card["dims"] == 3 and card["verification"]["max_abs_diff"] <= 1e-4
+    nifti, series = _heldout(tmp_path)
+    result = predict(export, [nifti, series], tmp_path / "out")
+    assert result.n_failed == 0, result.rows
+    by_type = {r["input_type"]: r for r in result.rows}
+    vol, ser = by_type["volume"], by_type["dicom_series"]
+    a = read_image(tmp_path / "out" / vol["mask"]).array
+    b = read_image(tmp_path / "out" / ser["mask"]).array
+    assert a.shape == b.shape == (*SHAPE, 1)
+    np.testing.assert_array_equal(a, b)
+    for name in ("anterior", "posterior"):
+        assert vol[f"volume_ml_{name}"] == ser[f"volume_ml_{name}"]
+    seg = hd.seg.segread(tmp_path / "out" / ser["seg"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+    table = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert {"volume_ml_anterior", "volume_ml_posterior"} <= set(table[0])
+
+
+def test_predict_refuses_2d_only_options_for_a_3d_model(run3d, tmp_path):
+    from medseg.inference.predict import predict
+
+    nifti, _ = _heldout(tmp_path)
+    with pytest.raises(ConfigError, match="--mc-samples"):
+        predict(run3d.run.path, [nifti], tmp_path / "out", mc_samples=4)
+
+
+def test_cv_reports_structures_out_of_fold(msd, tmp_path):
+    cfg = as_cli_sets([f"data.root={msd}", *TINY_3D, "cv.folds=2"])
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "demo3d.yaml"
+    config.write_text((REPO / "configs" / "demo3d.yaml").read_text())
+    proc = run_cli("cv", "--config", str(config), "--name", "cv3d", *cfg, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "runs" / "cv3d"
+    summary = json.loads((root / "cv_summary.json").read_text())
+    assert summary["kind"] == "volumetric" and summary["folds"] == [1, 2]
+    assert summary["none"]["n_cases"] == 6  # every case scored once, out of fold
+    assert set(summary["chosen"]["structures"]) == {"anterior", "posterior"}
+    assert set(summary["postprocess_by_fold"].values()) <= {"none", "largest"}
+    assert "out of fold" in (root / "report.md").read_text()
+    # a finished CV is not trained again
+    again = run_cli("cv", "--config", str(config), "--name", "cv3d", *cfg, cwd=tmp_path)
+    assert again.returncode == 0 and "already finished" in again.stderr
