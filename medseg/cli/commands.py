@@ -49,22 +49,52 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from medseg.demo import run_demo
+    if args.skip_3d and args.only_3d:
+        from medseg.errors import ConfigError
 
-    r = run_demo(args.config, args.overrides, synth_dir=args.synth_dir)
-    m = r.test_metrics
-    print(f"\nmedseg demo finished in {r.seconds / 60:.1f} min")
-    print(f"  run folder:   {r.run_dir}   (config, splits, checkpoints, logs, plots, metrics)")
-    print(f"  SavedModel:   {r.export_dir}")
-    print(
-        f"  predictions:  {r.predictions.out_dir}/predictions.csv "
-        f"({len(r.predictions.rows)} cases, {r.predictions.n_failed} failed)"
-    )
-    print(
-        f"  test patients: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}, per-patient Dice "
-        f"{m['dice_per_group_mean']:.3f} (mean) / {m['dice_per_group_median']:.3f} (median)"
-    )
-    return EXIT_PARTIAL if r.predictions.n_failed else EXIT_OK
+        raise ConfigError("--skip-3d and --only-3d: give at most one")
+    failed = 0
+    if not args.only_3d:
+        from medseg.demo import run_demo
+
+        r = run_demo(args.config, args.overrides, synth_dir=args.synth_dir)
+        m = r.test_metrics
+        print(f"\nmedseg demo finished in {r.seconds / 60:.1f} min")
+        print(f"  run folder:   {r.run_dir}   (config, splits, checkpoints, logs, plots, metrics)")
+        print(f"  SavedModel:   {r.export_dir}")
+        print(
+            f"  predictions:  {r.predictions.out_dir}/predictions.csv "
+            f"({len(r.predictions.rows)} cases, {r.predictions.n_failed} failed)"
+        )
+        print(
+            f"  test patients: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}, per-patient Dice "
+            f"{m['dice_per_group_mean']:.3f} (mean) / {m['dice_per_group_median']:.3f} (median)"
+        )
+        failed += r.predictions.n_failed
+    if not args.skip_3d:
+        failed += _demo_3d(args)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _demo_3d(args) -> int:
+    """The 3D leg of ``medseg demo``; the number of failed predictions."""
+    from medseg.demo3d import run_demo3d
+
+    r = run_demo3d(args.config_3d, args.overrides_3d)
+    print(f"\nmedseg demo, 3D leg, finished in {r.seconds / 60:.1f} min")
+    print(f"  3D run folder: {r.run_dir}   (plan.json, fingerprint.json, cases_val.csv, ...)")
+    print(f"  3D SavedModel: {r.export_dir}   (any volume shape and spacing in, labels out)")
+    for row in r.predictions.rows:
+        volumes = ", ".join(
+            f"{k.removeprefix('volume_ml_')} {v} mL"
+            for k, v in row.items()
+            if k.startswith("volume_ml_")
+        )
+        files = ", ".join(str(row[k]) for k in ("mask", "seg") if row.get(k))
+        print(f"  3D prediction: {row['case_id']} ({row['input_type']}): {volumes}; {files}")
+    for name, block in r.val_metrics.get("structures", {}).items():
+        print(f"  3D validation: {name} Dice {block['dice']['mean']:.3f}")
+    return r.predictions.n_failed
 
 
 def _run_overrides(args) -> list[str]:

@@ -59,10 +59,25 @@ def _add_run_verbs(sub) -> None:
         "demo",
         help="run the whole chain on generated data (no download)",
         description="Generate synthetic phantoms, train a small U-Net, evaluate it on held-out "
-        "patients, export a SavedModel and predict on held-out slices and pydicom's MR/CT scans.",
+        "patients, export a SavedModel and predict on held-out slices and pydicom's MR/CT scans; "
+        "then the 3D leg: synthetic volumes, a 3D U-Net, its export, and predictions on a NIfTI "
+        "volume and a DICOM series (label NIfTI, DICOM SEG, volumes in mL).",
     )
     _add_config_args(p, "configs/demo.yaml")
     p.add_argument("--synth-dir", default="data/synthetic", help="synthetic data folder")
+    p.add_argument(
+        "--config-3d", default="configs/demo3d.yaml", help="config of the 3D leg (unet3d)"
+    )
+    p.add_argument(
+        "--set-3d",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides_3d",
+        help="override a value of the 3D leg's config",
+    )
+    p.add_argument("--skip-3d", action="store_true", help="run only the 2D leg")
+    p.add_argument("--only-3d", action="store_true", help="run only the 3D leg")
 
     p = sub.add_parser(
         "train",
