@@ -240,3 +240,15 @@ def run_callbacks(cfg: Config, run: RunDir, resumed: bool, extra: list) -> list:
 
         callbacks.append(FineTuneAfter(cfg.model.fine_tune_after))
     return callbacks + list(extra)
+
+
+def validation_epochs(epochs: int, every: int) -> int | list[int]:
+    """The 1-based epochs ``fit`` validates: every ``every``-th one and the last one.
+
+    Example:
+        >>> validation_epochs(10, 4)
+        [4, 8, 10]
+    """
+    if every == 1:
+        return 1
+    return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]

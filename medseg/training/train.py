@@ -39,7 +39,11 @@ from medseg.evaluation.plots import plot_history
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
-from medseg.training.callbacks import AtomicBackupAndRestore, run_callbacks
+from medseg.training.callbacks import (
+    AtomicBackupAndRestore,
+    run_callbacks,
+    validation_epochs,
+)
 from medseg.training.distributed import (
     Placement,
     SyncBatchNormStatistics,
@@ -125,18 +129,6 @@ def _seed(cfg: Config) -> None:
     keras.utils.set_random_seed(cfg.train.seed)  # Python, NumPy and TensorFlow
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-def validation_epochs(epochs: int, every: int) -> int | list[int]:
-    """The 1-based epochs ``fit`` validates: every ``every``-th one and the last one.
-
-    Example:
-        >>> validation_epochs(10, 4)
-        [4, 8, 10]
-    """
-    if every == 1:
-        return 1
-    return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
 
 
 def _write_summary(model: keras.Model, path) -> None:

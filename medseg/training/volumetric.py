@@ -48,7 +48,7 @@ from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
 from medseg.models.unet3d import deep_supervision_targets, deep_supervision_weights
-from medseg.training.callbacks import run_callbacks
+from medseg.training.callbacks import run_callbacks, validation_epochs
 from medseg.training.optim import build_optimizer
 from medseg.training.result import TrainResult
 from medseg.utils import atomic_write_json, read_json
@@ -254,6 +254,7 @@ def train_volumetric(
         train_ds,
         steps_per_epoch=steps,
         validation_data=_val_dataset(cfg, val_data, plan),
+        validation_freq=validation_epochs(cfg.train.epochs, cfg.train.validation_freq),
         epochs=cfg.train.epochs,
         callbacks=run_callbacks(cfg, run, resumed, callbacks or []),
         verbose=1 if sys.stdout.isatty() else 2,
