@@ -174,6 +174,8 @@ def _cmd_evaluate(args) -> int:
         kind = folder_kind(run)
     except ModelError:  # not a model folder: evaluate() below says what is missing
         kind = None
+    if kind is not None and _is_3d(run):
+        return _evaluate_3d(args)
     if args.out or kind in ("export", "cv"):
         if not args.data or not args.out:
             raise ConfigError(
@@ -215,8 +217,60 @@ def _cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+def _is_3d(path: Path) -> bool:
+    from medseg.inference.predict3d import is_volumetric_model
+
+    return is_volumetric_model(path)
+
+
+def _evaluate_3d(args) -> int:
+    """``medseg evaluate`` for a 3D model: each structure in mm, with intervals."""
+    from medseg.errors import ConfigError
+    from medseg.evaluation.score3d import evaluate_volumes
+    from medseg.evaluation.volumetric import format_volumetric
+
+    unsupported = [o for o in ("tta", "overwrite", "layout") if getattr(args, o)]
+    if unsupported or args.threshold is not None or args.min_lesion_voxels or args.ensemble_with:
+        raise ConfigError(
+            "--tta, --threshold, --min-lesion-voxels, --layout, --with and --overwrite do not "
+            "apply to 3D models; both post-processings (none, largest component per structure) "
+            "are always scored"
+        )
+    result = evaluate_volumes(
+        args.run,
+        split=args.split,
+        data=args.data,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        n_boot=args.n_boot,
+    )
+    for key, summary in result.items():
+        print(f"{key}:\n{format_volumetric(summary)}")
+    print(f"written: {Path(args.out or args.run) / 'metrics.json'}")
+    return EXIT_OK
+
+
+def _tune_3d(args) -> int:
+    """``medseg tune`` for a 3D cross-validation: post-processing chosen out of fold."""
+    from medseg.evaluation.report3d import write_volumetric_report
+    from medseg.evaluation.volumetric import format_volumetric
+
+    summary = write_volumetric_report(args.run)
+    for key in ("none", "largest", "chosen"):
+        if key in summary:
+            print(f"{key}:\n{format_volumetric(summary[key])}")
+    if "postprocess_by_fold" in summary:
+        print(f"post-processing chosen on the other folds: {summary['postprocess_by_fold']}")
+    print(f"written: {Path(args.run) / 'cv_summary.json'}, report.md")
+    return EXIT_OK
+
+
 def _cmd_tune(args) -> int:
+    from medseg.evaluation.report3d import is_volumetric_cv
     from medseg.evaluation.tune import ablation_markdown, tune
+
+    if is_volumetric_cv(args.run):
+        return _tune_3d(args)
 
     result = tune(args.run, n_boot=args.n_boot, ensemble_with=args.ensemble_with)
     print(ablation_markdown(result), end="")

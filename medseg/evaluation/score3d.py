@@ -13,12 +13,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from medseg.artifacts.exports import folder_kind
+from medseg.artifacts.runs import open_run
+from medseg.data.scan_msd import describe
+from medseg.errors import ConfigError, DataError
 from medseg.evaluation.evaluate import write_cases
 from medseg.evaluation.volumetric import case_rows, format_volumetric, summarize_volumetric
 from medseg.inference.postprocess import largest_component_per_label
 from medseg.inference.volumetric import VolumePredictor
 from medseg.io.msd import MsdCase, read_case_image, read_case_labels
-from medseg.utils import atomic_write_json
+from medseg.utils import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +36,12 @@ def score_volumes(
     split: str = "val",
     n_boot: int = 1000,
 ) -> dict:
-    """Predict ``cases`` whole with ``model`` (a 3D run or export folder) and score them.
+    """Predict ``cases`` whole with ``model`` (a 3D run, CV or export folder) and score them.
 
     Writes ``<out>/cases_<split>.csv`` (one row per case, structure and post-processing:
-    ``none`` or ``largest``) and ``<out>/metrics.json`` (``{split: summary without
-    post-processing, split + "_largest": with it}``); returns that dict.
+    ``none`` or ``largest``) and records in ``<out>/metrics.json`` (other keys kept)
+    ``{split: summary without post-processing, split + "_largest": with it}``; returns those
+    two entries.
     """
     out = Path(out)
     predictor = VolumePredictor(model, checkpoint=checkpoint)
@@ -50,12 +55,66 @@ def score_volumes(
         for name, mask in (("none", pred), ("largest", largest_component_per_label(pred))):
             for row in case_rows(case.case_id, case.case_id, mask, truth, spacing, labels):
                 rows.append({**row, "postprocess": name})
-    write_cases(out / f"cases_{split}.csv", rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_cases(out / f"cases_{_file_part(split)}.csv", rows)
     plain = summarize_volumetric([r for r in rows if r["postprocess"] == "none"], n_boot=n_boot)
     largest = summarize_volumetric(
         [r for r in rows if r["postprocess"] == "largest"], n_boot=n_boot
     )
     result = {split: {**plain, "checkpoint": checkpoint}, f"{split}_largest": largest}
-    atomic_write_json(out / "metrics.json", result)
+    path = out / "metrics.json"
+    recorded = read_json(path) if path.is_file() else {}
+    atomic_write_json(path, {**recorded, **result})
     logger.info("%s (%s, %d cases):\n%s", split, checkpoint, len(cases), format_volumetric(plain))
     return result
+
+
+def _file_part(split: str) -> str:
+    """``folder:name`` -> ``folder_name`` (a split's name in a file name)."""
+    return split.replace(":", "_").replace("/", "_")
+
+
+def evaluate_volumes(
+    model: str | Path,
+    *,
+    split: str = "val",
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    checkpoint: str = "best",
+    n_boot: int = 1000,
+) -> dict:
+    """``medseg evaluate`` for a 3D model: a run's split, or every case of a labelled folder.
+
+    Args:
+        model: a 3D run folder, or (with ``data`` and ``out``) a 3D CV or export folder.
+        split: the run's split to score (without ``data``).
+        data: a dataset folder with a ``dataset.json`` and labels, scored instead of a split
+            (recorded as ``folder:<name>``).
+        out: where the rows and ``metrics.json`` go (default: the run folder).
+        checkpoint: ``best`` or ``last`` (run and CV folders).
+        n_boot: bootstrap resamples of the intervals.
+
+    Returns:
+        ``{split: summary, split + "_largest": summary with the largest component per structure}``.
+
+    Raises:
+        ConfigError: an export or CV folder without ``data`` and ``out``.
+        DataError: the split is empty, or the folder is not a labelled dataset.
+    """
+    kind = folder_kind(model)
+    if kind != "run" and (data is None or out is None):
+        raise ConfigError(f"{model}: a 3D {kind} folder is scored on --data FOLDER --out DIR")
+    if data is not None:
+        cases = [c for c in describe(data).cases if c.label is not None]
+        if not cases:
+            raise DataError(f"{data}: no labelled case (dataset.json lists no label files)")
+        split = f"folder:{Path(data).name}"
+    else:
+        run = open_run(model)
+        ids = read_json(run.splits_path)["splits"].get(split, [])
+        if not ids:
+            raise DataError(f"{run.splits_path}: split '{split}' is empty")
+        by_id = {c.case_id: c for c in describe(run.config().data.root).cases}
+        cases = [by_id[i] for i in ids]
+    target = Path(out) if out is not None else Path(model)
+    return score_volumes(model, cases, target, checkpoint=checkpoint, split=split, n_boot=n_boot)

@@ -151,6 +151,30 @@ def test_cv_reports_structures_out_of_fold(msd, tmp_path):
     assert set(summary["chosen"]["structures"]) == {"anterior", "posterior"}
     assert set(summary["postprocess_by_fold"].values()) <= {"none", "largest"}
     assert "out of fold" in (root / "report.md").read_text()
+    tuned = run_cli("tune", str(root), cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr
+    assert "chosen" in tuned.stdout and "post-processing chosen" in tuned.stdout
     # a finished CV is not trained again
     again = run_cli("cv", "--config", str(config), "--name", "cv3d", *cfg, cwd=tmp_path)
     assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_evaluate_cli_scores_a_3d_run_and_a_labelled_folder(run3d, msd, tmp_path):
+    run = run3d.run.path
+    proc = run_cli("evaluate", str(run), "--split", "val", "--n-boot", "50", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "HD95 mm" in proc.stdout and "anterior" in proc.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val", "val_largest"} <= set(metrics)
+    out = tmp_path / "scores"
+    args = ("evaluate", str(run), "--data", str(msd), "--out", str(out), "--n-boot", "50")
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored[f"folder:{msd.name}"]["n_cases"] == 6
+    rows = list(csv.DictReader((out / f"cases_folder_{msd.name}.csv").open()))
+    assert {r["postprocess"] for r in rows} == {"none", "largest"}
+    bad = run_cli(
+        "evaluate", str(run), "--data", str(msd), "--out", str(out), "--tta", cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "--tta" in bad.stderr
