@@ -32,10 +32,14 @@ SHRUNK_DEMO = [
 #: about 0.2 of margin under the trial run.
 DICE_FLOOR = 0.6
 
+#: The 3D leg, shrunk: 3 epochs of 10 batches (the full leg: 6 x 20, about 1.7 min).
+SHRUNK_3D = ["train.epochs=3", "volume.batches_per_epoch=10"]
+
 
 def test_demo_runs_the_chain(tmp_path):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    proc = run_cli("demo", *as_cli_sets(SHRUNK_DEMO), cwd=tmp_path)
+    sets_3d = [a for o in SHRUNK_3D for a in ("--set-3d", o)]
+    proc = run_cli("demo", *as_cli_sets(SHRUNK_DEMO), *sets_3d, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     run_dir = tmp_path / re.search(r"run folder:\s+(\S+)", out).group(1)
@@ -56,9 +60,11 @@ def test_demo_runs_the_chain(tmp_path):
     assert len(ids) == 6 and all(r["status"] == "ok" for r in rows)
     for case in ("MR_small", "CT_small"):
         assert (run_dir / "predictions" / case / "mask.png").is_file()
+    _check_3d_leg(tmp_path, out)
     # The synthetic set is generated once and reused by a second demo.
     again = run_cli(
         "demo",
+        "--skip-3d",
         "--set",
         "data.image_size=[32,32]",
         "--set",
@@ -73,4 +79,28 @@ def test_demo_runs_the_chain(tmp_path):
     )
     assert again.returncode == 0, again.stderr
     assert "synthetic data: reusing" in again.stderr
-    assert len(list((tmp_path / "runs").iterdir())) == 2  # a new run, the first one kept
+    # a new 2D run, the first one and the 3D run kept
+    assert len(list((tmp_path / "runs").iterdir())) == 3
+
+
+def _check_3d_leg(tmp_path, out: str) -> None:
+    """The 3D leg trained, exported and predicted the NIfTI volume and the DICOM series."""
+    import highdicom as hd
+
+    run_dir = tmp_path / re.search(r"3D run folder:\s+(\S+)", out).group(1)
+    export_dir = tmp_path / re.search(r"3D SavedModel:\s+(\S+)", out).group(1)
+    assert json.loads((export_dir / "medseg.json").read_text())["dims"] == 3
+    assert (run_dir / "plan.json").is_file()
+    rows = list(
+        csv.DictReader((run_dir / "predictions" / "predictions.csv").read_text().splitlines())
+    )
+    assert {r["input_type"] for r in rows} == {"volume", "dicom_series"}
+    assert all(r["status"] == "ok" for r in rows)
+    series = next(r for r in rows if r["input_type"] == "dicom_series")
+    seg = hd.seg.segread(run_dir / "predictions" / series["seg"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+    volume = next(r for r in rows if r["input_type"] == "volume")
+    # the same phantom as NIfTI and as DICOM: the same structures, the same size (+-5%)
+    for name in ("anterior", "posterior"):
+        a, b = float(volume[f"volume_ml_{name}"]), float(series[f"volume_ml_{name}"])
+        assert a > 0 and abs(a - b) <= 0.05 * a, (name, a, b)
