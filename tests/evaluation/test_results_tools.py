@@ -2,8 +2,9 @@
 ``medseg evaluate MODEL --data FOLDER --out DIR`` (exports, CV ensembles and runs scored on any
 labelled folder).
 
-The tests that train or run the CLI are ``slow``; they share the module's CV runs, tuning and
-export (fixtures), and the session's classifier run (tests/conftest.py)."""
+The tests that train or run the CLI are ``slow``; they share the module's CV runs (a fold of the
+classifier's CV is also the classifier run of the ``evaluate`` tests), tuning and export
+(fixtures), and the session's hub module (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from medseg.config import load_config
+from medseg.data.split import load_manifest, write_manifest
 from medseg.evaluation.scoring import evaluate_model
 from medseg.evaluation.tune import (
     THRESHOLDS,
@@ -99,6 +101,13 @@ def cls_cv(work, tiny_synth, tiny_hub_module):
         ],
     )
     return run_cv(cfg).path
+
+
+@pytest.fixture(scope="module")
+def cls_run(cls_cv) -> Path:
+    """Fold 1 of ``cls_cv``: an ordinary run folder of the tiny classifier, trained once for both
+    the CV and the ``evaluate`` tests."""
+    return cls_cv / "fold_1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +210,6 @@ def test_tune_chooses_post_processing_on_the_other_folds_only(seg_cv, seg_tuned)
     joint = next(v for v in result["variants"] if v["name"] == "last_tta_postprocess")
     from medseg.artifacts.runs import open_run
     from medseg.data.scan import scan_from_config
-    from medseg.data.split import load_manifest
 
     cfg = open_run(seg_cv).config()
     manifest = load_manifest(seg_cv / "splits.json")
@@ -284,7 +292,6 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(
     assert result["ensemble_with"] == [str(seg_cv_other)]
     assert result["folder"] == "tune-with-segcv_other"
     assert (seg_cv / "tune" / "tune.json").read_text() == own  # the run's own tuning: as it was
-    from medseg.data.split import load_manifest
     from medseg.evaluation.tune import _all_fold_probabilities, _mean_over_runs
 
     _, manifest, folds = _all_fold_probabilities(seg_cv)
@@ -314,10 +321,24 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(
     assert (ens / "tune.json").read_text() == written
 
 
+@pytest.fixture(scope="module")
+def seg_cv_other_folds(seg_cv, work) -> Path:
+    """``seg_cv`` copied, with its folds renumbered in splits.json (fold k holds what was fold
+    k + 1): a finished CV run of the same task and data whose fold k saw other patients."""
+    other = work / "runs" / "segcv_other_folds"
+    shutil.copytree(seg_cv, other)
+    manifest = load_manifest(other / "splits.json")
+    for key in ("folds", "fold_groups"):
+        manifest[key] = manifest[key][1:] + manifest[key][:1]
+    write_manifest(other / "splits.json", manifest)
+    return other
+
+
 @pytest.mark.slow
-def test_tune_with_a_run_on_other_folds_is_refused(seg_cv, cls_cv):
-    proc = run_cli("tune", str(seg_cv), "--with", str(cls_cv), "--n-boot", "0", cwd=seg_cv.parent)
-    assert proc.returncode != 0 and str(cls_cv) in proc.stderr and "folds differ" in proc.stderr
+def test_tune_with_a_run_on_other_folds_is_refused(seg_cv, seg_cv_other_folds):
+    other = seg_cv_other_folds
+    proc = run_cli("tune", str(seg_cv), "--with", str(other), "--n-boot", "0", cwd=seg_cv.parent)
+    assert proc.returncode != 0 and str(other) in proc.stderr and "folds differ" in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,12 +385,12 @@ def test_largest_component_never_adds_foreground(seg_cv, work, tiny_synth):
 
 
 @pytest.mark.slow
-def test_evaluate_cli_classifier_on_a_labelled_folder(tiny_cls_run, work, tiny_synth):
+def test_evaluate_cli_classifier_on_a_labelled_folder(cls_run, work, tiny_synth):
     data = tiny_synth / "classification"
     out = work / "ev_cls"
     proc = run_cli(
         "evaluate",
-        str(tiny_cls_run),
+        str(cls_run),
         "--data",
         str(data),
         "--out",
@@ -388,12 +409,12 @@ def test_evaluate_cli_classifier_on_a_labelled_folder(tiny_cls_run, work, tiny_s
     for name in ("confusion.png", "roc.png", "reliability.png"):
         assert (out / "plots" / name).is_file()
     # the same folder again: refused, then replaced with --overwrite
-    again = run_cli("evaluate", str(tiny_cls_run), "--data", str(data), "--out", str(out), cwd=work)
+    again = run_cli("evaluate", str(cls_run), "--data", str(data), "--out", str(out), cwd=work)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     # segmentation-only options are refused for a classifier
     bad = run_cli(
         "evaluate",
-        str(tiny_cls_run),
+        str(cls_run),
         "--data",
         str(data),
         "--out",
@@ -405,7 +426,7 @@ def test_evaluate_cli_classifier_on_a_labelled_folder(tiny_cls_run, work, tiny_s
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_a_folder_with_other_classes(tiny_cls_run, work, tiny_synth):
+def test_evaluate_refuses_a_folder_with_other_classes(cls_run, work, tiny_synth):
     other = work / "other_classes"
     src = tiny_synth / "classification"
     shutil.copytree(src, other)
@@ -413,7 +434,7 @@ def test_evaluate_refuses_a_folder_with_other_classes(tiny_cls_run, work, tiny_s
     for split in ("Training", "Testing"):
         (other / split / name).rename(other / split / "zzz_unknown")
     proc = run_cli(
-        "evaluate", str(tiny_cls_run), "--data", str(other), "--out", str(work / "y"), cwd=work
+        "evaluate", str(cls_run), "--data", str(other), "--out", str(work / "y"), cwd=work
     )
     assert proc.returncode == 2
     assert str(other) in proc.stderr and "differ from the model's classes" in proc.stderr

@@ -18,9 +18,7 @@ from medseg.config import load_config
 from medseg.data.preprocess import preprocess_images, restore_size
 from medseg.errors import ConfigError, RunExistsError
 from medseg.inference.export import export_run
-from medseg.models.hub import make_hub_module
 from medseg.training.cv import run_cv
-from medseg.training.train import train
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -107,34 +105,16 @@ def cv_run(work, tiny_synth):
 
 
 @pytest.fixture(scope="module")
-def cls_run(work, tiny_synth):
-    """A tiny MobileNetV2 classifier on a TF-Hub module (32x32, alpha 0.35, 1 epoch); batch-norm
-    momentum 0 calibrates the moving statistics in one epoch, so outputs depend on the input."""
-    hub = make_hub_module(work / "hub", input_size=32, alpha=0.35, bn_momentum=0.0)
-    cfg = load_config(
-        REPO / "configs" / "brain-tumor-mobilenetv2.yaml",
-        [
-            *TINY,
-            "train.batch_size=4",
-            f"model.hub_handle={hub}",
-            "data.val_fraction=0.25",
-            f"data.root={tiny_synth / 'classification'}",
-            f"run.root={work / 'runs'}",
-            "run.name=cls",
-        ],
-    )
-    return train(cfg).run.path
-
-
-@pytest.fixture(scope="module")
 def seg_export(work, cv_run):
     """Fold 1 of the CV (an ordinary run folder) exported with TTA, SavedModel and TFLite."""
     return export_run(cv_run / "fold_1", work / "seg_tta", tta=True, formats="both")
 
 
 @pytest.fixture(scope="module")
-def cls_export(work, cls_run):
-    return export_run(cls_run, work / "cls", tta=True, formats=("savedmodel", "tflite"))
+def cls_export(work, tiny_cls_run):
+    """The session's tiny MobileNetV2 classifier on a TF-Hub module (32x32, alpha 0.35, 1 epoch;
+    batch-norm momentum 0, so its outputs depend on the input), exported with TTA and TFLite."""
+    return export_run(tiny_cls_run, work / "cls", tta=True, formats=("savedmodel", "tflite"))
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +179,11 @@ def test_refuses_to_overwrite_then_replaces_without_tta(seg_export, cv_run):
     assert np.max(np.abs(got - _to_raw_size(_keras(model, x), card))) < TOL
 
 
-def test_classifier_export_and_tflite(cls_export, cls_run):
+def test_classifier_export_and_tflite(cls_export, tiny_cls_run):
     card = json.loads((cls_export / "medseg.json").read_text())
     assert card["task"] == "classification" and len(card["classes"]) == 4
     assert "TF-Hub module" in card["keras"]["note"]
-    model = keras.models.load_model(cls_run / "checkpoints" / "best.keras", compile=False)
+    model = keras.models.load_model(tiny_cls_run / "checkpoints" / "best.keras", compile=False)
     raw = _raw(3, size=(45, 37))
     out = _serve(cls_export, raw)
     x = preprocess_images(tf.constant(raw), **_prep(card)).numpy()

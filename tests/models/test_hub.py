@@ -1,10 +1,11 @@
 """Tests for the TF-Hub MobileNetV2 path: make_hub_module, HubLayer, the classifier, fine-tuning.
 
-There is no network access here: every test builds its own tiny module (32x32, alpha 0.35) with
-:func:`make_hub_module`. The module is written with batch-norm momentum 0, so one training-mode
-step sets the moving statistics to that batch's statistics: inference-mode outputs then depend on
-the input (an untrained MobileNetV2 with default statistics gives the same output for every
-image), which keeps the output comparisons meaningful.
+There is no network access here: the tests use the session's tiny module (32x32, alpha 0.35,
+``tiny_hub_module`` in tests/conftest.py, written by :func:`make_hub_module`; they load it, never
+change it on disk). The module is written with batch-norm momentum 0, so one training-mode step
+sets the moving statistics to that batch's statistics: inference-mode outputs then depend on the
+input (an untrained MobileNetV2 with default statistics gives the same output for every image),
+which keeps the output comparisons meaningful.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
-def module(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hub") / "mobilenetv2_035_32"
-    return make_hub_module(out, input_size=SIZE, alpha=ALPHA, bn_momentum=0.0)
+def module(tiny_hub_module):
+    """The session's module: SIZE x SIZE, alpha ALPHA, batch-norm momentum 0 (checked below)."""
+    return tiny_hub_module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ def module(tmp_path_factory):
 def test_module_is_a_reusable_saved_model(module):
     info = json.loads((module / HUB_INFO_NAME).read_text())
     assert info["input_size"] == [SIZE, SIZE] and info["alpha"] == ALPHA
+    assert info["bn_momentum"] == 0.0  # what the output comparisons below rely on
     assert info["weights"] is None and info["feature_dim"] == FEATURES
     assert {"tensorflow", "keras", "medseg"} <= set(info["versions"])
 
