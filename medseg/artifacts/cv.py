@@ -23,6 +23,9 @@ from medseg.utils import read_json
 
 #: The file that makes a run folder a cross-validation folder: its fold models.
 ENSEMBLE_NAME = "ensemble.json"
+#: The checkpoint whose out-of-fold predictions are scored and which the ensemble holds: "best"
+#: would be chosen on the held-out fold itself (an optimistic score), "last" is not.
+CV_CHECKPOINT = "last"
 
 
 def fold_dir(root: Path, k: int) -> Path:

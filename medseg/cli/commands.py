@@ -28,9 +28,11 @@ def _cmd_bench(args) -> int:
             f"some of {', '.join(INFER_PATHS)}"
         )
     given = {"unet": args.unet_config, "classifier": args.classifier_config}
+    names = args.only or ["unet", "classifier"]
     configs = {
         name: load_bench_config(name, given[name], args.overrides)
-        for name in (args.only or ["unet", "classifier"])
+        for name in names
+        if name != "unet3d"
     }
     result = run_bench(
         configs,
@@ -40,6 +42,8 @@ def _cmd_bench(args) -> int:
         torch_script=args.torch_script,
         torch_seconds=args.torch_seconds,
         torch=not args.no_torch,
+        unet3d="unet3d" in names,
+        peer3d_python=args.peer3d_python,
     )
     text = json.dumps(result)
     if args.out:
@@ -251,17 +255,17 @@ def _evaluate_3d(args) -> int:
 
 
 def _tune_3d(args) -> int:
-    """``medseg tune`` for a 3D cross-validation: post-processing chosen out of fold."""
-    from medseg.evaluation.report3d import write_volumetric_report
+    """``medseg tune`` for a 3D cross-validation: post-processing and mirror TTA chosen out of
+    fold."""
+    from medseg.evaluation.report3d import tune_volumetric
     from medseg.evaluation.volumetric import format_volumetric
 
-    summary = write_volumetric_report(args.run)
-    for key in ("none", "largest", "chosen"):
-        if key in summary:
-            print(f"{key}:\n{format_volumetric(summary[key])}")
-    if "postprocess_by_fold" in summary:
-        print(f"post-processing chosen on the other folds: {summary['postprocess_by_fold']}")
-    print(f"written: {Path(args.run) / 'cv_summary.json'}, report.md")
+    result = tune_volumetric(args.run, n_boot=args.n_boot)
+    for name, summary in result["variants"].items():
+        print(f"{name}:\n{format_volumetric(summary)}")
+    print(f"chosen on the other folds:\n{format_volumetric(result['chosen'])}")
+    print(f"chosen per fold: {result['chosen_by_fold']}")
+    print(f"written: {Path(args.run) / 'tune' / 'tune.json'}, ablation.md")
     return EXIT_OK
 
 

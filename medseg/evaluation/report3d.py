@@ -11,6 +11,11 @@ and ``report.md`` at the top of the CV folder:
 * ``chosen``: post-processing chosen out of fold, the honest figure: for fold ``k`` the setting
   with the higher macro mean Dice on the *other* folds' cases is applied to fold ``k``'s cases
   (a tie keeps ``none``).
+
+``medseg tune`` (:func:`tune_volumetric`) adds mirror test-time augmentation: each fold's model
+predicts its validation cases again with the 8 flips averaged (``fold_<k>/oof_mirror.csv``), and
+the choice runs over the four settings ``none``, ``largest``, ``mirror`` and ``mirror+largest``,
+again on the other folds only.
 """
 
 from __future__ import annotations
@@ -19,15 +24,20 @@ import logging
 import math
 from pathlib import Path
 
-from medseg.artifacts.cv import fold_dir
+from medseg.artifacts.cv import CV_CHECKPOINT, fold_dir
+from medseg.artifacts.runs import open_run
+from medseg.data.scan_msd import describe
 from medseg.errors import DataError
-from medseg.evaluation.evaluate import read_cases
+from medseg.evaluation.evaluate import read_cases, write_cases
+from medseg.evaluation.score3d import score_volumes
 from medseg.evaluation.volumetric import format_volumetric, summarize_volumetric
-from medseg.utils import atomic_write_json, atomic_write_text
+from medseg.utils import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
 POSTPROCESSING = ("none", "largest")
+#: The settings :func:`tune_volumetric` chooses among, in order of preference on a tie.
+TUNE_SETTINGS = ("none", "largest", "mirror", "mirror+largest")
 #: Text columns of a 3D per-case row; every other column is a number (empty: missing).
 TEXT_COLUMNS = frozenset({"id", "case", "group", "structure", "postprocess", "empty", "unit"})
 
@@ -75,16 +85,17 @@ def _macro_dice(rows: list[dict]) -> float:
     return sum(values) / len(values) if values else -1.0
 
 
-def choose_out_of_fold(folds: dict[int, list[dict]]) -> tuple[list[dict], dict[int, str]]:
-    """Post-processing chosen for each fold on the other folds' cases, and the rows it gives."""
+def choose_out_of_fold(
+    folds: dict[int, list[dict]], settings: tuple[str, ...] = POSTPROCESSING
+) -> tuple[list[dict], dict[int, str]]:
+    """The setting chosen for each fold on the other folds' cases (the highest macro mean Dice;
+    the earlier of ``settings`` on a tie), and the rows it gives."""
     chosen_rows: list[dict] = []
     choices: dict[int, str] = {}
     for k, rows in folds.items():
         others = [r for f, rs in folds.items() if f != k for r in rs]
-        scores = {
-            p: _macro_dice([r for r in others if r["postprocess"] == p]) for p in POSTPROCESSING
-        }
-        choice = "largest" if scores["largest"] > scores["none"] else "none"
+        scores = {p: _macro_dice([r for r in others if r["postprocess"] == p]) for p in settings}
+        choice = max(settings, key=lambda p: (scores[p], -settings.index(p)))
         choices[k] = choice
         chosen_rows += [r for r in rows if r["postprocess"] == choice]
     return chosen_rows, choices
@@ -139,3 +150,57 @@ def write_volumetric_report(root: str | Path, summary: dict | None = None) -> di
     atomic_write_text(root / "report.md", _markdown(summary))
     logger.info("wrote %s and report.md", root / "cv_summary.json")
     return summary
+
+
+def _mirror_rows(root: Path, k: int, n_boot: int) -> list[dict]:
+    """Fold ``k``'s validation cases predicted with mirror TTA (computed once, then read)."""
+    fdir = fold_dir(root, k)
+    path = fdir / "oof_mirror.csv"
+    if not path.exists():
+        run = open_run(fdir)
+        ids = read_json(run.splits_path)["splits"]["val"]
+        by_id = {c.case_id: c for c in describe(run.config().data.root).cases}
+        out = fdir / "tune_mirror"
+        score_volumes(
+            fdir, [by_id[i] for i in ids], out, checkpoint=CV_CHECKPOINT, split="val",
+            n_boot=n_boot, mirror=True,
+        )  # fmt: skip
+        rows = read_cases(out / "cases_val.csv")
+        for row in rows:
+            row["postprocess"] = "mirror" if row["postprocess"] == "none" else "mirror+largest"
+        write_cases(path, rows, {"fold": k})
+    return [_typed(r) for r in read_cases(path)]
+
+
+def tune_volumetric(root: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Out-of-fold choice among no post-processing, the largest component per structure and
+    mirror TTA (see the module docstring); writes ``tune/tune.json`` and ``tune/ablation.md``.
+
+    Raises:
+        DataError: fewer than two folds have finished.
+    """
+    root = Path(root)
+    folds = read_oof_rows(root)
+    if len(folds) < 2:
+        raise DataError(f"{root}: tune needs two finished folds or more, found {len(folds)}")
+    for k in folds:
+        folds[k] = folds[k] + _mirror_rows(root, k, n_boot)
+    every = [r for rows in folds.values() for r in rows]
+    result: dict = {"kind": "volumetric", "folds": sorted(folds), "variants": {}}
+    for setting in TUNE_SETTINGS:
+        rows = [r for r in every if r["postprocess"] == setting]
+        result["variants"][setting] = summarize_volumetric(rows, n_boot=n_boot, seed=seed)
+    chosen, choices = choose_out_of_fold(folds, TUNE_SETTINGS)
+    result["chosen"] = summarize_volumetric(chosen, n_boot=n_boot, seed=seed)
+    result["chosen_by_fold"] = {str(k): v for k, v in choices.items()}
+    lines = ["# Tune (3D): settings scored out of fold", ""]
+    for name, summary in [
+        *result["variants"].items(),
+        ("chosen on the other folds", result["chosen"]),
+    ]:
+        lines += [f"## {name}", "", "```", format_volumetric(summary), "```", ""]
+    by_fold = ", ".join(f"fold {k}: {v}" for k, v in choices.items())
+    lines += [f"Chosen per fold (on the other folds): {by_fold}.", ""]
+    atomic_write_json(root / "tune" / "tune.json", result)
+    atomic_write_text(root / "tune" / "ablation.md", "\n".join(lines))
+    return result

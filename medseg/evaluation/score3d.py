@@ -35,16 +35,17 @@ def score_volumes(
     checkpoint: str = "best",
     split: str = "val",
     n_boot: int = 1000,
+    mirror: bool | None = None,
 ) -> dict:
     """Predict ``cases`` whole with ``model`` (a 3D run, CV or export folder) and score them.
 
     Writes ``<out>/cases_<split>.csv`` (one row per case, structure and post-processing:
     ``none`` or ``largest``) and records in ``<out>/metrics.json`` (other keys kept)
     ``{split: summary without post-processing, split + "_largest": with it}``; returns those
-    two entries.
+    two entries. ``mirror``: mirror TTA on or off (None: the model's own setting).
     """
     out = Path(out)
-    predictor = VolumePredictor(model, checkpoint=checkpoint)
+    predictor = VolumePredictor(model, checkpoint=checkpoint, mirror=mirror)
     labels = predictor.labels
     rows: list[dict] = []
     for case in cases:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 import medseg
-from medseg.artifacts.cv import ENSEMBLE_NAME, fold_dir, fold_done
+from medseg.artifacts.cv import CV_CHECKPOINT, ENSEMBLE_NAME, fold_dir, fold_done
 from medseg.artifacts.runs import RunDir, default_run_name, load_run_model
 from medseg.config import Config
 from medseg.data.pipeline import load_arrays
@@ -30,7 +30,7 @@ from medseg.evaluation.evaluate import score, write_cases
 from medseg.evaluation.report3d import write_volumetric_report
 from medseg.models.ensemble import mean_probabilities
 from medseg.training.distributed import resolve_cluster
-from medseg.training.folds import CV_CHECKPOINT, run_fold
+from medseg.training.folds import run_fold
 from medseg.training.volumetric import is_volumetric
 from medseg.utils import atomic_write_json, atomic_write_text
 

@@ -12,7 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from medseg.artifacts.cv import fold_dir
+from medseg.artifacts.cv import CV_CHECKPOINT, fold_dir
 from medseg.artifacts.runs import RunDir
 from medseg.config import Config, config_from_dict
 from medseg.data.split import fold_manifest, load_manifest
@@ -20,10 +20,6 @@ from medseg.evaluation.evaluate import read_cases, write_cases
 from medseg.training.train import train
 
 logger = logging.getLogger(__name__)
-
-# The checkpoint whose out-of-fold predictions are scored and which the ensemble holds: "best"
-# would be chosen on the held-out fold itself (an optimistic score), "last" is not.
-CV_CHECKPOINT = "last"
 
 
 def fold_config(cfg: Config, root: Path, k: int) -> Config:

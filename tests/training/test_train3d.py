@@ -153,7 +153,11 @@ def test_cv_reports_structures_out_of_fold(msd, tmp_path):
     assert "out of fold" in (root / "report.md").read_text()
     tuned = run_cli("tune", str(root), cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr
-    assert "chosen" in tuned.stdout and "post-processing chosen" in tuned.stdout
+    assert "chosen on the other folds" in tuned.stdout and "mirror+largest" in tuned.stdout
+    tune = json.loads((root / "tune" / "tune.json").read_text())
+    assert set(tune["variants"]) == {"none", "largest", "mirror", "mirror+largest"}
+    assert set(tune["chosen_by_fold"]) == {"1", "2"}
+    assert (root / "fold_1" / "oof_mirror.csv").is_file()
     # a finished CV is not trained again
     again = run_cli("cv", "--config", str(config), "--name", "cv3d", *cfg, cwd=tmp_path)
     assert again.returncode == 0 and "already finished" in again.stderr
