@@ -46,6 +46,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from medseg.bench3d import apply_thread_settings
 from medseg.config import Config, load_config, precision_policy
 from medseg.errors import ConfigError, MedsegError
 
@@ -289,18 +290,10 @@ def bench_config(
 
     import_tensorflow_quietly()
     import keras
-    import tensorflow as tf
 
     from medseg.models.registry import build_model
 
-    threads = {}
-    for key, setter in (
-        ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
-        ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
-    ):
-        if os.environ.get(key):
-            setter(int(os.environ[key]))
-            threads[key] = int(os.environ[key])
+    threads = apply_thread_settings()
 
     keras.mixed_precision.set_global_policy(precision_policy(cfg.train))
     keras.utils.set_random_seed(cfg.train.seed)
@@ -312,7 +305,7 @@ def bench_config(
         "mixed_precision": precision_policy(cfg.train),
         "jit_compile": cfg.train.jit_compile,
         "steps_per_execution": cfg.train.steps_per_execution,
-        "threads": threads or "default",
+        "threads": threads,
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
     }
     t0 = time.perf_counter()

@@ -234,7 +234,7 @@ def train_rate(model, window: int, batch: int, seconds: float) -> tuple[float, l
     return _median_rate(lambda: model.train_on_batch(x, y), batch, seconds)
 
 
-def _threads() -> dict | str:
+def apply_thread_settings() -> dict | str:
     """Apply ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` when set; what was set."""
     import tensorflow as tf
 
@@ -313,7 +313,7 @@ def bench_unet3d(
         "precision": policy,
         "batch_norm_folded": True,
         "train_jit_compile": False,
-        "threads": _threads(),
+        "threads": apply_thread_settings(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "windows_per_volume": n_windows(volume, window, overlap),
     }

@@ -57,7 +57,7 @@ from medseg.data.audit_checks import (
     size_summary,
 )
 from medseg.data.audit_duplicates import MAX_LISTED, near_duplicates, split_key
-from medseg.data.audit_volumes import audit_volumes, format_volume_audit
+from medseg.data.audit_volumes import audit_volumes, format_rows, format_volume_audit
 from medseg.data.dedup import default_workers
 from medseg.data.samples import Sample, ScanResult
 from medseg.errors import DataError
@@ -469,10 +469,4 @@ def format_audit(report: dict[str, Any]) -> str:
     lk = report["leaks"]
     if lk["splits"]:
         rows.append((f"  leaks {'/'.join(lk['splits'])}", _pairs_text(lk)))
-    rows.append(("problems", str(len(report["problems"]))))
-    rows += [("", p) for p in report["problems"][:10]]
-    if len(report["problems"]) > 10:
-        rows.append(("", f"... and {len(report['problems']) - 10} more (see audit.json)"))
-    rows.append(("time", f"{report['seconds']:.1f} s"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+    return format_rows(rows, report)

@@ -200,7 +200,12 @@ def format_volume_audit(report: dict[str, Any]) -> str:
         norm += f", clip {_list(plan['intensity_clip'])}{mark('intensity_clip')}"
         norm += f", mean {_list(plan['channel_mean'])}, std {_list(plan['channel_std'])}"
     rows.append(("plan norm", f"{norm}{mark('normalization')}"))
-    rows.append(("problems", str(len(report["problems"]))))
+    return format_rows(rows, report)
+
+
+def format_rows(rows: list[tuple[str, str]], report: dict) -> str:
+    """An audit's text: ``rows``, then its problems (the first 10) and its time, aligned."""
+    rows = [*rows, ("problems", str(len(report["problems"])))]
     rows += [("", p) for p in report["problems"][:10]]
     if len(report["problems"]) > 10:
         rows.append(("", f"... and {len(report['problems']) - 10} more (see audit.json)"))

@@ -12,6 +12,7 @@ stops the batch (:class:`~medseg.errors.OutputError`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -309,6 +310,37 @@ def commit_case_dir(tmp_dir: Path, case_dir: Path) -> None:
     os.replace(tmp_dir, case_dir)
 
 
+@contextlib.contextmanager
+def case_folder(case: Case, out: Path, row: dict) -> Iterator[Path]:
+    """The hidden temporary folder that one case's outputs are written into.
+
+    When the block succeeds the folder is renamed into ``<out>/<case_id>/``
+    (:func:`commit_case_dir`). When it fails, the case's ``row`` gets ``status`` ``error`` and
+    one line naming the problem, the error is logged, and the batch goes on; a full disk is
+    raised (:class:`~medseg.errors.OutputError`): every case after this one would fail the same
+    way. The temporary folder is always removed.
+    """
+    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        yield tmp_dir
+        commit_case_dir(tmp_dir, out / case.case_id)
+    except OutputError as e:
+        raise disk_full_error(out / case.case_id) from e
+    except MedsegError as e:
+        row.update(status="error", error=str(e))
+        logger.error("%s", e)
+    except Exception as e:  # one bad case must not stop the batch
+        if is_disk_full(e):
+            raise disk_full_error(out / case.case_id) from e
+        message = f"{type(e).__name__}: {e}"
+        row.update(status="error", error=f"{case.source}: {message}")
+        logger.error("%s: unexpected error: %s", case.case_id, message)
+        logger.debug("%s: traceback", case.case_id, exc_info=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def run_case(
     predictor: BasePredictor | None,
     case: Case,
@@ -344,30 +376,12 @@ def run_case(
         logger.error("%s", case.error)
         return row
     assert predictor is not None
-    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    try:
+    with case_folder(case, out, row) as tmp_dir:
         image = reader.read(case)
         if case.kind != "series":
             row["input_type"] = "volume" if image.is_volume else "image"
         row.update(_predict_case(predictor, image, case, tmp_dir, opts, clock))
-        commit_case_dir(tmp_dir, out / case.case_id)
-    except OutputError as e:
-        # a full disk stops the batch: every case after this one would fail the same way
-        raise disk_full_error(out / case.case_id) from e
-    except MedsegError as e:
-        row.update(status="error", error=str(e))
-        logger.error("%s", e)
-    except Exception as e:  # one bad case must not stop the batch
-        if is_disk_full(e):
-            raise disk_full_error(out / case.case_id) from e
-        message = f"{type(e).__name__}: {e}"
-        row.update(status="error", error=f"{case.source}: {message}")
-        logger.error("%s: unexpected error: %s", case.case_id, message)
-        logger.debug("%s: traceback", case.case_id, exc_info=True)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0)
     return row
 

@@ -18,22 +18,19 @@ for 2D models (:mod:`medseg.inference.batch`, :func:`medseg.inference.case.commi
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 import yaml
 
 from medseg.artifacts.exports import RUN_CONFIG, folder_kind, read_card
-from medseg.errors import DataError, MedsegError, OutputError
+from medseg.errors import DataError
 from medseg.inference.batch import Batch, PredictResult, progress_bar
-from medseg.inference.case import commit_case_dir
+from medseg.inference.case import case_folder
 from medseg.inference.cases import Case, CaseReader
 from medseg.inference.postprocess import largest_component_per_label
 from medseg.inference.volumetric import VolumePredictor, structure_volumes_ml
 from medseg.io.writers import write_mask_nifti, write_seg, write_tables
-from medseg.utils import disk_full_error, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -108,26 +105,10 @@ def run_volume_case(
         row.update(status="error", error=case.error)
         logger.error("%s", case.error)
         return row, 0, 0.0
-    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     slices, seconds = 0, 0.0
-    try:
+    with case_folder(case, out, row) as tmp_dir:
         written, slices, seconds = _predict_volume(predictor, case, reader, tmp_dir, largest)
         row.update(written)
-        commit_case_dir(tmp_dir, out / case.case_id)
-    except OutputError as e:
-        raise disk_full_error(out / case.case_id) from e
-    except MedsegError as e:
-        row.update(status="error", error=str(e))
-        logger.error("%s", e)
-    except Exception as e:  # one bad case must not stop the batch
-        if is_disk_full(e):
-            raise disk_full_error(out / case.case_id) from e
-        row.update(status="error", error=f"{case.source}: {type(e).__name__}: {e}")
-        logger.error("%s: unexpected error: %s: %s", case.case_id, type(e).__name__, e)
-        logger.debug("%s: traceback", case.case_id, exc_info=True)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return row, slices, seconds
 
 
