@@ -45,8 +45,12 @@ def is_volumetric_model(path: str | Path) -> bool:
     kind = folder_kind(path)
     if kind == "export":
         return int(read_card(path).get("dims", 2)) == 3
-    config = yaml.safe_load((Path(path) / RUN_CONFIG).read_text()) or {}
-    return (config.get("model") or {}).get("name") == "unet3d"
+    try:
+        config = yaml.safe_load((Path(path) / RUN_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # not readable: the loader of the run says what is wrong with it
+    model = config.get("model") if isinstance(config, dict) else None
+    return isinstance(model, dict) and model.get("name") == "unet3d"
 
 
 def column_name(structure: str) -> str:
