@@ -275,3 +275,45 @@ def prepare_case(
     num_classes = len(plan.labels) if getattr(plan, "labels", None) else None
     out = resample_labels(labels, spacing, plan.target_spacing, label_mode, num_classes)
     return image, out
+
+
+def standard_orientation(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, ...]]:
+    """How to reorder a volume's axes into medseg's standard orientation.
+
+    The standard orientation is the one the NIfTI reader returns (:mod:`medseg.io.nifti`):
+    slice index towards patient superior, row index towards posterior, column index towards the
+    patient's left, as closely as the grid allows. A model trained on NIfTI volumes sees its
+    training data this way; a DICOM series stored sagittally or coronally must be turned the
+    same way before it is predicted, or the model sees its axes swapped.
+
+    Args:
+        affine: 4x4 (slice, row, col, 1) -> LPS mm of the volume.
+
+    Returns:
+        ``(axes, flips)``: ``to_standard`` transposes by ``axes``, then reverses each axis
+        whose flip is true.
+    """
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(np.asarray(affine, dtype=float))  # per array axis: LPS axis, sign
+    axes, flips = [], []
+    for world in (2, 1, 0):  # S (+z), P (+y), L (+x) in LPS
+        axis = int(np.flatnonzero(ornt[:, 0] == world)[0])
+        axes.append(axis)
+        flips.append(bool(ornt[axis, 1] < 0))
+    return (axes[0], axes[1], axes[2]), tuple(flips)
+
+
+def to_standard(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    """``array`` (D x H x W[ x C]) turned into the standard orientation
+    (:func:`standard_orientation`)."""
+    out = np.transpose(array, (*axes, *range(3, array.ndim)))
+    index = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
+    return np.ascontiguousarray(out[index])
+
+
+def from_standard(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    """The inverse of :func:`to_standard`: back to the volume's own axis order."""
+    index = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
+    inverse = np.argsort(axes)
+    return np.ascontiguousarray(np.transpose(array[index], (*inverse, *range(3, array.ndim))))

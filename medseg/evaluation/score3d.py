@@ -52,7 +52,7 @@ def score_volumes(
         image = read_case_image(case, predictor.channels)
         truth = read_case_labels(case, labels)
         spacing = image.meta.spacing
-        pred = predictor.predict(image.array, spacing)["labels"]
+        pred = predictor.predict(image.array, spacing, image.meta.affine)["labels"]
         for name, mask in (("none", pred), ("largest", largest_component_per_label(pred))):
             for row in case_rows(case.case_id, case.case_id, mask, truth, spacing, labels):
                 rows.append({**row, "postprocess": name})

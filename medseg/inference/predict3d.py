@@ -68,7 +68,7 @@ def _predict_volume(
     if spacing is None:
         raise DataError(f"{case.source}: the volume has no voxel spacing; a 3D model needs it")
     t0 = time.perf_counter()
-    labels = predictor.predict(image.array, spacing)["labels"]
+    labels = predictor.predict(image.array, spacing, image.meta.affine)["labels"]
     seconds = time.perf_counter() - t0
     if largest:
         labels = largest_component_per_label(labels)

@@ -37,6 +37,7 @@ from medseg.artifacts.cv import ENSEMBLE_NAME
 from medseg.artifacts.exports import SAVED_MODEL, SERVE_SIGNATURE, folder_kind, read_card
 from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.data.fingerprint import VolumePlan
+from medseg.data.resample import from_standard, standard_orientation, to_standard
 from medseg.errors import ConfigError, DataError, ModelError
 from medseg.inference.sliding_window import SIGMA_SCALE, sliding_window_inference
 from medseg.models.fold import fold_batch_norm
@@ -337,12 +338,19 @@ class VolumePredictor:
         self.channel_names = {int(k): str(v) for k, v in channel_names.items()}
         self.channels = int(channels)
 
-    def predict(self, array: np.ndarray, spacing: Sequence[float]) -> dict[str, np.ndarray]:
-        """Probabilities and labels of one volume, at its own shape.
+    def predict(
+        self, array: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Probabilities and labels of one volume, at its own shape and in its own axis order.
 
         Args:
             array: ``D x H x W x C`` (or ``D x H x W`` for one channel) raw intensities.
             spacing: (slice, row, col) voxel spacing in mm.
+            affine: the volume's 4x4 (slice, row, col, 1) -> LPS mm. When given, the volume is
+                turned into the standard orientation the model was trained in
+                (:func:`medseg.data.resample.standard_orientation`: a sagittal DICOM series
+                like an axial NIfTI) and the outputs are turned back; when None, the array is
+                taken to be in that orientation already.
 
         Returns:
             ``probabilities``: float32 ``D x H x W x K``; ``labels``: uint8 ``D x H x W``.
@@ -366,12 +374,16 @@ class VolumePredictor:
             or (spacing_arr <= 0).any()
         ):
             raise DataError(f"spacing {list(spacing)}: expected 3 positive numbers (mm)")
+        axes, flips = (0, 1, 2), (False, False, False)
+        if affine is not None:
+            axes, flips = standard_orientation(affine)
+            array, spacing_arr = to_standard(array, axes, flips), spacing_arr[list(axes)]
         out = self._fn(
             volume=tf.constant(array.astype(np.float32)), spacing=tf.constant(spacing_arr)
         )
         return {
-            "probabilities": out["probabilities"].numpy(),
-            "labels": out["labels"].numpy().astype(np.uint8),
+            "probabilities": from_standard(out["probabilities"].numpy(), axes, flips),
+            "labels": from_standard(out["labels"].numpy().astype(np.uint8), axes, flips),
         }
 
 

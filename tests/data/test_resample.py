@@ -193,3 +193,29 @@ def test_prepare_case_normalises_then_resamples():
     assert none is None and only.shape == (48, 21, 32, 1)
     with pytest.raises(DataError, match="label map shape"):
         prepare_case(image, spacing, labels[:-1], plan)
+
+
+def test_standard_orientation_turns_a_sagittal_volume_like_an_axial_nifti(tmp_path):
+    from medseg.data.resample import from_standard, standard_orientation, to_standard
+    from medseg.data.synthetic3d import lps_affine, write_nifti_volume
+    from medseg.io import read_image
+
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 7, 8)).astype(np.float32)
+    affine = lps_affine(image.shape, (2.0, 1.0, 1.5))
+    axial = read_image(write_nifti_volume(tmp_path / "a.nii.gz", image, affine))
+    # what the NIfTI reader returns is already standard
+    assert standard_orientation(axial.meta.affine) == ((0, 1, 2), (False, False, False))
+    # the same voxels stored with the axes swapped and one reversed (as a sagittal series)
+    stored = image.transpose(2, 1, 0)[:, ::-1]
+    index_to_axial = np.zeros((4, 4))
+    index_to_axial[2, 0] = 1.0  # stored axis 0 is axial col
+    index_to_axial[1, 1], index_to_axial[1, 3] = -1.0, image.shape[1] - 1  # reversed row
+    index_to_axial[0, 2] = 1.0  # stored axis 2 is axial slice
+    index_to_axial[3, 3] = 1.0
+    axes, flips = standard_orientation(affine @ index_to_axial)
+    assert axes == (2, 1, 0) and flips == (False, True, False)
+    np.testing.assert_array_equal(to_standard(stored, axes, flips), image)
+    np.testing.assert_array_equal(from_standard(image, axes, flips), stored)
+    with_channels = stored[..., None]
+    np.testing.assert_array_equal(to_standard(with_channels, axes, flips)[..., 0], image)

@@ -90,16 +90,23 @@ def test_unet3d_config_errors_name_the_key(msd, tmp_path):
         _config(msd, tmp_path, "t", "train.patch_size=[18,20,20]")  # 18: not divisible by 4
 
 
-def _heldout(folder: Path) -> tuple[Path, Path]:
-    """One unseen phantom as NIfTI and as a DICOM series of the same oblique geometry. Its
-    intensities are whole numbers in int16 range, so both files hold exactly the same values."""
+def _heldout(folder: Path) -> tuple[Path, Path, Path]:
+    """One unseen phantom as NIfTI, as a DICOM series of the same oblique axial geometry, and as
+    a DICOM series stored sagittally (slices along the patient's left-right axis, as the
+    hippocampus DICOM crops are). Its intensities are whole numbers in int16 range, so all three
+    files hold exactly the same values at the same places in space."""
     image, _ = phantom3d(SHAPE, seed=1000)
     image = np.round(image[..., 0] * 1000).astype(np.float32)
     affine = lps_affine(SHAPE, SPACING, angles_deg=(0.0, 0.0, 6.0))
     nifti = write_nifti_volume(folder / "heldout.nii.gz", image, affine)
     series = folder / "heldout_dicom"
     write_dicom_series(series, image, SPACING, affine, seed=3)
-    return nifti, series
+    sagittal = folder / "heldout_sagittal"
+    # the same voxels, array axes (col, row, slice): the affine's columns swap the same way
+    write_dicom_series(
+        sagittal, image.transpose(2, 1, 0), SPACING[::-1], affine[:, [2, 1, 0, 3]], seed=4
+    )
+    return nifti, series, sagittal
 
 
 def test_export_and_predict_nifti_and_dicom_give_the_same_labels(run3d, tmp_path):
@@ -112,17 +119,23 @@ def test_export_and_predict_nifti_and_dicom_give_the_same_labels(run3d, tmp_path
     export = export_run(run3d.run.path, tmp_path / "export")
     card = json.loads((export / "medseg.json").read_text())
     assert card["dims"] == 3 and card["verification"]["max_abs_diff"] <= 1e-4
-    nifti, series = _heldout(tmp_path)
-    result = predict(export, [nifti, series], tmp_path / "out")
+    nifti, series, sagittal = _heldout(tmp_path)
+    result = predict(export, [nifti, series, sagittal], tmp_path / "out")
     assert result.n_failed == 0, result.rows
-    by_type = {r["input_type"]: r for r in result.rows}
-    vol, ser = by_type["volume"], by_type["dicom_series"]
+    by_source = {Path(r["source"]).name: r for r in result.rows}
+    vol, ser = by_source[nifti.name], by_source[series.name]
+    sag = by_source[sagittal.name]
+    assert sag["shape"] == "x".join(map(str, SHAPE[::-1]))  # written in its own axis order
+    # the masks, read back (in the standard orientation), are the same voxels in space: the
+    # sagittal series was turned into the model's orientation before it was predicted
     a = read_image(tmp_path / "out" / vol["mask"]).array
     b = read_image(tmp_path / "out" / ser["mask"]).array
-    assert a.shape == b.shape == (*SHAPE, 1)
+    c = read_image(tmp_path / "out" / sag["mask"]).array
+    assert a.shape == b.shape == c.shape == (*SHAPE, 1)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
     for name in ("anterior", "posterior"):
-        assert vol[f"volume_ml_{name}"] == ser[f"volume_ml_{name}"]
+        assert vol[f"volume_ml_{name}"] == ser[f"volume_ml_{name}"] == sag[f"volume_ml_{name}"]
     seg = hd.seg.segread(tmp_path / "out" / ser["seg"])
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
     table = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
@@ -132,7 +145,7 @@ def test_export_and_predict_nifti_and_dicom_give_the_same_labels(run3d, tmp_path
 def test_predict_refuses_2d_only_options_for_a_3d_model(run3d, tmp_path):
     from medseg.inference.predict import predict
 
-    nifti, _ = _heldout(tmp_path)
+    nifti, _, _ = _heldout(tmp_path)
     with pytest.raises(ConfigError, match="--mc-samples"):
         predict(run3d.run.path, [nifti], tmp_path / "out", mc_samples=4)
 
