@@ -237,12 +237,13 @@ def _same_plan(a: VolumePlan, b: VolumePlan) -> bool:
     return da == db
 
 
-def _cv_models(run: RunDir, checkpoint: str) -> tuple[list[keras.Model], VolumePlan]:
-    """The fold models of a 3D cross-validation folder and their (common) plan."""
+def _cv_models(run: RunDir) -> tuple[list[keras.Model], VolumePlan]:
+    """The fold models that a 3D cross-validation folder's ``ensemble.json`` lists (their last
+    checkpoints, as for 2D ensembles) and their (common) plan."""
     spec = read_json(run.path / ENSEMBLE_NAME)
     models, plan = [], None
     for f in spec.get("folds", []):
-        path = (run.path / f["model"]).with_name(f"{checkpoint}.keras")
+        path = run.path / f["model"]
         fold = RunDir(path.parent.parent)
         fold_plan = load_plan(fold)
         if plan is not None and not _same_plan(plan, fold_plan):
@@ -261,8 +262,8 @@ def _cv_models(run: RunDir, checkpoint: str) -> tuple[list[keras.Model], VolumeP
 class VolumePredictor:
     """Predicts whole volumes with a 3D run folder, CV folder (mean of the folds) or export.
 
-    A run (or CV) folder is run through a :class:`VolumeModule` built from its Keras checkpoint,
-    its ``plan.json`` and the sliding-window options of its config (``volume.*``, overridable
+    A run folder is run through a :class:`VolumeModule` built from its ``checkpoint`` (a CV
+    folder: the fold checkpoints its ``ensemble.json`` names, their last ones), its ``plan.json`` and the sliding-window options of its config (``volume.*``, overridable
     here); an export runs its SavedModel's ``serve`` signature, which is the same
     :class:`VolumeModule` (its options are fixed at export time).
 
@@ -301,7 +302,7 @@ class VolumePredictor:
         if cfg.model.name != "unet3d":
             raise ModelError(f"{run.path}: not a 3D run (model.name is {cfg.model.name!r})")
         if kind == "cv":
-            models, plan = _cv_models(run, checkpoint)
+            models, plan = _cv_models(run)  # ensemble.json names the checkpoints
         else:
             models, plan = [load_run_model(run, checkpoint)], load_plan(run)
         v = cfg.volume
