@@ -227,6 +227,8 @@ def write_seg(
             f"{path}: labels of shape {labels.shape} do not fit {len(source_files)} source files"
         )
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in source_files]
+    for source in sources:
+        _add_missing_type2(source)
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if labels.shape[1:] != (rows, cols):
         raise ValueError(
@@ -293,6 +295,29 @@ def _segmentation(hd, sources, pixels, descriptions, series_number):
         content_description="Automatic segmentation by medseg",
         omit_empty_frames=bool(pixels.any()),  # all empty: keep every frame, quietly
     )
+
+
+#: Type 2 patient and study attributes (present, possibly empty) that a SEG copies from its
+#: source; highdicom refuses a source that lacks one of them, as real anonymised series do.
+_TYPE2_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _add_missing_type2(source) -> None:
+    """Give the in-memory header of a source file the Type 2 patient/study attributes it lacks,
+    empty (as the standard allows), so that its SEG can carry them; files are not changed."""
+    for keyword in _TYPE2_IDENTITY:
+        if keyword not in source:
+            setattr(source, keyword, "")
 
 
 def _patient_study_keywords() -> set[str]:

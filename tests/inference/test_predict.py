@@ -250,6 +250,26 @@ def test_write_seg_references_the_source_slices_in_position_order(tmp_path):
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
 
 
+def test_write_seg_on_a_series_without_birth_date_and_sex(tmp_path):
+    """Anonymised series often lack the Type 2 PatientBirthDate/PatientSex (the hippocampus DICOM
+    crops do): the SEG is still written, with them empty, and the source files are unchanged."""
+    import highdicom as hd
+
+    make_series(tmp_path / "s", 3, seed=5)
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        for keyword in ("PatientBirthDate", "PatientSex"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(f)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "s").iterdir()}
+    (image,) = read_dicom_series(tmp_path / "s")
+    labels = np.stack([lesion(k) for k in range(3)])
+    seg = hd.seg.segread(write_seg(tmp_path / "seg.dcm", labels, image.meta.source))
+    assert seg.PatientBirthDate == "" and seg.PatientSex == ""
+    assert {f.name: f.read_bytes() for f in (tmp_path / "s").iterdir()} == before
+
+
 # --------------------------------------------------------------------------- predict, stand-in
 
 
