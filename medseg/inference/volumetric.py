@@ -263,7 +263,8 @@ class VolumePredictor:
     """Predicts whole volumes with a 3D run folder, CV folder (mean of the folds) or export.
 
     A run folder is run through a :class:`VolumeModule` built from its ``checkpoint`` (a CV
-    folder: the fold checkpoints its ``ensemble.json`` names, their last ones), its ``plan.json`` and the sliding-window options of its config (``volume.*``, overridable
+    folder: the fold checkpoints its ``ensemble.json`` names, their last ones), its
+    ``plan.json`` and the sliding-window options of its config (``volume.*``, overridable
     here); an export runs its SavedModel's ``serve`` signature, which is the same
     :class:`VolumeModule` (its options are fixed at export time).
 
