@@ -39,16 +39,15 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from medseg.bench3d import apply_thread_settings
+from medseg.bench3d import apply_thread_settings, run_json_script
 from medseg.config import Config, load_config, precision_policy
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -373,13 +372,7 @@ def torch_reference(
     """
     cmd = [python, str(script or TORCH_REFERENCE), "--size", str(size), "--batch", str(batch)]
     cmd += ["--channels", str(channels), "--seconds", str(seconds)]
-    logger.info("PyTorch reference: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MedsegError(f"PyTorch reference {cmd[1]} failed (exit {proc.returncode}): {tail}")
-    return json.loads(lines[-1])
+    return run_json_script(cmd, "PyTorch reference")
 
 
 # --------------------------------------------------------------------------------------------

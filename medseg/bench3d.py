@@ -384,12 +384,22 @@ def peer_unet3d(
     cmd = [python, str(script), "--volume", str(volume), "--window", str(window)]
     cmd += ["--overlap", str(overlap), "--sw-batch", str(sw_batch), "--batch", str(batch)]
     cmd += ["--classes", str(classes), "--seconds", str(seconds)]
-    logger.info("3D peer: %s", " ".join(cmd))
+    return run_json_script(cmd, "3D peer")
+
+
+def run_json_script(cmd: list[str], what: str) -> dict:
+    """Run a reference benchmark script; the JSON object of its last ``{...}`` line.
+
+    Raises:
+        MedsegError: the script fails or prints no JSON (the message names ``what``, the
+            script and its last line of stderr).
+    """
+    logger.info("%s: %s", what, " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MedsegError(f"3D peer {script} failed (exit {proc.returncode}): {tail}")
+        raise MedsegError(f"{what} {cmd[1]} failed (exit {proc.returncode}): {tail}")
     return json.loads(lines[-1])
 
 

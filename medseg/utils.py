@@ -219,3 +219,17 @@ def import_tensorflow_quietly() -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def replace_folder(tmp: str | Path, dest: str | Path) -> Path:
+    """Move a finished temporary folder into place as ``dest``, replacing what was there.
+
+    The caller writes everything into ``tmp`` (a sibling of ``dest``, on the same file
+    system) and decided beforehand whether ``dest`` may be replaced; the rename itself is atomic.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest

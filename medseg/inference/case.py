@@ -260,14 +260,26 @@ def _write_segmentation(work: _Work, mask: np.ndarray, per_slice: np.ndarray) ->
     row["slices_with_foreground"] = int((per_slice > 0).sum())
     if spacing and len(spacing) == 3:
         row["foreground_ml"] = round(fg * float(np.prod(spacing)) / 1000.0, 4)
-    row["mask_geometry"] = write_mask_nifti(case_dir / "mask.nii.gz", mask, image.meta)
+    row.update(
+        write_volume_masks(case_dir, mask, image, case, _segment_names(work.predictor, n_out))
+    )
+    return row
+
+
+def write_volume_masks(
+    case_dir: Path, labels: np.ndarray, image: Image, case: Case, names: dict[int, str]
+) -> dict:
+    """Write a volume's label map as ``mask.nii.gz`` in the source geometry and, for a DICOM
+    series, as ``seg.dcm`` (one segment per name); the row's ``mask_geometry``, ``mask`` and
+    ``seg`` columns."""
+    row = {"mask_geometry": write_mask_nifti(case_dir / "mask.nii.gz", labels, image.meta)}
     row["mask"] = f"{case.case_id}/mask.nii.gz"
     if case.kind == "series":
         write_seg(
             case_dir / "seg.dcm",
-            mask,
+            labels,
             image.meta.source,
-            segment_names=_segment_names(work.predictor, n_out),
+            segment_names=names,
             series_number=case.series_number,
         )
         row["seg"] = f"{case.case_id}/seg.dcm"

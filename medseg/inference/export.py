@@ -90,7 +90,13 @@ from medseg.models.ensemble import (
 )
 from medseg.models.fold import FoldedBatchNorm, fold_batch_norm
 from medseg.models.loading import load_keras_model
-from medseg.utils import atomic_write_bytes, atomic_write_json, file_sha256, read_json
+from medseg.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    read_json,
+    replace_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +248,7 @@ def export_run(
         card = _card(cfg, run, checkpoint, manifest, models[0], prep, verification, tflite)
         card.update(_card_contents(job, manifest, keras_files, tmp))
         atomic_write_json(tmp / CARD_NAME, card)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info(

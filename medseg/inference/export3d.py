@@ -43,7 +43,7 @@ from medseg.data.fingerprint import VolumePlan
 from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, ModelError, RunExistsError
 from medseg.inference.volumetric import VolumeModule, load_plan
-from medseg.utils import atomic_write_json, file_sha256, read_json
+from medseg.utils import atomic_write_json, file_sha256, read_json, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,7 @@ def export_volumetric(
             "spacing (no sliding window, no resampling)",
         }
         atomic_write_json(tmp / CARD_NAME, card)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info(

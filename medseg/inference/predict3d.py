@@ -26,11 +26,11 @@ import yaml
 from medseg.artifacts.exports import RUN_CONFIG, folder_kind, read_card
 from medseg.errors import DataError
 from medseg.inference.batch import Batch, PredictResult, progress_bar
-from medseg.inference.case import case_folder
+from medseg.inference.case import case_folder, write_volume_masks
 from medseg.inference.cases import Case, CaseReader
 from medseg.inference.postprocess import largest_component_per_label
 from medseg.inference.volumetric import VolumePredictor, structure_volumes_ml
-from medseg.io.writers import write_mask_nifti, write_seg, write_tables
+from medseg.io.writers import write_tables
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +78,7 @@ def _predict_volume(
     for name, ml in structure_volumes_ml(labels, spacing, names).items():
         row[f"volume_ml_{column_name(name)}"] = round(ml, 4)
     case_dir.mkdir(parents=True, exist_ok=True)
-    row["mask_geometry"] = write_mask_nifti(case_dir / "mask.nii.gz", labels, image.meta)
-    row["mask"] = f"{case.case_id}/mask.nii.gz"
-    if case.kind == "series":
-        write_seg(
-            case_dir / "seg.dcm",
-            labels,
-            image.meta.source,
-            segment_names=names,
-            series_number=case.series_number,
-        )
-        row["seg"] = f"{case.case_id}/seg.dcm"
+    row.update(write_volume_masks(case_dir, labels, image, case, names))
     return row, int(labels.shape[0]), seconds
 
 
