@@ -41,7 +41,7 @@ def _inside_function(tree: ast.AST) -> set[int]:
     return ids
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module: the import cycles."""
     names = sorted(set(graph) | {w for deps in graph.values() for w in deps})
     at = {name: i for i, name in enumerate(names)}
@@ -95,7 +95,7 @@ def report(root: Path) -> dict:
         "longest_functions": [f"{f}: {n}" for n, f in functions[:8]],
         "functions_over_100": sum(n > 100 for n, _ in functions),
         "imports_inside_functions": in_function,
-        "cycles": _cycles(graph),
+        "cycles": import_cycles(graph),
         "package_edges": dict(sorted(edges.items())),
         "inference_or_evaluation_to_training": sum(
             v

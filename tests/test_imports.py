@@ -16,9 +16,7 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
+from scripts.layout_report import import_cycles
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 
@@ -134,20 +132,8 @@ def test_inference_and_evaluation_never_import_training():
     assert not bad, "\n".join(bad)
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module: the import cycles."""
-    names = sorted(set(graph) | {w for deps in graph.values() for w in deps})
-    at = {name: i for i, name in enumerate(names)}
-    edges = [(at[v], at[w]) for v, deps in graph.items() for w in deps]
-    rows, cols = zip(*edges, strict=True) if edges else ((), ())
-    adjacency = csr_matrix((np.ones(len(edges)), (rows, cols)), shape=(len(names),) * 2)
-    _, labels = connected_components(adjacency, directed=True, connection="strong")
-    groups = [[n for n, lab in zip(names, labels, strict=True) if lab == g] for g in set(labels)]
-    return sorted(g for g in groups if len(g) > 1)
-
-
 def test_no_import_cycles():
-    cycles = _cycles(_graph())
+    cycles = import_cycles(_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 

@@ -162,7 +162,7 @@ class PatchSampler:
         )
 
 
-def _downsampled(onehot: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def downsampled_targets(onehot: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """A batch of one-hot maps at full, 1/2 and 1/4 resolution (nearest: every 2nd, 4th voxel)."""
     return onehot, onehot[:, ::2, ::2, ::2, :], onehot[:, ::4, ::4, ::4, :]
 
@@ -234,5 +234,7 @@ def patch_dataset(
     )
     data = data.batch(batch_size, drop_remainder=True)
     if deep_supervision:
-        data = data.map(lambda x, y: (x, _downsampled(y)), num_parallel_calls=tf.data.AUTOTUNE)
+        data = data.map(
+            lambda x, y: (x, downsampled_targets(y)), num_parallel_calls=tf.data.AUTOTUNE
+        )
     return data.prefetch(tf.data.AUTOTUNE)

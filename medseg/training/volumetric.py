@@ -35,7 +35,7 @@ import tensorflow as tf
 from medseg.artifacts.runs import RunDir, create_run
 from medseg.config import Config
 from medseg.data.fingerprint import VolumePlan, compute_fingerprint, make_plan
-from medseg.data.patches import PatchSampler, patch_dataset
+from medseg.data.patches import PatchSampler, downsampled_targets, patch_dataset
 from medseg.data.resample import prepare_case
 from medseg.data.scan import scan_from_config
 from medseg.data.scan_msd import describe
@@ -47,7 +47,7 @@ from medseg.io.msd import DatasetDescription, MsdCase, read_case_image, read_cas
 from medseg.models.losses import get_loss
 from medseg.models.metrics import training_metrics
 from medseg.models.registry import build_model
-from medseg.models.unet3d import deep_supervision_targets, deep_supervision_weights
+from medseg.models.unet3d import deep_supervision_weights
 from medseg.training.callbacks import run_callbacks, validation_epochs
 from medseg.training.optim import build_optimizer
 from medseg.training.result import TrainResult
@@ -169,7 +169,8 @@ def _val_dataset(cfg: Config, data: _Cases, plan: VolumePlan) -> tf.data.Dataset
         ys.append(_one_hot(y, k))
     x, y = np.stack(xs), np.stack(ys)
     if cfg.model.deep_supervision:
-        target = tuple(np.asarray(t) for t in deep_supervision_targets(y))
+        # the same targets as the training stream's (nearest: every 2nd, 4th voxel)
+        target = tuple(np.asarray(t) for t in downsampled_targets(y))
         return tf.data.Dataset.from_tensor_slices((x, target)).batch(cfg.train.batch_size)
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(cfg.train.batch_size)
 
