@@ -38,7 +38,7 @@ from medseg.data.fingerprint import VolumePlan, compute_fingerprint, make_plan
 from medseg.data.patches import PatchSampler, downsampled_targets, patch_dataset
 from medseg.data.resample import prepare_case
 from medseg.data.scan import scan_from_config
-from medseg.data.scan_msd import describe
+from medseg.data.scan_msd import MsdScanResult
 from medseg.data.split import load_manifest, make_split, write_manifest
 from medseg.errors import ConfigError, ModelError
 from medseg.evaluation.plots import plot_history
@@ -73,9 +73,9 @@ class _Cases:
     labels: list[np.ndarray]
 
 
-def describe_for_config(cfg: Config) -> DatasetDescription:
-    """The dataset description, with ``cfg.data.channels`` and ``cfg.model.num_classes`` set
-    from it (a 3D config takes both from ``dataset.json``)."""
+def scan_for_config(cfg: Config) -> MsdScanResult:
+    """Scan the config's ``dataset.json`` dataset once, and set ``cfg.data.channels`` and
+    ``cfg.model.num_classes`` from its description (a 3D config takes both from it)."""
     if cfg.data.layout not in ("msd", "auto"):
         raise ConfigError(
             f"data.layout: unet3d trains on a dataset described by dataset.json (layout 'msd'), "
@@ -88,10 +88,12 @@ def describe_for_config(cfg: Config) -> DatasetDescription:
             "data.test_fraction: a held-out test split is not supported for unet3d yet; keep "
             "test cases in another folder and score them with medseg evaluate"
         )
-    description = describe(cfg.data.root)
-    cfg.data.channels = len(description.channels)
-    cfg.model.num_classes = len(description.labels)
-    return description
+    scan = scan_from_config(cfg.data)
+    if not isinstance(scan, MsdScanResult) or scan.description is None:
+        raise ConfigError(f"data.root: {cfg.data.root} has no dataset.json (layout 'msd')")
+    cfg.data.channels = len(scan.description.channels)
+    cfg.model.num_classes = len(scan.description.labels)
+    return scan
 
 
 def _manifest(cfg: Config, run: RunDir, resumed: bool, manifest: dict | None, samples) -> dict:
@@ -217,11 +219,10 @@ def train_volumetric(
         DataError: a case cannot be read.
         ModelError: the loss became NaN.
     """
-    description = describe_for_config(cfg)
-    by_id = {c.case_id: c for c in description.cases}
+    scan = scan_for_config(cfg)
+    description, by_id = scan.description, scan.cases
     run, resumed = create_run(cfg)
     logger.info("run folder: %s", run.path)
-    scan = scan_from_config(cfg.data)
     manifest = _manifest(cfg, run, resumed, manifest, scan.samples)
     splits = manifest["splits"]
     plan = _plan(cfg, run, resumed, description, splits["train"])
