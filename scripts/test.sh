@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -n "${MEDSEG_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -q -n "${MEDSEG_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"

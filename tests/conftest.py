@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.schedule import DurationRecorder, group_of, ordered
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,15 +216,25 @@ def run_cli_subprocess(*args: str, cwd: Path, timeout: float = 600) -> subproces
     )
 
 
-#: Test files that start a local Ray instance: one worker runs them all, one after the other.
-RAY_FILES = {"test_cv_ray.py", "test_predict_ray.py", "test_promises.py"}
+def pytest_addoption(parser):
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help="write each test file's seconds into tests/durations.json (the workers' order)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--store-durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(DurationRecorder(), "medseg-durations")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``scripts/test.sh`` runs), keep each
-    file's tests on one worker, so a module's fixtures (a trained model, a CV run) are built once,
-    and the files that start Ray on the same worker, so two local Ray instances never overlap."""
-    for item in items:
-        name = item.path.name
-        group = "ray" if name in RAY_FILES else str(item.path.relative_to(REPO))
+    """Under pytest-xdist (``-n 2 --dist loadgroup --no-loadscope-reorder``, as
+    ``scripts/test.sh`` runs), keep each file's tests on one worker, so a module's fixtures (a
+    trained model, a CV run) are built once, and the files that start Ray on the same worker, so
+    two local Ray instances never overlap; queue the longest files first (tests/schedule.py)."""
+    groups = [group_of(item.nodeid) for item in items]
+    for item, group in zip(items, groups, strict=True):
         item.add_marker(pytest.mark.xdist_group(group))
+    items[:] = ordered(items, groups)
