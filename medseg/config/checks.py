@@ -247,6 +247,11 @@ def _check_rest(cfg: Config) -> None:
         f"fold numbers must be in 1..{cfg.cv.folds}, got {cfg.cv.only}",
     )
     _check(cfg.export.tolerance > 0, "export.tolerance", "must be > 0")
+    _check(
+        cfg.evaluation.nsd_tolerance_mm > 0,
+        "evaluation.nsd_tolerance_mm",
+        f"must be > 0, got {cfg.evaluation.nsd_tolerance_mm}",
+    )
     _check(0 < cfg.predict.threshold < 1, "predict.threshold", "must be in (0, 1)")
     _check(cfg.predict.batch_size >= 1, "predict.batch_size", "must be >= 1")
     _check(

@@ -330,6 +330,18 @@ class CVConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How segmentations are scored (not part of the config hash: it does not change a model).
+
+    Attributes:
+        nsd_tolerance_mm: tolerance of the normalised surface Dice (NSD), in mm (in pixels or
+            voxels where the images carry no spacing).
+    """
+
+    nsd_tolerance_mm: float = 1.0
+
+
+@dataclass
 class ExportConfig:
     """Where ``medseg export`` writes SavedModels, and how it checks them."""
 
@@ -378,6 +390,7 @@ class Config:
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""  # the YAML file this config came from (informational)
@@ -393,9 +406,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """Short SHA-256 of the resolved config, ignoring the run section."""
+        """Short SHA-256 of the resolved config, ignoring the run and evaluation sections
+        (where results go and how they are scored change no model: a run resumes, and is
+        re-scored, under other values)."""
         d = self.to_dict()
         d.pop("run")
+        d.pop("evaluation")
         blob = yaml.safe_dump(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

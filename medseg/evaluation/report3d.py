@@ -163,7 +163,7 @@ def _mirror_rows(root: Path, k: int, n_boot: int) -> list[dict]:
         out = fdir / "tune_mirror"
         score_volumes(
             fdir, [by_id[i] for i in ids], out, checkpoint=CV_CHECKPOINT, split="val",
-            n_boot=n_boot, mirror=True,
+            n_boot=n_boot, mirror=True, tolerance_mm=run.config().evaluation.nsd_tolerance_mm,
         )  # fmt: skip
         rows = read_cases(out / "cases_val.csv")
         for row in rows:

@@ -36,6 +36,7 @@ def score_volumes(
     split: str = "val",
     n_boot: int = 1000,
     mirror: bool | None = None,
+    tolerance_mm: float = 1.0,
 ) -> dict:
     """Predict ``cases`` whole with ``model`` (a 3D run, CV or export folder) and score them.
 
@@ -43,6 +44,7 @@ def score_volumes(
     ``none`` or ``largest``) and records in ``<out>/metrics.json`` (other keys kept)
     ``{split: summary without post-processing, split + "_largest": with it}``; returns those
     two entries. ``mirror``: mirror TTA on or off (None: the model's own setting).
+    ``tolerance_mm``: the NSD tolerance (``evaluation.nsd_tolerance_mm``).
     """
     out = Path(out)
     predictor = VolumePredictor(model, checkpoint=checkpoint, mirror=mirror)
@@ -54,7 +56,8 @@ def score_volumes(
         spacing = image.meta.spacing
         pred = predictor.predict(image.array, spacing, image.meta.affine)["labels"]
         for name, mask in (("none", pred), ("largest", largest_component_per_label(pred))):
-            for row in case_rows(case.case_id, case.case_id, mask, truth, spacing, labels):
+            args = (case.case_id, case.case_id, mask, truth, spacing, labels, tolerance_mm)
+            for row in case_rows(*args):
                 rows.append({**row, "postprocess": name})
     out.mkdir(parents=True, exist_ok=True)
     write_cases(out / f"cases_{_file_part(split)}.csv", rows)
@@ -83,6 +86,7 @@ def evaluate_volumes(
     out: str | Path | None = None,
     checkpoint: str = "best",
     n_boot: int = 1000,
+    tolerance_mm: float | None = None,
 ) -> dict:
     """``medseg evaluate`` for a 3D model: a run's split, or every case of a labelled folder.
 
@@ -94,6 +98,8 @@ def evaluate_volumes(
         out: where the rows and ``metrics.json`` go (default: the run folder).
         checkpoint: ``best`` or ``last`` (run and CV folders).
         n_boot: bootstrap resamples of the intervals.
+        tolerance_mm: NSD tolerance; None: the run's ``evaluation.nsd_tolerance_mm`` (1 mm for
+            CV and export folders).
 
     Returns:
         ``{split: summary, split + "_largest": summary with the largest component per structure}``.
@@ -117,5 +123,10 @@ def evaluate_volumes(
             raise DataError(f"{run.splits_path}: split '{split}' is empty")
         by_id = {c.case_id: c for c in describe(run.config().data.root).cases}
         cases = [by_id[i] for i in ids]
+    if tolerance_mm is None and kind == "run":
+        tolerance_mm = open_run(model).config().evaluation.nsd_tolerance_mm
     target = Path(out) if out is not None else Path(model)
-    return score_volumes(model, cases, target, checkpoint=checkpoint, split=split, n_boot=n_boot)
+    return score_volumes(
+        model, cases, target, checkpoint=checkpoint, split=split, n_boot=n_boot,
+        tolerance_mm=1.0 if tolerance_mm is None else tolerance_mm,
+    )  # fmt: skip

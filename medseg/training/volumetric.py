@@ -270,7 +270,10 @@ def train_volumetric(
         )
     plot_history(run.logs / "history.csv", run.plots / "curves.png")
     val_cases = [by_id[i] for i in splits["val"]]
-    metrics = score_volumes(run.path, val_cases, run.path, checkpoint=eval_checkpoint)["val"]
+    metrics = score_volumes(
+        run.path, val_cases, run.path, checkpoint=eval_checkpoint,
+        tolerance_mm=cfg.evaluation.nsd_tolerance_mm,
+    )["val"]  # fmt: skip
     run.set_state("done", cfg.hash())
     shutil.rmtree(run.checkpoints / "backup", ignore_errors=True)
     return TrainResult(run=run, history=history.history, metrics=metrics)

@@ -151,7 +151,8 @@ def test_predict_refuses_2d_only_options_for_a_3d_model(run3d, tmp_path):
 
 
 def test_cv_reports_structures_out_of_fold(msd, tmp_path):
-    cfg = as_cli_sets([f"data.root={msd}", *TINY_3D, "cv.folds=2"])
+    # NSD at 2 mm instead of the default 1 mm, from training's scoring through tune's
+    cfg = as_cli_sets([f"data.root={msd}", *TINY_3D, "cv.folds=2", "evaluation.nsd_tolerance_mm=2"])
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "demo3d.yaml"
     config.write_text((REPO / "configs" / "demo3d.yaml").read_text())
@@ -170,7 +171,9 @@ def test_cv_reports_structures_out_of_fold(msd, tmp_path):
     tune = json.loads((root / "tune" / "tune.json").read_text())
     assert set(tune["variants"]) == {"none", "largest", "mirror", "mirror+largest"}
     assert set(tune["chosen_by_fold"]) == {"1", "2"}
-    assert (root / "fold_1" / "oof_mirror.csv").is_file()
+    for name in ("oof.csv", "oof_mirror.csv"):
+        header = (root / "fold_1" / name).read_text().splitlines()[0].split(",")
+        assert "nsd_2mm" in header and "nsd_1mm" not in header, name
     # a finished CV is not trained again
     again = run_cli("cv", "--config", str(config), "--name", "cv3d", *cfg, cwd=tmp_path)
     assert again.returncode == 0 and "already finished" in again.stderr
