@@ -46,12 +46,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedGroupKFold
 
 from medseg.data.samples import Sample
+from medseg.data.scan_msd import sample_images
 from medseg.errors import DataError
 from medseg.utils import atomic_write_json, file_sha256
 
@@ -114,12 +116,16 @@ def path_sha256(path: str | Path) -> str:
 
 
 def sample_hash(sample: Sample, cache: dict[str, str] | None = None) -> str:
-    """SHA-256 of the sample's image (and mask) file or folder, ``image:mask``.
+    """SHA-256 of the sample's image (and mask) file or folder, ``image:mask`` (each channel
+    file of a multi-file MSD case in turn: ``image0:image1:mask``).
 
     ``cache`` (path -> hash) lets the slices of one volume share one hash computation.
     """
     cache = {} if cache is None else cache
-    paths = [sample.image] + ([sample.target] if isinstance(sample.target, str) else [])
+    images = [sample.image]
+    if os.pathsep in sample.image and not Path(sample.image).exists():
+        images = [str(p) for p in sample_images(sample)]  # an MSD case's channel files
+    paths = images + ([sample.target] if isinstance(sample.target, str) else [])
     parts = []
     for p in paths:
         if p not in cache:
