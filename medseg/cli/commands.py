@@ -173,6 +173,15 @@ def _cmd_evaluate(args) -> int:
     from medseg.errors import ConfigError, ModelError
     from medseg.evaluation.evaluate import evaluate, headline
 
+    if args.pred or args.truth or args.compare:
+        return _evaluate_files(args)
+    if args.run is None:
+        raise ConfigError(
+            "evaluate: give a run, CV or export folder, or --pred DIR --truth DIR, or --compare A B"
+        )
+    if args.groups or args.tolerance_mm is not None:
+        raise ConfigError("--groups and --tolerance-mm apply to --pred/--truth and --compare")
+    args.split, args.checkpoint = args.split or "val", args.checkpoint or "best"
     run = Path(args.run)
     try:
         kind = folder_kind(run)
@@ -218,6 +227,75 @@ def _cmd_evaluate(args) -> int:
         )
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, data=args.data)
     print(f"{metrics['split']}: {headline(metrics)}")
+    return EXIT_OK
+
+
+#: ``evaluate`` options of a model, which scoring label-map folders does not take.
+_MODEL_OPTIONS = {
+    "split": "--split",
+    "data": "--data",
+    "layout": "--layout",
+    "ensemble_with": "--with",
+    "checkpoint": "--checkpoint",
+    "tta": "--tta",
+    "threshold": "--threshold",
+    "min_lesion_voxels": "--min-lesion-voxels",
+    "largest_component": "--largest-component",
+}
+
+
+def _check_files_args(args) -> None:
+    """Refuse option mixes of ``evaluate --pred/--truth`` and ``--compare``, one line each."""
+    from medseg.errors import ConfigError
+
+    mode = "--compare" if args.compare else "--pred/--truth"
+    if args.run is not None:
+        raise ConfigError(
+            f"{args.run}: {mode} scores label-map folders, not a run; give a run folder or "
+            f"{mode}, not both"
+        )
+    given = [flag for key, flag in _MODEL_OPTIONS.items() if getattr(args, key)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: model options do not apply to {mode}")
+    if args.compare and args.pred:
+        raise ConfigError("--compare and --pred: give one (--compare A B takes --truth DIR)")
+    if not args.compare and not (args.pred and args.truth):
+        missing = "--truth DIR" if args.pred else "--pred DIR"
+        raise ConfigError(f"{mode}: give both --pred DIR and --truth DIR (missing {missing})")
+    if not args.out:
+        raise ConfigError(f"{mode}: give --out DIR for the results")
+
+
+def _evaluate_files(args) -> int:
+    """``medseg evaluate --pred DIR --truth DIR`` and ``medseg evaluate --compare A B``."""
+    _check_files_args(args)
+    common = {
+        "groups": Path(args.groups) if args.groups else None,
+        "tolerance_mm": 1.0 if args.tolerance_mm is None else args.tolerance_mm,
+        "n_boot": args.n_boot,
+        "overwrite": args.overwrite,
+    }
+    out = Path(args.out)
+    if args.compare:
+        from medseg.evaluation.compare import compare, format_comparison
+
+        a, b = (Path(p) for p in args.compare)
+        truth = Path(args.truth) if args.truth else None
+        result = compare(a, b, out, truth=truth, **common)
+        print(format_comparison(result))
+        print(f"written: {out}")
+        return EXIT_OK
+    from medseg.evaluation.files import score_folders
+    from medseg.evaluation.volumetric import format_volumetric
+
+    result = score_folders(Path(args.pred), Path(args.truth), out, **common)
+    print(format_volumetric(result["summary"]))
+    unit = result["unit"]
+    for name, cis in result["ci_bca"].items():
+        bca = ", ".join(f"{col} [{ci[0]:.3f}, {ci[1]:.3f}]" for col, ci in cis.items() if ci)
+        print(f"  BCa 95% CI, {name}: {bca or '-'}")
+    print(f"distances in {unit}; labels from {result['labels_from']}")
+    print(f"written: {out / 'metrics.json'}, cases.csv, groups.csv, report.md")
     return EXIT_OK
 
 
@@ -373,6 +451,10 @@ def _cmd_audit(args) -> int:
 def _cmd_data(args) -> int:
     if args.data_verb == "audit":
         return _cmd_audit(args)
+    if args.data_verb == "split":
+        from medseg.cli.split_cmd import cmd_split
+
+        return cmd_split(args)
     from medseg.data.synthetic import SynthSpec, generate
 
     spec = SynthSpec(

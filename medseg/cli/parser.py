@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.cli.split_cmd import add_split_verb
+
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument(
@@ -30,6 +32,39 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _add_files_args(p: argparse.ArgumentParser) -> None:
+    """``evaluate``'s options for label-map folders: ``--pred``, ``--truth``, ``--compare``,
+    ``--groups`` and ``--tolerance-mm``."""
+    p.add_argument(
+        "--pred", metavar="DIR", help="folder of predicted label maps to score against --truth"
+    )
+    p.add_argument(
+        "--truth",
+        metavar="DIR",
+        help="folder of reference label maps, the same case ids (labels from a dataset.json "
+        "in it or its parent, else the values found)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="compare two evaluate outputs, or two prediction folders (with --truth)",
+    )
+    p.add_argument(
+        "--groups",
+        metavar="CSV",
+        help="with --pred or --compare: CSV with columns case,patient (default: one patient "
+        "per case)",
+    )
+    p.add_argument(
+        "--tolerance-mm",
+        type=float,
+        metavar="MM",
+        help="with --pred or --compare: NSD tolerance in mm (pixels for files without "
+        "spacing; default 1)",
+    )
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -112,7 +147,7 @@ def _add_run_verbs(sub) -> None:
         help="K-fold cross-validation into runs/<name>/ (resumable)",
         description="Split by group (patient or near-duplicate group) into K folds, train one "
         "fresh model per fold into runs/<name>/fold_<k>/, save out-of-fold predictions, and "
-        "write cv_summary.json, report.md and report.html (mean +- std over folds, 95%% "
+        "write cv_summary.json, report.md and report.html (mean +- std over folds, 95% "
         "bootstrap CIs by group). Rerunning the same command skips finished folds and resumes "
         "an unfinished one.",
     )
@@ -150,20 +185,37 @@ def _add_model_verbs(sub) -> None:
     """``evaluate`` and ``export``."""
     p = sub.add_parser(
         "evaluate",
-        help="evaluate a run on a split of its manifest, or any model on a labelled folder",
+        help="evaluate a run or any model on a labelled folder, score any tool's label maps "
+        "(--pred/--truth), or compare two models (--compare)",
         description="With a run folder: Dice/IoU (segmentation) or accuracy/F1 "
         "(classification) of its model on one split of its split manifest, recorded in "
         "metrics.json. With --data FOLDER --out DIR: score a run, a cross-validation run (the "
         "ensemble of its folds) or an export folder on every labelled sample of FOLDER (any "
-        "medseg layout), as the model is served (native resolution), with 95%% bootstrap "
-        "intervals by patient/group; writes cases.csv, groups.csv, metrics.json and plots/.",
+        "medseg layout), as the model is served (native resolution), with 95% bootstrap "
+        "intervals by patient/group; writes cases.csv, groups.csv, metrics.json and plots/. "
+        "With --pred DIR --truth DIR --out DIR (no run folder): score label maps made by any "
+        "tool (NIfTI, PNG/TIFF, DICOM SEG; matched by case id, the file name without its "
+        "extension) per case and structure: Dice, HD95, ASSD, NSD and volumes, in mm where "
+        "the files carry a spacing (else pixels), with percentile and BCa 95% intervals over "
+        "patients (--groups); writes cases.csv, groups.csv, metrics.json and report.md. "
+        "With --compare A B --out DIR: the paired difference B - A per metric, with a paired "
+        "patient-bootstrap interval and the Wilcoxon signed-rank p-value; A and B are "
+        "evaluate outputs, or prediction folders scored against --truth DIR.",
     )
-    p.add_argument("run", help="run folder, cross-validation run folder or export folder")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument(
+        "run",
+        nargs="?",
+        help="run folder, cross-validation run folder or export folder (not with --pred or "
+        "--compare)",
+    )
+    p.add_argument(
+        "--split", choices=["train", "val", "test"], help="split of a run folder (default: val)"
+    )
     p.add_argument(
         "--data", metavar="FOLDER", help="evaluate on every labelled sample of a dataset folder"
     )
-    p.add_argument("--out", help="with --data: folder for the per-case results")
+    p.add_argument("--out", help="with --data, --pred or --compare: folder for the results")
+    _add_files_args(p)
     p.add_argument("--layout", help="layout of --data (default: the model's, or detected)")
     _add_with(
         p,
@@ -171,7 +223,9 @@ def _add_model_verbs(sub) -> None:
         "with --data: another model (repeatable); score the mean of the models' "
         "probabilities (e.g. two recipes' CV folders, as `medseg tune --with` scored them)",
     )
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument(
+        "--checkpoint", choices=["best", "last"], help="checkpoint of a run (default: best)"
+    )
     p.add_argument("--tta", action="store_true", help="mean with the horizontal flip")
     p.add_argument("--threshold", type=float, help="foreground threshold (binary models)")
     p.add_argument(
@@ -372,3 +426,4 @@ def _add_tool_verbs(sub) -> None:
         "--threshold", type=int, default=None, help="perceptual-hash distance of near-duplicates"
     )
     p.add_argument("--strict", action="store_true", help="fail on the first unusable file")
+    add_split_verb(data)
