@@ -2,6 +2,8 @@
 
 A and B are each one of:
 
+* a finished 3D cross-validation folder (its folds' ``oof.csv``: every case scored once by the
+  fold model that did not train on it, ``postprocess`` ``none``);
 * an evaluate output with per-case, per-structure rows (``cases.csv`` of ``medseg evaluate
   --pred/--truth``, or the one ``cases_<split>.csv`` of the 3D ``medseg evaluate``, whose
   ``postprocess`` column is restricted to ``none``), or that CSV file itself;
@@ -46,10 +48,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
+from medseg.artifacts.cv import fold_dir
 from medseg.errors import ConfigError, DataError, RunExistsError
 from medseg.evaluation.evaluate import read_cases, write_cases
 from medseg.evaluation.stats import CI_LEVEL, group_resamples, percentile_interval
-from medseg.utils import atomic_write_json, atomic_write_text, replace_folder
+from medseg.utils import atomic_write_json, atomic_write_text, read_json, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,24 @@ def _volumetric_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _is_volumetric_cv(folder: Path) -> bool:
+    """Is ``folder`` a finished 3D cross-validation (its report written)?"""
+    summary = folder / "cv_summary.json"
+    return summary.is_file() and read_json(summary).get("kind") == "volumetric"
+
+
+def _oof_files(root: Path) -> list[Path]:
+    """A 3D CV's out-of-fold rows, one ``oof.csv`` per fold (every case once)."""
+    files, k = [], 1
+    while fold_dir(root, k).is_dir():
+        files.append(fold_dir(root, k) / "oof.csv")
+        k += 1
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise DataError(f"{root}: unfinished cross-validation (missing {', '.join(missing)})")
+    return files
+
+
 def _group_rows(path: Path) -> list[dict]:
     """A 2D evaluate output's per-patient Dice as rows (case = patient, one structure)."""
     rows = read_cases(path)
@@ -134,6 +155,8 @@ def _load(
         return "cases", _volumetric_rows(path)
     if not path.is_dir():
         raise DataError(f"{path}: {side.upper()} not found (an evaluate output or a folder)")
+    if _is_volumetric_cv(path):
+        return "cases", [r for f in _oof_files(path) for r in _volumetric_rows(f)]
     found = _case_csv(path)
     if found is not None:
         return "cases", _volumetric_rows(found)

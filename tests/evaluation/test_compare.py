@@ -230,3 +230,23 @@ def test_prediction_folders_against_truth(tmp_path):
     assert macro["mean_b"] == pytest.approx(np.mean(expected["b"]), abs=1e-6)
     assert (tmp_path / "cmp" / "a" / "cases.csv").is_file()
     assert (tmp_path / "cmp" / "b" / "cases.csv").is_file()
+
+
+def test_a_3d_cv_folder_is_compared_on_its_out_of_fold_rows(tmp_path):
+    """A finished 3D CV: its folds' oof.csv rows (postprocess "none" only) are side A."""
+    rng = np.random.default_rng(3)
+    n = 16
+    dice = rng.uniform(0.6, 0.85, n)
+    both = ("none", "largest")
+    rows = [{**r, "postprocess": p} for r in rows_of({"dice": dice}, n) for p in both]
+    cv = tmp_path / "cv"
+    for k, part in ((1, rows[: len(rows) // 2]), (2, rows[len(rows) // 2 :])):
+        write_cases(cv / f"fold_{k}" / "oof.csv", part, {"fold": k})
+    (cv / "cv_summary.json").write_text(json.dumps({"kind": "volumetric"}))
+    write_eval(b := tmp_path / "b", rows_of({"dice": dice + 0.05}, n))
+    result = compare(cv, b, tmp_path / "cmp", n_boot=200, seed=0)
+    assert result["n_cases"] == n  # every case once, not twice (largest rows left out)
+    assert result["results"]["macro"]["dice"]["diff"] == pytest.approx(0.05)
+    (cv / "fold_2" / "oof.csv").unlink()
+    with pytest.raises(DataError, match="unfinished cross-validation"):
+        compare(cv, b, tmp_path / "cmp2", n_boot=0)
