@@ -173,14 +173,16 @@ def _cmd_evaluate(args) -> int:
     from medseg.errors import ConfigError, ModelError
     from medseg.evaluation.evaluate import evaluate, headline
 
+    if args.export_oof:
+        return _export_oof(args)
     if args.pred or args.truth or args.compare:
         return _evaluate_files(args)
     if args.run is None:
         raise ConfigError(
             "evaluate: give a run, CV or export folder, or --pred DIR --truth DIR, or --compare A B"
         )
-    if args.groups or args.tolerance_mm is not None:
-        raise ConfigError("--groups and --tolerance-mm apply to --pred/--truth and --compare")
+    if args.groups:
+        raise ConfigError("--groups applies to --pred/--truth and --compare")
     args.split, args.checkpoint = args.split or "val", args.checkpoint or "best"
     run = Path(args.run)
     try:
@@ -210,20 +212,23 @@ def _cmd_evaluate(args) -> int:
             overwrite=args.overwrite,
             n_boot=args.n_boot,
             ensemble_with=args.ensemble_with,
+            tolerance_mm=1.0 if args.tolerance_mm is None else args.tolerance_mm,
         )
         print(f"{args.data}: {headline(metrics)}")
         for key in ("dice_per_group_mean", "accuracy", "macro_f1"):
             ci = metrics.get(f"{key}_ci95")
             if ci:
                 print(f"  {key} {metrics[key]:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f})")
-        print(f"written: {Path(args.out) / 'metrics.json'}, cases.csv")
+        print(f"written: {Path(args.out) / 'metrics.json'}, cases.csv, groups.csv")
         return EXIT_OK
     extra = [o for o in ("tta", "largest_component", "overwrite") if getattr(args, o)]
     extra += ["with"] if args.ensemble_with else []
+    extra += ["tolerance"] if args.tolerance_mm is not None else []
     if extra or args.threshold is not None or args.min_lesion_voxels or args.layout:
         raise ConfigError(
-            "--tta, --threshold, --min-lesion-voxels, --largest-component, --layout, --with "
-            "and --overwrite need --data FOLDER --out DIR"
+            "--tta, --threshold, --min-lesion-voxels, --largest-component, --layout, --with, "
+            "--tolerance-mm and --overwrite need --data FOLDER --out DIR (a run's own split is "
+            "scored with its evaluation.nsd_tolerance_mm)"
         )
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, data=args.data)
     print(f"{metrics['split']}: {headline(metrics)}")
@@ -299,6 +304,27 @@ def _evaluate_files(args) -> int:
     return EXIT_OK
 
 
+def _export_oof(args) -> int:
+    """``medseg evaluate CV_RUN --export-oof DIR``: the CV's out-of-fold label maps as NIfTI."""
+    from medseg.errors import ConfigError
+    from medseg.evaluation.oof_masks import PRED_DIR, TRUTH_DIR, export_oof_masks
+
+    if args.run is None:
+        raise ConfigError("--export-oof DIR: give the cross-validation folder to export")
+    flags = {**_MODEL_OPTIONS, "out": "--out", "pred": "--pred", "truth": "--truth"}
+    flags.update(compare="--compare", groups="--groups", tolerance_mm="--tolerance-mm")
+    given = [flag for key, flag in flags.items() if getattr(args, key) not in (None, False, 0, [])]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: do not apply to --export-oof (only --overwrite)")
+    out = Path(args.export_oof)
+    result = export_oof_masks(Path(args.run), out, overwrite=args.overwrite)
+    per_fold = ", ".join(f"fold {k}: {n}" for k, n in result["cases_per_fold"].items())
+    print(f"out-of-fold label maps: {result['n_cases']} cases ({per_fold}) -> {out}")
+    pred, truth = out / PRED_DIR, out / TRUTH_DIR
+    print(f"score them: medseg evaluate --pred {pred} --truth {truth} --out DIR")
+    return EXIT_OK
+
+
 def _is_3d(path: Path) -> bool:
     from medseg.inference.predict3d import is_volumetric_model
 
@@ -325,6 +351,7 @@ def _evaluate_3d(args) -> int:
         out=args.out,
         checkpoint=args.checkpoint,
         n_boot=args.n_boot,
+        tolerance_mm=args.tolerance_mm,
     )
     for key, summary in result.items():
         print(f"{key}:\n{format_volumetric(summary)}")

@@ -62,8 +62,8 @@ def _add_files_args(p: argparse.ArgumentParser) -> None:
         "--tolerance-mm",
         type=float,
         metavar="MM",
-        help="with --pred or --compare: NSD tolerance in mm (pixels for files without "
-        "spacing; default 1)",
+        help="with --pred, --compare, --data or a 3D model: NSD tolerance in mm (pixels "
+        "without spacing; default 1; a run's own split: its evaluation.nsd_tolerance_mm)",
     )
 
 
@@ -200,7 +200,8 @@ def _add_model_verbs(sub) -> None:
         "patients (--groups); writes cases.csv, groups.csv, metrics.json and report.md. "
         "With --compare A B --out DIR: the paired difference B - A per metric, with a paired "
         "patient-bootstrap interval and the Wilcoxon signed-rank p-value; A and B are "
-        "evaluate outputs, or prediction folders scored against --truth DIR.",
+        "evaluate outputs, or prediction folders scored against --truth DIR. "
+        "With a 3D CV folder and --export-oof DIR: write the CV's out-of-fold label maps.",
     )
     p.add_argument(
         "run",
@@ -216,6 +217,13 @@ def _add_model_verbs(sub) -> None:
     )
     p.add_argument("--out", help="with --data, --pred or --compare: folder for the results")
     _add_files_args(p)
+    p.add_argument(
+        "--export-oof",
+        metavar="DIR",
+        help="with a finished 3D CV folder: write its out-of-fold label maps (each case "
+        "predicted by the fold model that did not train on it, as the CV scored it) as NIfTI "
+        "in DIR/pred and DIR/truth, to score with --pred DIR/pred --truth DIR/truth",
+    )
     p.add_argument("--layout", help="layout of --data (default: the model's, or detected)")
     _add_with(
         p,

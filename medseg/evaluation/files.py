@@ -45,9 +45,9 @@ from medseg.errors import DataError, RunExistsError
 from medseg.evaluation.evaluate import write_cases
 from medseg.evaluation.stats import CI_LEVEL
 from medseg.evaluation.volumetric import case_rows, metric_columns, summarize_volumetric
-from medseg.io import ImageMeta, image_suffix, read_dataset_json
+from medseg.io import ImageMeta, image_suffix
 from medseg.io.base import check_folder
-from medseg.io.msd import DATASET_JSON
+from medseg.io.msd import DATASET_JSON, read_dataset_labels
 from medseg.io.seg import LABEL_MAP_SUFFIXES, place_on_grid, read_label_map, union_grid
 from medseg.utils import atomic_write_json, atomic_write_text, replace_folder
 
@@ -169,10 +169,10 @@ def _labels_from_dataset(truth: Path) -> tuple[dict[int, str], str] | None:
     for folder in (truth, truth.parent):
         if (folder / DATASET_JSON).is_file():
             try:
-                description = read_dataset_json(folder)
+                labels = read_dataset_labels(folder / DATASET_JSON)
             except DataError as e:
                 raise DataError(f"{e} (the labels of --truth are read from it)") from None
-            return dict(description.labels), str(folder / DATASET_JSON)
+            return labels, str(folder / DATASET_JSON)
     return None
 
 

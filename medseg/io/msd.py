@@ -150,6 +150,18 @@ def read_dataset_json(root: str | Path) -> DatasetDescription:
     return description
 
 
+def read_dataset_labels(path: str | Path) -> dict[int, str]:
+    """Only the ``labels`` of a ``dataset.json`` file (MSD or nnU-Net v2 style), for folders of
+    label maps that have no images beside them (a prediction or evaluation folder).
+
+    Raises:
+        DataError: the file is missing or malformed, or its labels are (as
+            :func:`read_dataset_json`).
+    """
+    path = Path(path)
+    return _parse_labels(path, _load_json(path))
+
+
 def modality_of(channels: dict[int, str]) -> str:
     """``"CT"`` when any channel name is CT, ``"MR"`` for MR sequence names, else the first name."""
     names = [channels[k] for k in sorted(channels)]

@@ -177,6 +177,52 @@ def test_cv_reports_structures_out_of_fold(msd, tmp_path):
     # a finished CV is not trained again
     again = run_cli("cv", "--config", str(config), "--name", "cv3d", *cfg, cwd=tmp_path)
     assert again.returncode == 0 and "already finished" in again.stderr
+    _check_oof_round_trip(root, msd, tmp_path, summary)
+
+
+def _check_oof_round_trip(root: Path, msd: Path, tmp_path: Path, summary: dict) -> None:
+    """``evaluate CV --export-oof D``, then ``evaluate --pred D/pred --truth D/truth``: the CV
+    report's per-structure means (no post-processing), in the source images' geometry."""
+    import nibabel as nib
+
+    from medseg.data.scan_msd import describe
+
+    export = tmp_path / "oof_maps"
+    proc = run_cli("evaluate", str(root), "--export-oof", str(export), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((export / "oof.json").read_text())["cases_per_fold"] == {"1": 3, "2": 3}
+    for case in describe(msd).cases:  # each case once, in its source image's geometry
+        source = nib.load(case.images[0]).affine
+        for side in ("pred", "truth"):
+            written = nib.load(export / side / f"{case.case_id}.nii.gz").affine
+            np.testing.assert_allclose(written, source, atol=1e-6)
+    scores = tmp_path / "oof_scores"
+    args = ("--pred", str(export / "pred"), "--truth", str(export / "truth"), "--out", str(scores))
+    proc = run_cli("evaluate", *args, "--tolerance-mm", "2", "--n-boot", "50", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads((scores / "metrics.json").read_text())
+    scored = written["summary"]
+    assert scored["n_cases"] == summary["none"]["n_cases"] == 6
+    assert written["labels_from"] == str(export / "dataset.json")  # the structures' names
+    for name, entry in summary["none"]["structures"].items():
+        mine = scored["structures"][name]
+        assert abs(mine["dice"]["mean"] - entry["dice"]["mean"]) < 1e-6, name
+        for metric in ("hd95_mm", "assd_mm", "nsd_2mm"):
+            if entry[metric]["mean"] is not None:
+                assert abs(mine[metric]["mean"] - entry[metric]["mean"]) < 1e-6, (name, metric)
+    again = run_cli("evaluate", str(root), "--export-oof", str(export), cwd=tmp_path)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # refused with one line: a folder that is not a CV, an unfinished CV, a 2D CV
+    fake = tmp_path / "fake_cv"
+    fake.mkdir()
+    (fake / "splits.json").write_text((root / "splits.json").read_text())
+    (fake / "config.yaml").write_text((root / "config.yaml").read_text())
+    for folder, message in ((msd, "not a cross-validation folder"), (fake, "fold(s) 1, 2 of 2")):
+        bad = run_cli("evaluate", str(folder), "--export-oof", str(tmp_path / "x"), cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    (fake / "config.yaml").write_text("model:\n  name: unet\n")
+    bad = run_cli("evaluate", str(fake), "--export-oof", str(tmp_path / "x"), cwd=tmp_path)
+    assert bad.returncode == 2 and "2D CV: not supported yet" in bad.stderr, bad.stderr
 
 
 def test_evaluate_cli_scores_a_3d_run_and_a_labelled_folder(run3d, msd, tmp_path):
@@ -188,12 +234,13 @@ def test_evaluate_cli_scores_a_3d_run_and_a_labelled_folder(run3d, msd, tmp_path
     assert {"val", "val_largest"} <= set(metrics)
     out = tmp_path / "scores"
     args = ("evaluate", str(run), "--data", str(msd), "--out", str(out), "--n-boot", "50")
-    proc = run_cli(*args, cwd=tmp_path)
+    proc = run_cli(*args, "--tolerance-mm", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     scored = json.loads((out / "metrics.json").read_text())
     assert scored[f"folder:{msd.name}"]["n_cases"] == 6
     rows = list(csv.DictReader((out / f"cases_folder_{msd.name}.csv").open()))
     assert {r["postprocess"] for r in rows} == {"none", "largest"}
+    assert "nsd_2mm" in rows[0] and "nsd_1mm" not in rows[0]  # --tolerance-mm 2
     bad = run_cli(
         "evaluate", str(run), "--data", str(msd), "--out", str(out), "--tta", cwd=tmp_path
     )
