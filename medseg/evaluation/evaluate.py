@@ -26,9 +26,16 @@ from medseg.data.samples import Sample
 from medseg.data.scan import scan_from_config
 from medseg.data.split import check_manifest_files, load_manifest, select
 from medseg.errors import DataError
+from medseg.evaluation.patients import (
+    MODEL_RESOLUTION,
+    group_surface_rows,
+    surface_description,
+    surface_values,
+)
 from medseg.evaluation.plots import plot_confusion, plot_overlays, plot_roc
+from medseg.evaluation.stats import group_surface_means
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
-from medseg.models.metrics import confusion_counts, hausdorff95, segmentation_report
+from medseg.models.metrics import confusion_counts, segmentation_report
 from medseg.utils import atomic_write_json, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
@@ -128,7 +135,9 @@ def evaluate_arrays(
     threshold: float | None = None,
 ) -> dict:
     """Score ``model`` on decoded samples and record the result in the run, as :func:`evaluate`
-    does: ``metrics.json[split]``, ``cases_<split>.csv`` and the plots of the split.
+    does: ``metrics.json[split]``, ``cases_<split>.csv``, for segmentation ``groups_<split>.csv``
+    (one row per patient volume, :func:`medseg.evaluation.patients.group_surface_rows`) and the
+    plots of the split.
 
     Training calls this with what it holds (its config, run folder, validation arrays and the
     chosen checkpoint's model) instead of reading them all back.
@@ -151,8 +160,17 @@ def evaluate_arrays(
     t0 = time.perf_counter()
     probs = model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0)
     seconds = time.perf_counter() - t0
-    result, cases = score(probs, data, cfg.data.task, threshold, list(class_names or []))
+    result, cases, group_rows = score(
+        probs,
+        data,
+        cfg.data.task,
+        threshold,
+        list(class_names or []),
+        tolerance=cfg.evaluation.nsd_tolerance_mm,
+    )
     write_cases(run.path / f"cases_{tag}.csv", cases)
+    if group_rows:
+        write_cases(run.path / f"groups_{tag}.csv", group_rows)
     if cfg.data.task == "classification":
         plot_confusion(
             np.array(result["confusion_matrix"]),
@@ -183,15 +201,35 @@ def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def score(
-    probs: np.ndarray, data: ArrayData, task: str, threshold: float, class_names: list[str]
-) -> tuple[dict, list[dict]]:
-    """Metrics of predictions ``probs`` on ``data``, and one row per case.
+    probs: np.ndarray,
+    data: ArrayData,
+    task: str,
+    threshold: float,
+    class_names: list[str],
+    tolerance: float = 1.0,
+) -> tuple[dict, list[dict], list[dict]]:
+    """Metrics of predictions ``probs`` on ``data``, one row per case and one per patient.
 
-    The rows (written as ``cases_<split>.csv``, and as ``oof.csv`` by cross-validation) carry
-    what the summary numbers are computed from: for segmentation the pixel counts ``tp``,
+    The case rows (written as ``cases_<split>.csv``, and as ``oof.csv`` by cross-validation)
+    carry what the summary numbers are computed from: for segmentation the pixel counts ``tp``,
     ``fp``, ``fn``, ``true_pixels``, ``pred_pixels`` of each image's thresholded mask (foreground
-    = any label > 0) and ``hd95`` (pixels at the model's input size; empty when either mask is
-    empty); for classification ``target``, ``pred`` and ``p_<class>``.
+    = any label > 0); for classification ``target``, ``pred`` and ``p_<class>``.
+
+    Segmentation also gives one row per patient (``groups_<split>.csv``, ``oof_groups.csv``):
+    its slices stacked in natural order and scored as one volume
+    (:func:`medseg.evaluation.patients.group_surface_rows`: ``hd95_px``, ``assd_px``,
+    ``nsd_<tolerance>px`` in pixels at the model's input size), summarised in the metrics as
+    ``hd95_per_group_mean``, ``assd_per_group_mean``, ``nsd_per_group_mean`` (patients without
+    a value left out and counted in ``<m>_missing``), ``surface_unit``, ``nsd_tolerance`` and
+    ``surface`` (what they mean). Classification has no patient rows (``[]``).
+
+    Args:
+        probs: Model outputs, ``[N, H, W, K]`` (segmentation) or ``[N, K]``.
+        data: The scored samples and their targets.
+        task: ``segmentation`` or ``classification``.
+        threshold: Foreground probability threshold (one-channel segmentation).
+        class_names: The run's classes (classification).
+        tolerance: NSD tolerance in pixels (``evaluation.nsd_tolerance_mm``).
     """
     ids = [(s.id, s.group) for s in data.samples]
     if task == "classification":
@@ -207,7 +245,7 @@ def score(
             }
             for (i, g), t, p in zip(ids, data.targets, probs, strict=True)
         ]
-        return result, rows
+        return result, rows, []
     labels = _labels(probs, threshold)
     pred, truth = labels > 0, data.targets > 0
     result = segmentation_report(pred, truth, [g for _, g in ids])
@@ -218,18 +256,32 @@ def score(
             for k in range(1, probs.shape[-1])
         }
     rows = [segmentation_row(i, g, p, t) for (i, g), p, t in zip(ids, pred, truth, strict=True)]
-    hds = [r["hd95"] for r in rows if r["hd95"] != ""]
-    result["hd95_per_image_mean"] = float(np.mean(hds)) if hds else None
-    return result, rows
+    group_rows = group_surface_rows(
+        [i for i, _ in ids], [g for _, g in ids], pred, truth, tolerance
+    )
+    result.update(surface_metrics(group_rows, tolerance, MODEL_RESOLUTION))
+    return result, rows, group_rows
+
+
+def surface_metrics(group_rows: list[dict], tolerance: float, resolution: str) -> dict:
+    """The per-patient surface metrics' means over patients (each counted once), with their
+    unit, tolerance and description, from :func:`group_surface_rows` rows."""
+    means = group_surface_means(surface_values(group_rows, tolerance), np.ones(len(group_rows)))
+    description = surface_description(tolerance, resolution)
+    return {
+        **means,
+        "surface_unit": description["unit"],
+        "nsd_tolerance": description["nsd_tolerance"],
+        "surface": description,
+    }
 
 
 def segmentation_row(sample_id: str, group: str, pred: np.ndarray, truth: np.ndarray) -> dict:
     """One per-case row of a segmentation: pixel counts of the binary masks ``pred`` and
-    ``truth`` (``tp``, ``fp``, ``fn``, ``true_pixels``, ``pred_pixels``) and ``hd95`` (empty when
-    either mask is empty)."""
+    ``truth`` (``tp``, ``fp``, ``fn``, ``true_pixels``, ``pred_pixels``). Surface distances are
+    per patient volume (:func:`medseg.evaluation.patients.group_surface_rows`), not per slice."""
     pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
     tp, fp, fn = confusion_counts(pred, truth)
-    hd = hausdorff95(pred, truth)
     return {
         "id": sample_id,
         "group": group,
@@ -238,7 +290,6 @@ def segmentation_row(sample_id: str, group: str, pred: np.ndarray, truth: np.nda
         "fn": fn,
         "true_pixels": int(truth.sum()),
         "pred_pixels": int(pred.sum()),
-        "hd95": "" if np.isnan(hd) else round(hd, 3),
     }
 
 

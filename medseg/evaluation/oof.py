@@ -8,6 +8,14 @@
 Every sample is predicted exactly once, by the fold model that did not train on it. The number of
 folds comes from ``splits.json`` (or ``config.yaml``, or the ``fold_<k>`` folders); a fold counts
 as finished when its folder has ``oof.csv``, ``metrics.json`` or a ``done`` state.
+
+Segmentation folds also write ``fold_<k>/oof_groups.csv``: one row per patient of the fold, its
+slices scored as one volume (:mod:`medseg.evaluation.patients`)::
+
+    group,slices,tp,fp,fn,dice,empty,unit,hd95_px,assd_px,nsd_<t>px,fold
+
+Runs written before it existed have none; their per-patient surface metrics are then not
+available (``CVData.group_surface`` is ``None``), never mixed with another convention.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ from medseg.utils import read_json
 
 SEG_COLUMNS = ("id", "group", "fold", "tp", "fp", "fn", "true_pixels", "pred_pixels")
 CLS_COLUMNS = ("id", "group", "fold", "target", "pred")
+GROUP_COLUMNS = ("group", "tp", "fp", "fn", "empty")
+#: The per-patient file of a segmentation fold.
+GROUPS_FILE = "oof_groups.csv"
+_EMPTY_VALUES = ("", "both", "pred", "truth")
 
 
 @dataclass
@@ -45,7 +57,12 @@ class CVData:
     fold: np.ndarray = None  # row -> fold number
     counts: np.ndarray = None  # segmentation: [N, 3] tp, fp, fn
     true_pixels: np.ndarray = None
-    hd95: np.ndarray = None  # segmentation: per image, NaN where undefined or not recorded
+    # segmentation, from every finished fold's oof_groups.csv: "hd95", "assd", "nsd" -> one
+    # value per group (aligned with ``groups``; NaN where missing); None when a fold has none
+    group_surface: dict[str, np.ndarray] | None = None
+    surface_unit: str | None = None  # "px" (or "mm")
+    nsd_tolerance: float | None = None  # in surface_unit
+    surface_missing_folds: list[int] = field(default_factory=list)  # folds without the file
     target: np.ndarray = None  # classification
     pred: np.ndarray = None
     probs: np.ndarray = None
@@ -138,11 +155,6 @@ def _read_oof_file(path: Path, k: int, task: str | None) -> tuple[str, list[str]
         if task == "segmentation":
             for c in SEG_COLUMNS[3:]:
                 row[c] = _int(r[c], path, line, c)
-            hd = (r.get("hd95") or "").strip()
-            try:
-                row["hd95"] = float(hd) if hd else float("nan")
-            except ValueError:
-                raise DataError(f"{path}: line {line}: hd95={hd!r} is not a number") from None
             if row["true_pixels"] != row["tp"] + row["fn"] or (
                 row["pred_pixels"] != row["tp"] + row["fp"]
             ):
@@ -220,12 +232,127 @@ def load_cv(run_dir: str | Path) -> CVData:
     if task == "segmentation":
         data.counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in rows], dtype=np.int64)
         data.true_pixels = np.array([r["true_pixels"] for r in rows], dtype=np.int64)
-        data.hd95 = np.array([r["hd95"] for r in rows], dtype=np.float64)
+        _load_group_surface(data)
     else:
         data.target = np.array([r["target"] for r in rows], dtype=np.int64)
         data.pred = np.array([r["pred"] for r in rows], dtype=np.int64)
         data.probs = np.array([[r[f"p_{n}"] for n in data.class_names] for r in rows])
     return data
+
+
+def _surface_header(path: Path, header: list[str]) -> tuple[str, float, dict[str, str]]:
+    """``(unit, NSD tolerance, metric -> column)`` of an oof_groups.csv header (checked)."""
+    hd = [c for c in header if c.startswith("hd95_")]
+    unit = hd[0][5:] if len(hd) == 1 and hd[0][5:] in ("px", "mm") else "<unit>"
+    nsd = [c for c in header if c.startswith("nsd_") and c.endswith(unit)]
+    tol = _number(nsd[0][4 : len(nsd[0]) - len(unit)]) if len(nsd) == 1 else math.nan
+    wanted = {
+        **{c: c for c in GROUP_COLUMNS},
+        "hd95": f"hd95_{unit}",
+        "assd": f"assd_{unit}",
+        "nsd": nsd[0] if len(nsd) == 1 and math.isfinite(tol) else f"nsd_<t>{unit}",
+    }
+    missing = [c for c in wanted.values() if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: malformed {GROUPS_FILE}, missing column(s) {', '.join(missing)} "
+            f"(has {', '.join(header) or 'nothing'})"
+        )
+    return unit, tol, {m: wanted[m] for m in ("hd95", "assd", "nsd")}
+
+
+def _number(text: str | None) -> float:
+    """``text`` as a float; NaN when empty or not a number."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _surface_value(value: str | None, path: Path, line: int, column: str) -> float:
+    """A distance (>= 0) or NSD (0..1) cell; empty or ``nan``: missing (NaN)."""
+    text = (value or "").strip()
+    if text.lower() in ("", "nan"):
+        return math.nan
+    number = _number(text)
+    top = 1.0 + 1e-9 if column.startswith("nsd_") else math.inf
+    if not (math.isfinite(number) and 0 <= number <= top):
+        raise DataError(f"{path}: line {line}: {column}={value!r} is not a valid value")
+    return number
+
+
+def _read_groups_file(
+    path: Path, k: int, counts: dict[str, np.ndarray]
+) -> tuple[str, float, dict[str, tuple[float, float, float]]]:
+    """One fold's oof_groups.csv, checked against the fold's oof.csv counts per group
+    (``counts``); returns ``(unit, NSD tolerance, group -> (hd95, assd, nsd))``."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            raw = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    unit, tol, cols = _surface_header(path, header)
+    out: dict[str, tuple[float, float, float]] = {}
+    for line, r in enumerate(raw, start=2):
+        if None in r or any(r.get(c) is None for c in header):
+            raise DataError(f"{path}: line {line}: wrong number of fields")
+        g = r["group"]
+        if g not in counts or g in out:
+            what = "appears twice" if g in out else "has no rows in this fold's oof.csv"
+            raise DataError(f"{path}: line {line}: the patient/group {what}")
+        if "fold" in r and _int(r["fold"], path, line, "fold") != k:
+            raise DataError(f"{path}: line {line}: fold={r['fold']}, expected {k}")
+        got = [_int(r[c], path, line, c) for c in ("tp", "fp", "fn")]
+        if got != counts[g].tolist():
+            raise DataError(
+                f"{path}: line {line}: tp, fp, fn {got} differ from the sum of this patient's "
+                f"oof.csv rows {counts[g].tolist()}"
+            )
+        if r["empty"] not in _EMPTY_VALUES:
+            raise DataError(
+                f"{path}: line {line}: empty={r['empty']!r} is not both, pred, truth or empty"
+            )
+        out[g] = tuple(_surface_value(r[cols[m]], path, line, cols[m]) for m in cols)
+    if len(out) != len(counts):
+        raise DataError(
+            f"{path}: {len(counts) - len(out)} patient(s)/group(s) of this fold's oof.csv have "
+            "no row"
+        )
+    return unit, tol, out
+
+
+def _load_group_surface(d: CVData) -> None:
+    """Fill ``d``'s per-group surface arrays from every finished fold's oof_groups.csv; leaves
+    them ``None`` (listing ``surface_missing_folds``) when a fold has none."""
+    d.surface_missing_folds = [
+        f for f in d.folds_done if not (fold_dir(d.root, f) / GROUPS_FILE).is_file()
+    ]
+    if d.surface_missing_folds:
+        return
+    values = np.full((len(d.groups), 3), np.nan)
+    seen = np.zeros(len(d.groups), dtype=np.int64)
+    index = {g: i for i, g in enumerate(d.groups)}
+    for f in d.folds_done:
+        path = fold_dir(d.root, f) / GROUPS_FILE
+        sel = d.fold == f
+        sums = np.stack(
+            [np.bincount(d.gidx[sel], d.counts[sel, c], len(d.groups)) for c in range(3)], 1
+        ).astype(np.int64)
+        counts = {d.groups[g]: sums[g] for g in np.unique(d.gidx[sel])}
+        unit, tol, rows = _read_groups_file(path, f, counts)
+        if d.surface_unit is not None and (unit, tol) != (d.surface_unit, d.nsd_tolerance):
+            raise DataError(
+                f"{path}: unit {unit} and NSD tolerance {tol:g} differ from the other folds' "
+                f"{d.surface_unit} and {d.nsd_tolerance:g}"
+            )
+        d.surface_unit, d.nsd_tolerance = unit, tol
+        for g, v in rows.items():
+            values[index[g]] = v
+            seen[index[g]] += 1
+    values[seen > 1] = np.nan  # a group split across folds has no single volume
+    d.group_surface = {m: values[:, j] for j, m in enumerate(("hd95", "assd", "nsd"))}
 
 
 def load_oof(run_dir: str | Path) -> list[dict]:

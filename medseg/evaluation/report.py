@@ -18,6 +18,7 @@ import numpy as np
 
 from medseg.artifacts.cv import fold_dir
 from medseg.evaluation.oof import CVData, load_cv
+from medseg.evaluation.patients import CONVENTION, surface_labels
 from medseg.evaluation.plots import (
     plot_confusion,
     plot_cv_history,
@@ -37,13 +38,18 @@ LABELS = {
     "dice_per_group_mean": "Dice per patient/group, mean",
     "dice_per_group_median": "Dice per patient/group, median",
     "dice_per_image_mean_nonempty": "Dice per image, mean over images with foreground",
-    "hd95_per_group_mean": "HD95 per patient/group, mean (pixels; both masks non-empty)",
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced accuracy",
     "macro_f1": "Macro F1",
     "roc_auc_macro": "ROC AUC, macro one-vs-rest",
     "ece": "Expected calibration error (10 bins; lower is better)",
+    **surface_labels(1.0),
 }
+
+
+def _labels(tolerance: float | None) -> dict[str, str]:
+    """:data:`LABELS`, the per-patient surface metrics' naming the NSD ``tolerance`` (px)."""
+    return LABELS if tolerance is None else {**LABELS, **surface_labels(tolerance)}
 
 
 def _figures(d: CVData, summary: dict, plots: Path) -> list[tuple[str, str]]:
@@ -102,8 +108,9 @@ def _mean_std(block: dict) -> str:
 
 def _test_line(test: dict, task: str) -> str:
     keys = SEG_METRICS if task == "segmentation" else CLS_METRICS
+    labels = _labels(test.get("nsd_tolerance"))
     parts = [
-        f"{LABELS.get(key, key)} {test[key]:.4f}"
+        f"{labels.get(key, key)} {test[key]:.4f}"
         for key in keys
         if isinstance(test.get(key), float)
     ]
@@ -160,8 +167,9 @@ def _results_blocks(summary: dict) -> list[tuple]:
     """The metrics table, per-class table (classification), notes and the test split."""
     task = summary["task"]
     out: list[tuple] = [("h2", "Results")]
+    labels = _labels((summary.get("surface") or {}).get("nsd_tolerance"))
     rows = [
-        [LABELS.get(m, m), _mean_std(b), _ci(b), ", ".join(_fmt(v) for v in b["folds"])]
+        [labels.get(m, m), _mean_std(b), _ci(b), ", ".join(_fmt(v) for v in b["folds"])]
         for m, b in summary["metrics"].items()
     ]
     out.append(
@@ -227,6 +235,7 @@ def _method_blocks(summary: dict) -> list[tuple]:
                 f"95% CI: percentile bootstrap with {b['n_boot']} replicates (seed {b['seed']}), "
                 f"resampling whole patients/groups with replacement ({summary['n_groups']} per "
                 "replicate), so correlated slices of one patient move together.",
+                *_surface_items(summary.get("surface")),
             ],
         )
     )
@@ -234,6 +243,18 @@ def _method_blocks(summary: dict) -> list[tuple]:
         out.append(("h2", "Warnings"))
         out.append(("ul", summary["warnings"]))
     return out
+
+
+def _surface_items(surface: dict | None) -> list[str]:
+    """The methods list's sentence on the per-patient surface metrics (none without them)."""
+    if not surface:
+        return []
+    missing = ", ".join(f"{m.upper()} {surface[f'{m}_missing']}" for m in ("hd95", "assd", "nsd"))
+    return [
+        f"HD95, ASSD and NSD@{surface['nsd_tolerance']:g}{surface['unit']}: in "
+        f"{surface['unit']} at {surface['resolution']}, {CONVENTION}. Patients without a value "
+        f"(left out of the means): {missing}. Read from the folds' oof_groups.csv files."
+    ]
 
 
 def _blocks(summary: dict, figs: list[tuple[str, str]]) -> list[tuple]:

@@ -17,10 +17,14 @@ patient's volume: the slices of one group in natural id order, components in 3D,
 
 Written into ``--out`` (refused when it already holds a result, unless ``overwrite``)::
 
-    cases.csv       one row per image: segmentation tp, fp, fn, true/pred pixels, hd95, Dice;
+    cases.csv       one row per image: segmentation tp, fp, fn, true/pred pixels, Dice;
                     classification target, pred, p_<class>
-    groups.csv      segmentation: one row per patient/group with its volume Dice
-    metrics.json    the metrics with 95% bootstrap intervals, the model and the settings
+    groups.csv      segmentation: one row per patient/group, its slices scored as one volume
+                    (:func:`medseg.evaluation.patients.group_surface_rows`): Dice of the pooled
+                    counts, hd95_px, assd_px, nsd_<t>px in pixels at the images' NATIVE
+                    resolution (a patient whose slices differ in shape keeps them missing)
+    metrics.json    the metrics with 95% bootstrap intervals, the model and the settings; the
+                    per-patient surface means with ``surface`` saying their unit and convention
     plots/          segmentation: per-patient Dice; classification: confusion matrix, ROC,
                     reliability diagram
 """
@@ -42,11 +46,23 @@ from medseg.evaluation.evaluate import (
     classification_metrics,
     headline,
     segmentation_row,
+    surface_metrics,
     write_cases,
 )
+from medseg.evaluation.patients import (
+    NATIVE_RESOLUTION,
+    SURFACE_KEYS,
+    group_surface_rows,
+    patient_volumes,
+    surface_values,
+)
 from medseg.evaluation.plots import plot_confusion, plot_group_dice, plot_reliability, plot_roc
-from medseg.evaluation.stats import CI_LEVEL, bootstrap_interval, calibration_bins
-from medseg.evaluation.tune import patient_volumes
+from medseg.evaluation.stats import (
+    CI_LEVEL,
+    bootstrap_interval,
+    calibration_bins,
+    group_surface_means,
+)
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import Predictor, check_same_outputs
 from medseg.io import read_image, read_mask, to_channels
@@ -125,25 +141,25 @@ def _predict(predictor: Predictor, images: list[np.ndarray], batch: int) -> list
     return out
 
 
-def _segmentation(
+def _masks(
     loaded: _Loaded,
     probs: list[np.ndarray],
     threshold: float,
     min_lesion_voxels: int,
     largest_component: bool,
-    n_boot: int,
-    seed: int,
-) -> tuple[dict, list[dict], list[dict]]:
+) -> list[np.ndarray]:
+    """Label maps of each image, post-processed per patient volume (per slice where a
+    patient's slices differ in shape)."""
     samples = loaded.samples
-    ids, groups = [s.id for s in samples], [s.group for s in samples]
     if probs[0].shape[-1] == 1:
         masks = [(p[..., 0] > threshold).astype(np.uint8) for p in probs]
     else:
         masks = [p.argmax(-1).astype(np.uint8) for p in probs]
-    volumes = patient_volumes(groups, ids)
+    if not (min_lesion_voxels > 1 or largest_component):
+        return masks
+    volumes = patient_volumes([s.group for s in samples], [s.id for s in samples])
     for idx in volumes.values():
-        shapes = {masks[i].shape for i in idx}
-        if len(shapes) == 1 and (min_lesion_voxels > 1 or largest_component):
+        if len({masks[i].shape for i in idx}) == 1:
             vol = postprocess(
                 np.stack([masks[i] for i in idx]),
                 min_size_voxels=min_lesion_voxels,
@@ -151,33 +167,37 @@ def _segmentation(
             )
             for i, m in zip(idx, vol, strict=True):
                 masks[i] = m
-        elif min_lesion_voxels > 1 or largest_component:  # slices of different sizes: 2D
+        else:  # slices of different sizes: 2D
             for i in idx:
                 masks[i] = postprocess(
                     masks[i], min_size_voxels=min_lesion_voxels, largest_component=largest_component
                 )
+    return masks
+
+
+def _segmentation(
+    loaded: _Loaded,
+    probs: list[np.ndarray],
+    post: tuple,
+    tolerance: float,
+    n_boot: int,
+    seed: int,
+) -> tuple[dict, list[dict], list[dict]]:
+    """Metrics, case rows and patient rows; ``post``: threshold, minimum lesion voxels and
+    largest component; ``tolerance``: NSD tolerance (px at native resolution)."""
+    samples = loaded.samples
+    masks = _masks(loaded, probs, *post)
     rows = []
     for s, m, t in zip(samples, masks, loaded.truth, strict=True):
         row = segmentation_row(s.id, s.group, m, t)
         row["dice"] = round(dice_from_counts(row["tp"], row["fp"], row["fn"]), 6)
         rows.append(row)
-    names = sorted(volumes)
-    gidx = {g: k for k, g in enumerate(names)}
-    counts = np.zeros((len(names), 3), np.int64)
-    for r in rows:
-        counts[gidx[r["group"]]] += (r["tp"], r["fp"], r["fn"])
-    per_group = np.array([dice_from_counts(*c) for c in counts])
-    group_rows = [
-        {
-            "group": g,
-            "slices": len(volumes[g]),
-            "tp": int(counts[k, 0]),
-            "fp": int(counts[k, 1]),
-            "fn": int(counts[k, 2]),
-            "dice": round(float(per_group[k]), 6),
-        }
-        for k, g in enumerate(names)
-    ]
+    ids, groups = [s.id for s in samples], [s.group for s in samples]
+    truth = [np.asarray(t) > 0 for t in loaded.truth]
+    group_rows = group_surface_rows(ids, groups, [m > 0 for m in masks], truth, tolerance)
+    counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in group_rows], np.int64)
+    per_group = np.array([r["dice"] for r in group_rows])
+    n = len(group_rows)
 
     def pooled(mult):
         tp, fp, fn = mult @ counts
@@ -186,17 +206,23 @@ def _segmentation(
     nonempty = [r["dice"] for r in rows if r["true_pixels"] > 0]
     metrics = {
         "n_images": len(rows),
-        "n_groups": len(names),
+        "n_groups": n,
         "dice_per_group_mean": float(per_group.mean()),
         "dice_per_group_mean_ci95": bootstrap_interval(
-            lambda m: float(np.average(per_group, weights=m)), len(names), n_boot, seed
+            lambda m: float(np.average(per_group, weights=m)), n, n_boot, seed
         ),
         "dice_per_group_median": float(np.median(per_group)),
-        "dice": pooled(np.ones(len(names))),
-        "dice_ci95": bootstrap_interval(pooled, len(names), n_boot, seed),
+        "dice": pooled(np.ones(n)),
+        "dice_ci95": bootstrap_interval(pooled, n, n_boot, seed),
         "dice_per_image_mean_nonempty": float(np.mean(nonempty)) if nonempty else None,
         "per_group_dice": [float(v) for v in per_group],
+        **surface_metrics(group_rows, tolerance, NATIVE_RESOLUTION),
     }
+    values = surface_values(group_rows, tolerance)
+    for key in SURFACE_KEYS:
+        metrics[f"{key}_ci95"] = bootstrap_interval(
+            lambda m, key=key: group_surface_means(values, m)[key], n, n_boot, seed
+        )
     return metrics, rows, group_rows
 
 
@@ -267,6 +293,7 @@ def evaluate_model(
     n_boot: int = 1000,
     seed: int = 0,
     ensemble_with: list[str | Path] | tuple = (),
+    tolerance_mm: float = 1.0,
 ) -> dict:
     """Score ``model`` on every labelled sample of the dataset folder ``data``.
 
@@ -286,6 +313,8 @@ def evaluate_model(
         ensemble_with: more models of the same task and outputs (exports, runs, CV folders;
             e.g. another recipe, with other input channels or 2.5D input): the scores are those
             of the mean of all the models' probabilities, each model fed as it is served.
+        tolerance_mm: NSD tolerance of the per-patient surface metrics; in pixels, since the
+            masks are scored at the images' native resolution without a spacing.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -311,7 +340,7 @@ def evaluate_model(
     loaded, probs, seconds = _ensemble_probabilities([predictor, *members], samples, batch_size)
     if task == "segmentation":
         post = (threshold, min_lesion_voxels, largest_component)
-        metrics, rows = _score_segmentation(out, loaded, probs, post, n_boot, seed)
+        metrics, rows = _score_segmentation(out, loaded, probs, post, tolerance_mm, n_boot, seed)
     else:
         metrics, rows = _score_classification(out, loaded, probs, predictor.classes, n_boot, seed)
     write_cases(out / "cases.csv", rows)
@@ -376,13 +405,20 @@ def _ensemble_probabilities(
 
 
 def _score_segmentation(
-    out: Path, loaded: _Loaded, probs: list[np.ndarray], post: tuple, n_boot: int, seed: int
+    out: Path,
+    loaded: _Loaded,
+    probs: list[np.ndarray],
+    post: tuple,
+    tolerance: float,
+    n_boot: int,
+    seed: int,
 ) -> tuple[dict, list[dict]]:
     """Metrics and cases of a segmentation model; writes ``groups.csv`` and its plot.
 
-    ``post``: threshold, minimum lesion voxels and largest component.
+    ``post``: threshold, minimum lesion voxels and largest component; ``tolerance``: NSD
+    tolerance in pixels.
     """
-    metrics, rows, group_rows = _segmentation(loaded, probs, *post, n_boot, seed)
+    metrics, rows, group_rows = _segmentation(loaded, probs, post, tolerance, n_boot, seed)
     write_cases(out / "groups.csv", group_rows)
     plot_group_dice({1: np.array(metrics["per_group_dice"])}, out / "plots" / "group_dice.png")
     return metrics, rows

@@ -13,7 +13,7 @@ of resamples for cross-validation summaries and for scoring a model on a folder.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from medseg.models.metrics import dice_from_counts, iou_from_counts
 
 ECE_BINS = 10
 CI_LEVEL = 0.95
+#: Per-patient surface metrics of 2D segmentation (:mod:`medseg.evaluation.patients`).
+SURFACE_METRICS = ("hd95", "assd", "nsd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +75,12 @@ def group_dice(d: CVData, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def seg_metrics(d: CVData, w: np.ndarray, group_mult: np.ndarray) -> dict:
-    """Segmentation metrics of the rows weighted ``w``; ``group_mult[g]`` counts group ``g``."""
+    """Segmentation metrics of the rows weighted ``w``; ``group_mult[g]`` counts group ``g``.
+
+    Pixel Dice/IoU pool the rows' counts; per-group Dice pools each group's rows first. Where
+    the folds recorded per-patient surface metrics (``oof_groups.csv``), also their means over
+    groups (:func:`group_surface_means`), ``surface_unit`` and ``nsd_tolerance``.
+    """
     tp, fp, fn = (float(v) for v in w @ d.counts)
     out = {"dice": dice_from_counts(tp, fp, fn), "iou": iou_from_counts(tp, fp, fn)}
     sel = w > 0
@@ -87,21 +94,38 @@ def seg_metrics(d: CVData, w: np.ndarray, group_mult: np.ndarray) -> dict:
         out["dice_per_image_mean_nonempty"] = float(np.average(per_image, weights=w[nonempty]))
     else:
         out["dice_per_image_mean_nonempty"] = None
-    out["hd95_per_group_mean"] = _hd95_per_group(d, w, group_mult)
+    if d.group_surface is not None:
+        out.update(group_surface_means(d.group_surface, group_mult))
+        out.update(surface_unit=d.surface_unit, nsd_tolerance=d.nsd_tolerance)
     return out
 
 
-def _hd95_per_group(d: CVData, w: np.ndarray, group_mult: np.ndarray) -> float | None:
-    """Mean over groups of each group's mean per-image HD95 (images where it is defined)."""
-    ok = (w > 0) & np.isfinite(d.hd95)
-    if not ok.any():
-        return None
-    g = d.gidx[ok]
-    sums = np.bincount(g, weights=w[ok] * d.hd95[ok], minlength=len(d.groups))
-    counts = np.bincount(g, weights=w[ok], minlength=len(d.groups))
-    present = np.unique(g)
-    mult = np.asarray(group_mult)[present].astype(float)
-    return float(np.average(sums[present] / counts[present], weights=mult))
+def group_surface_means(
+    values: Mapping[str, np.ndarray], group_mult: np.ndarray
+) -> dict[str, float | int | None]:
+    """Means over patients (groups) of per-patient surface metrics under bootstrap
+    multiplicities.
+
+    Args:
+        values: ``hd95``, ``assd``, ``nsd`` -> one value per group (NaN where missing).
+        group_mult: how many times each group counts (0: left out).
+
+    Returns:
+        ``<m>_per_group_mean`` (``None`` when no counted group has a value) and ``<m>_missing``
+        (counted groups without a value, each counted ``group_mult[g]`` times) for ``m`` in
+        ``hd95``, ``assd``, ``nsd``.
+    """
+    mult = np.asarray(group_mult, dtype=float)
+    counted = mult > 0
+    out: dict[str, float | int | None] = {}
+    for m in SURFACE_METRICS:
+        v = np.asarray(values[m], dtype=float)
+        ok = counted & np.isfinite(v)
+        out[f"{m}_per_group_mean"] = (
+            float(np.average(v[ok], weights=mult[ok])) if ok.any() else None
+        )
+        out[f"{m}_missing"] = int(round(float(mult[counted & ~np.isfinite(v)].sum())))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import numpy as np
 
 from medseg.artifacts.cv import fold_dir
 from medseg.errors import DataError
-from medseg.evaluation.oof import CVData, load_cv
+from medseg.evaluation.oof import GROUPS_FILE, CVData, load_cv
+from medseg.evaluation.patients import CONVENTION, MODEL_RESOLUTION, SURFACE_KEYS
 from medseg.evaluation.stats import (
     CI_LEVEL,
     ECE_BINS,
@@ -46,13 +47,14 @@ SEG_METRICS = (
     "dice_per_group_mean",
     "dice_per_group_median",
     "dice_per_image_mean_nonempty",
-    "hd95_per_group_mean",
+    *SURFACE_KEYS,
 )
 CLS_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "ece")
 PER_CLASS_METRICS = ("precision", "recall", "f1", "roc_auc")
 HD95_NOTE = (
-    "HD95 (95th-percentile Hausdorff distance) is not reported: these oof.csv files have no "
-    "hd95 column (written by medseg versions that stored pixel counts only)."
+    "HD95, ASSD and NSD per patient volume are not reported: the folds have no oof_groups.csv "
+    "(written by medseg versions that scored HD95 per slice, both directions pooled, or stored "
+    "pixel counts only); re-run the CV to get them in the per-patient-volume convention."
 )
 
 
@@ -124,8 +126,8 @@ def _estimates(d: CVData) -> tuple[list[str], dict, dict[int, dict], Callable]:
     group multiplicities)`` gives the metrics of one bootstrap resample."""
     n, n_groups = len(d.rows), len(d.groups)
     if d.task == "segmentation":
-        has_hd95 = bool(np.isfinite(d.hd95).any())
-        names = [m for m in SEG_METRICS if has_hd95 or not m.startswith("hd95")]
+        has_surface = d.group_surface is not None
+        names = [m for m in SEG_METRICS if has_surface or m not in SURFACE_KEYS]
 
         def replicate(w, gm):
             return seg_metrics(d, w, gm)
@@ -148,6 +150,29 @@ def _estimates(d: CVData) -> tuple[list[str], dict, dict[int, dict], Callable]:
     pooled = cls_metrics(d, np.ones(n, dtype=bool))
     per_fold = {f: cls_metrics(d, d.fold == f) for f in d.folds_done}
     return names, pooled, per_fold, replicate
+
+
+def _surface_summary(d: CVData, pooled: dict) -> tuple[dict | None, dict]:
+    """``(surface, not_available)`` of a segmentation summary: the per-patient surface metrics'
+    unit, tolerance, convention and missing counts, or the note saying why there are none."""
+    if d.group_surface is None:
+        done = len(d.folds_done)
+        if len(d.surface_missing_folds) == done:
+            return None, {"hd95": HD95_NOTE}
+        folds = ", ".join(f"fold_{f}" for f in d.surface_missing_folds)
+        return None, {
+            "hd95": f"HD95, ASSD and NSD per patient volume are not reported: {folds} of the "
+            f"{done} finished folds have no {GROUPS_FILE} (written by an older medseg); a mix "
+            "of conventions is never reported."
+        }
+    surface = {
+        "unit": d.surface_unit,
+        "nsd_tolerance": d.nsd_tolerance,
+        "resolution": MODEL_RESOLUTION,
+        "convention": CONVENTION,
+        **{f"{m}_missing": pooled[f"{m}_missing"] for m in ("hd95", "assd", "nsd")},
+    }
+    return surface, {}
 
 
 def _classification_summary(d: CVData, pooled: dict, blocks: dict) -> dict:
@@ -204,7 +229,9 @@ def summarize(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict
         ``test`` (the held-out test split's metrics, when ``test_metrics.json`` exists) and, for
         classification, ``class_names``, ``per_class`` (precision/recall/f1/roc_auc blocks and
         ``support``), ``confusion_matrix`` and ``calibration`` (ECE bins of the pooled rows);
-        for segmentation ``n_images_nonempty``.
+        for segmentation ``n_images_nonempty`` and ``surface`` (unit, NSD tolerance, convention
+        and the number of patients without each per-patient surface metric; ``None``, with a
+        ``not_available`` note, for runs whose folds have no ``oof_groups.csv``).
 
     Raises:
         DataError: a finished fold's ``oof.csv`` is missing or malformed (the message names it).
@@ -249,7 +276,7 @@ def summarize(run_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> dict
     }
     if seg:
         summary["n_images_nonempty"] = int((d.true_pixels > 0).sum())
-        summary["not_available"] = {} if np.isfinite(d.hd95).any() else {"hd95": HD95_NOTE}
+        summary["surface"], summary["not_available"] = _surface_summary(d, pooled)
     else:
         summary.update(_classification_summary(d, pooled, blocks))
     summary["warnings"] = _crossing_warnings(d) + _metrics_json_warnings(d, per_fold)

@@ -28,7 +28,9 @@ Files, inside the CV run folder::
 
     tune/probs/fold_<k>.npz      cached out-of-fold probabilities (float16) of each checkpoint/view,
                                  with the checkpoints' SHA-256 (recomputed when they change)
-    tune/<variant>/fold_<k>/oof.csv, config.yaml, splits.json, cv_summary.json, report.md, plots/
+    tune/<variant>/fold_<k>/oof.csv, oof_groups.csv (segmentation: per patient volume, HD95,
+                                 ASSD, NSD in px), config.yaml, splits.json, cv_summary.json,
+                                 report.md, plots/
     tune/tune.json               the variants: settings, parameters chosen per fold, metrics
     tune/ablation.md             the same as a Markdown table
     tune-with-<OTHER>/...        the same for the out-of-fold ensemble with other CV runs on the
@@ -54,10 +56,12 @@ import numpy as np
 from medseg.artifacts.cv import ENSEMBLE_NAME, fold_dir
 from medseg.artifacts.runs import RunDir, load_run_model, open_run
 from medseg.data.pipeline import load_arrays
-from medseg.data.scan import natural_key, scan_from_config
+from medseg.data.scan import scan_from_config
 from medseg.data.split import fold_manifest, load_manifest, select
 from medseg.errors import DataError
 from medseg.evaluation.evaluate import segmentation_row, write_cases
+from medseg.evaluation.oof import GROUPS_FILE
+from medseg.evaluation.patients import group_surface_rows, patient_volumes
 from medseg.evaluation.report import write_report
 from medseg.evaluation.stats import CI_LEVEL
 from medseg.evaluation.summary import summarize
@@ -104,6 +108,8 @@ HEADLINE_KEYS = (
     "dice_per_group_mean",
     "dice_per_group_median",
     "dice",
+    "hd95_per_group_mean",
+    "nsd_per_group_mean",
     "accuracy",
     "macro_f1",
     "balanced_accuracy",
@@ -211,14 +217,6 @@ def fold_probabilities(root: Path, k: int, cfg, manifest: dict, samples: list) -
 # Segmentation: patient volumes and post-processing
 
 
-def patient_volumes(groups: list[str], ids: list[str]) -> dict[str, list[int]]:
-    """Indices of each group's samples, ordered as slices of a volume (natural id order)."""
-    out: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        out.setdefault(g, []).append(i)
-    return {g: sorted(idx, key=lambda i: natural_key(ids[i])) for g, idx in out.items()}
-
-
 def _foreground(probs: np.ndarray, threshold: float) -> np.ndarray:
     """Binary foreground of [N, H, W, K] probabilities (threshold for K=1, argmax > 0 else)."""
     if probs.shape[-1] == 1:
@@ -285,20 +283,24 @@ def choose_setting(tables: list[_PatientTable], grid: list[Setting]) -> Setting:
     return grid[int(np.argmax(scores))]
 
 
-def _seg_rows(fp: FoldProbs, view: str, setting: Setting) -> list[dict]:
-    """oof.csv rows of fold ``k`` after post-processing each patient's volume."""
+def _seg_rows(
+    fp: FoldProbs, view: str, setting: Setting, tolerance: float
+) -> tuple[list[dict], list[dict]]:
+    """``(oof.csv rows, oof_groups.csv rows)`` of a fold after post-processing each patient's
+    volume; the patient rows score the post-processed volumes (NSD ``tolerance`` in px)."""
     probs = fp.probs[view]
     fg = _foreground(probs, setting.threshold).astype(np.uint8)
-    rows: dict[int, dict] = {}
-    for _, idx in patient_volumes(fp.groups, fp.ids).items():
-        vol = postprocess(
+    for idx in patient_volumes(fp.groups, fp.ids).values():
+        fg[idx] = postprocess(
             fg[idx],
             min_size_voxels=setting.min_lesion_voxels,
             largest_component=setting.largest_component,
         )
-        for i, p in zip(idx, vol, strict=True):
-            rows[i] = segmentation_row(fp.ids[i], fp.groups[i], p, fp.truth[i])
-    return [rows[i] for i in range(len(fp.ids))]
+    rows = [
+        segmentation_row(i, g, p, t)
+        for i, g, p, t in zip(fp.ids, fp.groups, fg, fp.truth, strict=True)
+    ]
+    return rows, group_surface_rows(fp.ids, fp.groups, fg, fp.truth > 0, tolerance)
 
 
 def _cls_rows(fp: FoldProbs, view: str) -> list[dict]:
@@ -321,7 +323,11 @@ def _cls_rows(fp: FoldProbs, view: str) -> list[dict]:
 
 
 def _write_variant(
-    root: Path, name: str, rows_by_fold: dict[int, list[dict]], out_name: str = "tune"
+    root: Path,
+    name: str,
+    rows_by_fold: dict[int, list[dict]],
+    out_name: str = "tune",
+    groups_by_fold: dict[int, list[dict]] | None = None,
 ) -> Path:
     vdir = root / out_name / name
     if vdir.exists():
@@ -331,6 +337,8 @@ def _write_variant(
         shutil.copy2(root / f, vdir / f)
     for k, rows in rows_by_fold.items():
         write_cases(fold_dir(vdir, k) / "oof.csv", rows, {"fold": k})
+    for k, rows in (groups_by_fold or {}).items():
+        write_cases(fold_dir(vdir, k) / GROUPS_FILE, rows, {"fold": k})
     return vdir
 
 
@@ -407,14 +415,18 @@ def tune_folder(ensemble_with: list[str | Path] | tuple = ()) -> str:
     return "tune-with-" + "+".join(names) if names else "tune"
 
 
-def _segmentation_variants(folds: dict[int, FoldProbs], add: Callable) -> dict:
-    """Score the segmentation variants through ``add(name, description, rows, settings)``;
-    returns the post-processing recommended for the ensemble (chosen on all folds)."""
+def _segmentation_variants(folds: dict[int, FoldProbs], add: Callable, tolerance: float) -> dict:
+    """Score the segmentation variants through ``add(name, description, rows, settings,
+    group_rows)``; returns the post-processing recommended for the ensemble (chosen on all
+    folds). ``tolerance``: NSD tolerance (px) of the per-patient rows."""
     for view in VIEWS:
+        scored = {k: _seg_rows(fp, view, Setting(), tolerance) for k, fp in folds.items()}
         add(
             view,
             VIEW_DESCRIPTIONS[view] + ", threshold 0.5",
-            {k: _seg_rows(fp, view, Setting()) for k, fp in folds.items()},
+            {k: r for k, (r, _) in scored.items()},
+            None,
+            {k: g for k, (_, g) in scored.items()},
         )
     tables = {
         view: {
@@ -426,13 +438,13 @@ def _segmentation_variants(folds: dict[int, FoldProbs], add: Callable) -> dict:
     thresholds = next(iter(tables["last"].values())).thresholds  # (0.5,) for label maps
     for name, (view, lever_names, description) in LEVERS.items():
         grid = _grid(lever_names, thresholds)
-        rows, settings = {}, {}
+        rows, group_rows, settings = {}, {}, {}
         for k, fp in folds.items():
             others = [t for j, t in tables[view].items() if j != k]
             chosen = choose_setting(others, grid)
             settings[k] = chosen.as_dict()
-            rows[k] = _seg_rows(fp, view, chosen)
-        add(name, description, rows, settings)
+            rows[k], group_rows[k] = _seg_rows(fp, view, chosen, tolerance)
+        add(name, description, rows, settings, group_rows)
     grid = _grid(("threshold", "min_lesion", "largest_component"), thresholds)
     chosen = choose_setting(list(tables["last_tta"].values()), grid)
     return {"checkpoint": "last", "tta": True, **chosen.as_dict()}
@@ -476,8 +488,8 @@ def tune(
     seg = cfg.data.task == "segmentation"
     variants: list[dict] = []
 
-    def add(name: str, description: str, rows: dict[int, list[dict]], settings=None) -> None:
-        vdir = _write_variant(root, name, rows, out_name)
+    def add(name: str, description: str, rows: dict, settings=None, group_rows=None) -> None:
+        vdir = _write_variant(root, name, rows, out_name, group_rows)
         summary = summarize(vdir, n_boot=n_boot, seed=seed)
         variants.append(
             {
@@ -491,7 +503,7 @@ def tune(
 
     recommended = None
     if seg:
-        recommended = _segmentation_variants(folds, add)
+        recommended = _segmentation_variants(folds, add, cfg.evaluation.nsd_tolerance_mm)
     else:
         for view in VIEWS:
             add(view, VIEW_DESCRIPTIONS[view], {k: _cls_rows(fp, view) for k, fp in folds.items()})
@@ -509,6 +521,7 @@ def tune(
         "variants": variants,
         "best_variant": best["name"],
         "recommended": recommended,
+        "nsd_tolerance": cfg.evaluation.nsd_tolerance_mm if seg else None,
         "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "group", "level": CI_LEVEL},
         "folder": out_name,
     }
@@ -526,16 +539,25 @@ def _fmt(metric: dict | None) -> str:
     return f"{metric['value']:.3f}{tail}"
 
 
+#: Ablation columns of the per-patient surface metrics, naming unit and convention.
+SURFACE_COLUMNS = {
+    "hd95_per_group_mean": "HD95 per patient volume, mean (px)",
+    "nsd_per_group_mean": "NSD@{t}px per patient volume, mean",
+}
+
+
 def ablation_markdown(result: dict) -> str:
     """The variants of :func:`tune` as a Markdown table (value [95% CI])."""
     seg = result["task"] == "segmentation"
     keys = (
-        ("dice_per_group_mean", "dice_per_group_median", "dice")
+        ("dice_per_group_mean", "dice_per_group_median", "dice", *SURFACE_COLUMNS)
         if seg
         else ("accuracy", "macro_f1", "balanced_accuracy", "ece")
     )
+    tol = f"{float(result.get('nsd_tolerance') or 1.0):g}"
+    names = [SURFACE_COLUMNS.get(k, k).format(t=tol) for k in keys]
     lines = [
-        f"| variant | {' | '.join(keys)} | what |",
+        f"| variant | {' | '.join(names)} | what |",
         "|---" * (len(keys) + 2) + "|",
     ]
     for v in result["variants"]:

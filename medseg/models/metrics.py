@@ -242,22 +242,3 @@ def segmentation_report(
             per_group=per_group,
         )
     return report
-
-
-def hausdorff95(pred: np.ndarray, true: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance between two 2D (or 3D) binary masks, in
-    pixels (voxels); NaN when either mask is empty.
-
-    Distances are measured between the masks' boundaries (foreground pixels with a background
-    neighbour), from each boundary to the other, both directions pooled.
-    """
-    from scipy import ndimage
-
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-    if not pred.any() or not true.any():
-        return float("nan")
-    edge_p = pred & ~ndimage.binary_erosion(pred)
-    edge_t = true & ~ndimage.binary_erosion(true)
-    to_t = ndimage.distance_transform_edt(~edge_t)[edge_p]
-    to_p = ndimage.distance_transform_edt(~edge_p)[edge_t]
-    return float(np.percentile(np.concatenate([to_t, to_p]), 95))

@@ -109,11 +109,18 @@ def _ensemble_on_test(cfg: Config, root: Path, manifest: dict, folds: list[int])
             data = load_arrays(samples, cfg.data, model.output_shape[-1])
         members.append(model.predict(data.images, batch_size=cfg.predict.batch_size, verbose=0))
     probs = mean_probabilities(members)
-    result, rows = score(
-        probs, data, cfg.data.task, cfg.predict.threshold, manifest.get("class_names", [])
+    result, rows, group_rows = score(
+        probs,
+        data,
+        cfg.data.task,
+        cfg.predict.threshold,
+        manifest.get("class_names", []),
+        tolerance=cfg.evaluation.nsd_tolerance_mm,
     )
     result.update(split="test", ensemble=[f"fold_{k}" for k in folds])
     write_cases(root / "test_cases.csv", rows)
+    if group_rows:
+        write_cases(root / "test_groups.csv", group_rows)
     atomic_write_json(root / "test_metrics.json", result)
     return result
 

@@ -17,6 +17,7 @@ from medseg.artifacts.runs import RunDir
 from medseg.config import Config, config_from_dict
 from medseg.data.split import fold_manifest, load_manifest
 from medseg.evaluation.evaluate import read_cases, write_cases
+from medseg.evaluation.oof import GROUPS_FILE
 from medseg.training.train import train
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def fold_config(cfg: Config, root: Path, k: int) -> Config:
 
 
 def run_fold(cfg_dict: dict, root: str, k: int, callbacks: list | None = None) -> dict:
-    """Train (or resume) fold ``k`` and write its ``oof.csv``; returns the fold's val metrics.
+    """Train (or resume) fold ``k`` and write its ``oof.csv`` (and, for segmentation, its
+    ``oof_groups.csv``: one row per patient volume); returns the fold's val metrics.
 
     Takes plain data (a config dict and paths) so that executors can ship it to other
     processes or machines.
@@ -54,4 +56,9 @@ def run_fold(cfg_dict: dict, root: str, k: int, callbacks: list | None = None) -
     else:
         metrics = run.metrics()["val"]
     write_cases(fdir / "oof.csv", read_cases(fdir / "cases_val.csv"), {"fold": k})
+    groups = fdir / "groups_val.csv"  # segmentation: one row per patient volume
+    if groups.is_file():
+        write_cases(fdir / GROUPS_FILE, read_cases(groups), {"fold": k})
+    else:  # classification, or a fold evaluated by an older medseg: no stale copy
+        (fdir / GROUPS_FILE).unlink(missing_ok=True)
     return metrics

@@ -313,6 +313,98 @@ def test_segmentation_matches_hand_computation(seg_run, seg_summary):
     assert "hd95" in seg_summary["not_available"]
 
 
+GROUPS_HEADER = ["group", "slices", "tp", "fp", "fn", "dice", "empty", "unit"]
+GROUPS_HEADER += ["hd95_px", "assd_px", "nsd_1px", "fold"]
+
+
+def _add_oof_groups(root: Path, seed: int = 0) -> Path:
+    """Per-patient rows (as ``medseg cv`` writes them) for every fold of a synthetic run: the
+    counts summed from oof.csv, made-up distances, some missing (one mask empty)."""
+    rng = np.random.default_rng(seed)
+    for path in sorted(root.glob("fold_*/oof.csv")):
+        fold = int(path.parent.name[5:])
+        sums: dict[str, list[int]] = {}
+        for r in csv.DictReader(path.open()):
+            acc = sums.setdefault(r["group"], [0, 0, 0])
+            for i, c in enumerate(("tp", "fp", "fn")):
+                acc[i] += int(r[c])
+        rows = []
+        for g, (tp, fp, fn) in sorted(sums.items()):
+            missing = rng.random() < 0.25
+            hd = float(rng.uniform(1, 30))
+            rows.append(
+                {
+                    "group": g,
+                    "slices": 5,
+                    "tp": tp,
+                    "fp": fp,
+                    "fn": fn,
+                    "dice": _dice(tp, fp, fn),
+                    "empty": "pred" if missing else "",
+                    "unit": "px",
+                    "hd95_px": "nan" if missing else hd,
+                    "assd_px": "nan" if missing else hd / 3,
+                    "nsd_1px": 0.0 if missing else float(rng.uniform(0.2, 1)),
+                    "fold": fold,
+                }
+            )
+        _write_csv(path.parent / "oof_groups.csv", GROUPS_HEADER, rows)
+    return root
+
+
+def _group_values(root: Path, column: str, fold: int | None = None) -> list[float]:
+    paths = sorted(root.glob(f"fold_{fold or '*'}/oof_groups.csv"))
+    return [float(r[column]) for p in paths for r in csv.DictReader(p.open())]
+
+
+def test_surface_metrics_per_patient_volume(tmp_path):
+    root = _add_oof_groups(make_seg_run(tmp_path / "run", seed=4))
+    summary = summarize(root, n_boot=50, seed=0)
+    metrics, surface = summary["metrics"], summary["surface"]
+    for key, col in (("hd95", "hd95_px"), ("assd", "assd_px"), ("nsd", "nsd_1px")):
+        values = _group_values(root, col)
+        block = metrics[f"{key}_per_group_mean"]
+        assert block["pooled"] == pytest.approx(np.nanmean(values), rel=1e-12), key
+        assert surface[f"{key}_missing"] == int(np.isnan(values).sum())
+        for f in (1, 2, 3):
+            want = np.nanmean(_group_values(root, col, f))
+            assert block["folds"][f - 1] == pytest.approx(want, rel=1e-12), (key, f)
+        lo, hi = block["ci95"]
+        assert lo <= block["pooled"] <= hi
+    assert surface["hd95_missing"] > 0 and surface["nsd_missing"] == 0
+    assert surface["unit"] == "px" and surface["nsd_tolerance"] == 1.0
+    assert summary["not_available"] == {}
+    # a bootstrap replicate counts each patient as often as it was drawn
+    d = load_cv(root)
+    mult = np.random.default_rng(1).integers(0, 3, len(d.groups))
+    rep = stats.seg_metrics(d, mult[d.gidx].astype(float), mult)
+    hd = d.group_surface["hd95"]
+    ok = (mult > 0) & np.isfinite(hd)
+    assert rep["hd95_per_group_mean"] == pytest.approx(np.sum(mult[ok] * hd[ok]) / mult[ok].sum())
+    assert rep["hd95_missing"] == int(mult[~np.isfinite(hd)].sum())
+    write_report(root, summary)
+    md = (root / "report.md").read_text()
+    assert "HD95 per patient volume, mean (px at the model's input size; larger of the two" in md
+    assert "NSD@1px per patient volume" in md
+
+
+def test_surface_metrics_never_mix_conventions(tmp_path):
+    root = _add_oof_groups(make_seg_run(tmp_path / "run"))
+    (root / "fold_2" / "oof_groups.csv").unlink()
+    summary = summarize(root, n_boot=0)
+    assert "hd95_per_group_mean" not in summary["metrics"] and summary["surface"] is None
+    assert "fold_2" in summary["not_available"]["hd95"]
+    # a patient row whose counts are not its oof.csv rows' sum: refused, naming file and line
+    bad = _add_oof_groups(make_seg_run(tmp_path / "bad")) / "fold_3" / "oof_groups.csv"
+    lines = bad.read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[2] = str(int(cells[2]) + 1)
+    bad.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match="line 2: tp, fp, fn") as info:
+        load_cv(tmp_path / "bad")
+    assert str(bad) in str(info.value)
+
+
 def test_fold_values_are_recomputed_not_copied(seg_run, seg_summary):
     # every fold's metrics.json says dice 0.5: the summary ignores it and warns about it
     assert 0.5 not in seg_summary["metrics"]["dice"]["folds"]

@@ -160,6 +160,60 @@ def test_choose_setting_reaches_low_thresholds_for_an_under_confident_model():
     assert table.counts("p", chosen) == (48, 0, 0)
 
 
+class _FixedModel:
+    """Stands in for a Keras model: ``predict`` returns the given probabilities."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = probs
+
+    def predict(self, images, batch_size=None, verbose=0):
+        return self.probs
+
+
+def test_groups_csv_scores_each_patient_as_one_volume(tmp_path):
+    # two patients of 4 slices, given out of slice order; the prediction is the truth shifted by
+    # a few pixels in different slices, so the stacked volume's HD95 is not any slice's
+    from medseg.artifacts.runs import RunDir
+    from medseg.data.pipeline import ArrayData
+    from medseg.data.samples import Sample
+    from medseg.evaluation import surface
+    from medseg.evaluation.evaluate import evaluate_arrays
+
+    truth = np.zeros((8, 24, 24), np.uint8)
+    truth[1:4, 6:14, 6:14] = 1
+    truth[4:7, 8:18, 5:12] = 1
+    pred = truth.copy()
+    pred[1] = np.roll(truth[1], 3, axis=1)
+    pred[5] = np.roll(truth[5], -4, axis=0)
+    pred[6, 2:4, 2:4] = 1  # a false alarm away from the lesion
+    slices = [("a", i) for i in range(4)] + [("b", i) for i in range(4)]
+    samples = [Sample(f"{g}/{g}_{i + 1}.tif", "", "", g) for g, i in slices]
+    order = [3, 0, 2, 1, 7, 5, 4, 6]
+    data = ArrayData(
+        images=np.zeros((8, 24, 24, 1), np.float32)[order],
+        targets=truth[order],
+        samples=[samples[i] for i in order],
+    )
+    cfg = load_config(None, ["evaluation.nsd_tolerance_mm=2"])
+    probs = pred[order][..., None].astype(np.float32)
+    result = evaluate_arrays(RunDir(tmp_path), cfg, _FixedModel(probs), data, split="val")
+    rows = {r["group"]: r for r in _rows(tmp_path / "groups_val.csv")}
+    assert sorted(rows) == ["a", "b"] and "hd95" not in _rows(tmp_path / "cases_val.csv")[0]
+    hd95s = []
+    for g, part in (("a", slice(0, 4)), ("b", slice(4, 8))):
+        want = surface.mask_metrics(pred[part], truth[part], None, 2.0)
+        assert float(rows[g]["hd95_px"]) == pytest.approx(surface.hd95(pred[part], truth[part]))
+        assert float(rows[g]["assd_px"]) == pytest.approx(want["assd"])
+        assert float(rows[g]["nsd_2px"]) == pytest.approx(want["nsd"])
+        assert float(rows[g]["dice"]) == pytest.approx(want["dice"])
+        assert rows[g]["unit"] == "px" and rows[g]["empty"] == "" and rows[g]["slices"] == "4"
+        hd95s.append(want["hd95"])
+    assert result["hd95_per_group_mean"] == pytest.approx(np.mean(hd95s))
+    assert result["surface_unit"] == "px" and result["nsd_tolerance"] == 2.0
+    assert "hd95_per_image_mean" not in result
+    assert "larger of the two directed" in result["surface"]["labels"]["hd95_per_group_mean"]
+
+
 # --------------------------------------------------------------------------------------------
 # medseg tune
 
@@ -171,6 +225,14 @@ def test_cv_scores_the_last_checkpoint(seg_cv):
     for k in (1, 2, 3):
         metrics = json.loads((seg_cv / f"fold_{k}" / "metrics.json").read_text())
         assert metrics["val"]["checkpoint"] == "last"
+    # HD95 per patient volume: the summary's mean is that of the folds' oof_groups.csv values
+    summary = json.loads((seg_cv / "cv_summary.json").read_text())
+    groups = [r for k in (1, 2, 3) for r in _rows(seg_cv / f"fold_{k}" / "oof_groups.csv")]
+    assert len(groups) == summary["n_groups"] and summary["surface"]["unit"] == "px"
+    values = [float(r["hd95_px"]) for r in groups if np.isfinite(float(r["hd95_px"]))]
+    pooled = summary["metrics"]["hd95_per_group_mean"]["pooled"]
+    assert pooled == (pytest.approx(np.mean(values)) if values else None)
+    assert summary["surface"]["hd95_missing"] == len(groups) - len(values)
 
 
 @pytest.mark.slow
@@ -195,6 +257,8 @@ def test_tune_cli_scores_every_variant_out_of_fold(seg_cv, seg_tuned):
         assert sorted(r["id"] for r in rows) == all_ids  # every sample exactly once
         lo, hi = v["metrics"]["dice_per_group_mean"]["ci95"]
         assert lo <= v["metrics"]["dice_per_group_mean"]["value"] <= hi
+        for k in (1, 2, 3):  # each variant's post-processed patient volumes
+            assert "hd95_px" in _rows(seg_cv / v["folder"] / f"fold_{k}" / "oof_groups.csv")[0]
     # "last" at threshold 0.5 is what medseg cv itself scored: the same counts per slice
     for k in (1, 2, 3):
         ours = {r["id"]: r for r in _rows(seg_cv / "tune" / "last" / f"fold_{k}" / "oof.csv")}
@@ -364,6 +428,8 @@ def test_cv_ensemble_and_its_export_score_the_same_on_a_labelled_folder(
     lo, hi = served["dice_per_group_mean_ci95"]
     assert lo <= served["dice_per_group_mean"] <= hi
     assert (work / "ev_export" / "plots" / "group_dice.png").is_file()
+    assert {"hd95_px", "assd_px", "nsd_1px", "empty"} <= set(groups[0])
+    assert served["surface"]["resolution"] == "the images' native resolution"
     # the native resolution of the folder's images, not the model's 32x32
     assert sum(int(c["true_pixels"]) for c in cases) > 0
     first = next(c for c in cases if int(c["true_pixels"]))

@@ -125,14 +125,3 @@ def test_tiny_unet_parameter_count_by_hand():
     with_bn = UNet(input_shape=(16, 16, 1), base_filters=2, depth=1, batch_norm=True, dropout=0)
     # conv biases go (2+2+4+4+2+2 = 16), BN adds 4 per channel of each conv (64 in all)
     assert with_bn.count_params() == 431 - 16 + 4 * 16
-
-
-def test_hausdorff95_by_hand():
-    from medseg.models.metrics import hausdorff95
-
-    a = np.zeros((20, 20), bool)
-    a[5:10, 5:10] = True
-    assert hausdorff95(a, a) == 0.0
-    b = np.roll(a, 3, axis=1)  # the same square, 3 pixels to the right
-    assert hausdorff95(a, b) == pytest.approx(3.0)
-    assert math.isnan(hausdorff95(a, np.zeros_like(a)))

@@ -56,11 +56,16 @@ def test_three_folds_through_the_cli(workdir):
     summary = json.loads((root / "cv_summary.json").read_text())
     tp, fp, fn = (sum(int(r[c]) for r in oof) for c in ("tp", "fp", "fn"))
     assert summary["metrics"]["dice"]["pooled"] == pytest.approx(dice_from_counts(tp, fp, fn))
+    # one row per patient volume in each fold's oof_groups.csv, counts matching oof.csv
+    patients = [r for k in (1, 2, 3) for r in _rows(root / f"fold_{k}" / "oof_groups.csv")]
+    assert sorted(r["group"] for r in patients) == sorted(groups_by_fold)
+    assert sum(int(r["tp"]) for r in patients) == tp and summary["surface"]["unit"] == "px"
     assert (root / "report.md").is_file() and (root / "report.html").is_file()
     ensemble = json.loads((root / "ensemble.json").read_text())
     assert [f["fold"] for f in ensemble["folds"]] == [1, 2, 3]
     test = json.loads((root / "test_metrics.json").read_text())
     assert test["split"] == "test" and test["n_images"] == len(test_ids)
+    assert test["surface_unit"] == "px" and (root / "test_groups.csv").is_file()
     assert "report:" in proc.stdout
 
     # Rerunning the finished command trains nothing and keeps every file.
