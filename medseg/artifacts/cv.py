@@ -6,8 +6,10 @@ Layout::
     runs/<name>/splits.json          k-fold manifest (no group in two folds; test groups apart)
     runs/<name>/fold_<k>/            an ordinary run folder per fold (k = 1..K), trained on the
                                      fold's own manifest, plus oof.csv (its out-of-fold cases)
+                                     and, for 2D segmentation, oof_groups.csv (per patient)
     runs/<name>/ensemble.json        the fold models, combined by mean probability
-    runs/<name>/test_metrics.json    the ensemble on the held-out test split (when there is one)
+    runs/<name>/test_metrics.json    the ensemble on the held-out test split (when there is one),
+                                     with test_cases.csv and test_groups.csv
     runs/<name>/cv_summary.json, report.md, report.html, plots/
 
 Training (:mod:`medseg.training.cv`) writes these folders; evaluation and inference read them
