@@ -52,6 +52,7 @@ from medseg.artifacts.cv import fold_dir
 from medseg.errors import ConfigError, DataError, RunExistsError
 from medseg.evaluation.evaluate import read_cases, write_cases
 from medseg.evaluation.stats import CI_LEVEL, group_resamples, percentile_interval
+from medseg.evaluation.volumetric import as_number
 from medseg.utils import atomic_write_json, atomic_write_text, read_json, replace_folder
 
 logger = logging.getLogger(__name__)
@@ -69,16 +70,6 @@ _SHOWN = 5  # ids named in a refusal
 
 # --------------------------------------------------------------------------------------------
 # Reading one side
-
-
-def _number(value) -> float:
-    """A CSV value as a float; empty or unparsable text is NaN (missing)."""
-    if value is None or value == "":
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _header(path: Path) -> list[str]:
@@ -260,7 +251,7 @@ def _arrays(index_a: dict, index_b: dict, cols: list[str], ids: list[str]) -> di
         group_of[case] = ga.pop()
     values = {
         side: {
-            s: np.array([[_number(index[(c, s)][m]) for m in cols] for c in ids], dtype=float)
+            s: np.array([[as_number(index[(c, s)][m]) for m in cols] for c in ids], dtype=float)
             for s in structures
         }
         for side, index in (("a", index_a), ("b", index_b))

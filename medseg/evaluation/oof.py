@@ -120,15 +120,23 @@ def _prob(value: str, path: Path, line: int, column: str) -> float:
     return min(max(number, 0.0), 1.0)
 
 
-def _read_oof_file(path: Path, k: int, task: str | None) -> tuple[str, list[str], list[dict]]:
-    """Rows of one fold's oof.csv, typed and checked; returns (task, class names, rows)."""
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and rows of a CSV file (values as strings).
+
+    Raises:
+        DataError: the file cannot be read or parsed.
+    """
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            raw = list(reader)
+            return list(reader.fieldnames or []), list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _read_oof_file(path: Path, k: int, task: str | None) -> tuple[str, list[str], list[dict]]:
+    """Rows of one fold's oof.csv, typed and checked; returns (task, class names, rows)."""
+    header, raw = _read_csv(path)
     if task is None:
         task = "segmentation" if "tp" in header else "classification"
     needed = SEG_COLUMNS if task == "segmentation" else CLS_COLUMNS
@@ -286,13 +294,7 @@ def _read_groups_file(
 ) -> tuple[str, float, dict[str, tuple[float, float, float]]]:
     """One fold's oof_groups.csv, checked against the fold's oof.csv counts per group
     (``counts``); returns ``(unit, NSD tolerance, group -> (hd95, assd, nsd))``."""
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            raw = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    header, raw = _read_csv(path)
     unit, tol, cols = _surface_header(path, header)
     out: dict[str, tuple[float, float, float]] = {}
     for line, r in enumerate(raw, start=2):

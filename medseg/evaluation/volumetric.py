@@ -92,7 +92,7 @@ def case_rows(
     return rows
 
 
-def _num(value) -> float:
+def as_number(value) -> float:
     """A row value as a float; ``None``, ``""`` and unparsable text are NaN (missing)."""
     if value is None or value == "":
         return math.nan
@@ -194,7 +194,7 @@ def summarize_volumetric(rows: Sequence[Mapping], n_boot: int = 1000, seed: int 
             raise DataError(f"case {case!r} is in two groups: {group_of[case]!r}, {r['group']!r}")
         if case in per.setdefault(name, {}):
             raise DataError(f"case {case!r} has two rows for structure {name!r}")
-        vals = {c: _num(r[c]) for c in cols}
+        vals = {c: as_number(r[c]) for c in cols}
         vals[abs_col] = abs(vals[cols[-1]])
         per[name][case] = vals
         empties.setdefault(name, []).append(str(r.get("empty") or ""))
