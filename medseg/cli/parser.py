@@ -201,7 +201,7 @@ def _add_model_verbs(sub) -> None:
         "With --compare A B --out DIR: the paired difference B - A per metric, with a paired "
         "patient-bootstrap interval and the Wilcoxon signed-rank p-value; A and B are "
         "evaluate outputs, or prediction folders scored against --truth DIR. "
-        "With a 3D CV folder and --export-oof DIR: write the CV's out-of-fold label maps.",
+        "With a CV folder and --export-oof DIR: write the CV's out-of-fold label maps.",
     )
     p.add_argument(
         "run",
@@ -220,9 +220,10 @@ def _add_model_verbs(sub) -> None:
     p.add_argument(
         "--export-oof",
         metavar="DIR",
-        help="with a finished 3D CV folder: write its out-of-fold label maps (each case "
-        "predicted by the fold model that did not train on it, as the CV scored it) as NIfTI "
-        "in DIR/pred and DIR/truth, to score with --pred DIR/pred --truth DIR/truth",
+        help="with a finished CV folder (3D, or 2D segmentation: one volume per patient, "
+        "named patient_<n>): write its out-of-fold label maps (each case predicted by the fold "
+        "model that did not train on it, as the CV scored it) as NIfTI in DIR/pred and "
+        "DIR/truth, to score with --pred DIR/pred --truth DIR/truth",
     )
     p.add_argument("--layout", help="layout of --data (default: the model's, or detected)")
     _add_with(

@@ -1,4 +1,4 @@
-"""The out-of-fold label maps of a finished 3D cross-validation, as NIfTI files any tool can read.
+"""The out-of-fold label maps of a finished cross-validation, as NIfTI files any tool can read.
 
 ``medseg evaluate CV_RUN --export-oof DIR`` (:func:`export_oof_masks`) predicts every case of
 the CV again with the one fold model that did not train on it, exactly as the CV scored it
@@ -17,8 +17,16 @@ Scoring them, ``medseg evaluate --pred DIR/pred --truth DIR/truth --out S``
 (:func:`medseg.evaluation.files.score_folders`), gives the per-structure means of the CV
 report's ``cv_summary.json`` (key ``none``): the round trip from medseg to other tools and back.
 
-Only 3D CVs (MSD layout) are exported for now; a 2D CV, a folder that is not a CV, and a CV
-whose folds have not all finished are refused with one line.
+A 2D segmentation CV is written one volume per patient, named ``patient_<n>`` (patient
+identifiers stay out of file names; ``oof.json`` lists the names per fold): the patient's slices
+stacked in natural order, at the model's input size, 1 mm voxels (the slices carry no spacing),
+predicted from the fold's out-of-fold probabilities (those ``medseg tune`` caches) at
+``predict.threshold``, as the CV scored them. Scoring them gives each patient's volume Dice,
+whose mean is the CV report's per-patient Dice (``dice_per_group_mean``), and the HD95, ASSD and
+NSD of ``fold_<k>/oof_groups.csv`` (in "mm" of 1 mm voxels, i.e. pixels).
+
+A classification CV, a folder that is not a CV, and a CV whose folds have not all finished are
+refused with one line.
 """
 
 from __future__ import annotations
@@ -29,13 +37,18 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from medseg.artifacts.cv import CV_CHECKPOINT, fold_dir, fold_done
 from medseg.artifacts.runs import open_run
 from medseg.data.scan_msd import describe
 from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, DataError, RunExistsError
+from medseg.evaluation.patients import patient_volumes
+from medseg.evaluation.tune import all_fold_probabilities
 from medseg.inference.predict3d import is_volumetric_model
 from medseg.inference.volumetric import VolumePredictor
+from medseg.io.base import ImageMeta
 from medseg.io.msd import DATASET_JSON, read_case_image, read_case_labels
 from medseg.io.writers import write_mask_nifti
 from medseg.utils import atomic_write_json, read_json, replace_folder
@@ -51,10 +64,10 @@ MASK_ENDING = ".nii.gz"
 
 
 def cv_folds(root: str | Path) -> int:
-    """The number of folds of the finished 3D CV folder ``root``.
+    """The number of folds of the finished CV folder ``root`` (3D, or 2D segmentation).
 
     Raises:
-        ConfigError: ``root`` is not a cross-validation folder, or it is a 2D one.
+        ConfigError: ``root`` is not a cross-validation folder, or a classification one.
         DataError: the split manifest is unreadable, or some folds have not finished (named).
     """
     root = Path(root)
@@ -66,8 +79,8 @@ def cv_folds(root: str | Path) -> int:
     folds = load_manifest(manifest_path).get("folds")
     if not isinstance(folds, list) or not folds:
         raise ConfigError(f"{manifest_path}: not a cross-validation manifest (no 'folds')")
-    if not is_volumetric_model(root):
-        raise ConfigError(f"{root}: 2D CV: not supported yet (--export-oof takes a 3D CV)")
+    if not is_volumetric_model(root) and open_run(root).config().data.task != "segmentation":
+        raise ConfigError(f"{root}: a classification CV has no label maps to export")
     missing = [k for k in range(1, len(folds) + 1) if not fold_done(root, k)]
     if missing:
         raise DataError(
@@ -119,8 +132,55 @@ def _export_fold(root: Path, k: int, tmp: Path, seen: set[str]) -> tuple[list[st
     return ids, dict(predictor.labels)
 
 
+def _export_3d(root: Path, n_folds: int, tmp: Path) -> tuple[dict[str, list[str]], dict]:
+    """Write every fold's validation cases of a 3D CV; returns the case ids per fold and the
+    labels."""
+    folds: dict[str, list[str]] = {}
+    labels: dict = {}
+    seen: set[str] = set()
+    for k in range(1, n_folds + 1):
+        logger.info("fold %d/%d: predicting its validation cases", k, n_folds)
+        folds[str(k)], fold_labels = _export_fold(root, k, tmp, seen)
+        if labels and fold_labels != labels:
+            raise DataError(f"{fold_dir(root, k)}: its labels differ from fold 1's")
+        labels = fold_labels
+    return folds, labels
+
+
+def _export_2d(root: Path, tmp: Path) -> tuple[dict[str, list[str]], dict]:
+    """Write each patient of a 2D segmentation CV as one volume (its slices stacked in natural
+    order), predicted by its fold's model as the CV scored it (the fold's probabilities at the
+    model's input size, ``predict.threshold``), and its reference; returns the case names per
+    fold (pseudonyms ``patient_<n>``: patient identifiers stay out of file names) and the
+    labels."""
+    cfg, _, folds = all_fold_probabilities(root)
+    threshold = cfg.predict.threshold
+    meta = ImageMeta(source=(), spacing=(1.0, 1.0, 1.0), affine=np.eye(4))
+    names: dict[str, list[str]] = {}
+    n_classes = 1
+    count = 0
+    for k, fp in sorted(folds.items()):
+        probs = fp.probs[CV_CHECKPOINT]
+        n_classes = probs.shape[-1]
+        pred = probs[..., 0] > threshold if n_classes == 1 else probs.argmax(-1)
+        names[str(k)] = []
+        for _, idx in sorted(patient_volumes(fp.groups, fp.ids).items()):
+            count += 1
+            name = f"patient_{count:04d}"
+            for folder, maps in ((PRED_DIR, pred), (TRUTH_DIR, fp.truth)):
+                volume = np.stack([np.asarray(maps[i]) for i in idx]).astype(np.uint8)
+                write_mask_nifti(tmp / folder / f"{name}{MASK_ENDING}", volume, meta)
+            names[str(k)].append(name)
+        logger.info("fold %d: %d patient volumes written", k, len(names[str(k)]))
+    labels = {0: "background", 1: "foreground"}
+    if n_classes > 1:
+        labels = {0: "background", **{c: f"label_{c}" for c in range(1, n_classes)}}
+    return names, labels
+
+
 def export_oof_masks(root: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
-    """Write the out-of-fold label maps of the finished 3D CV ``root`` into ``out``.
+    """Write the out-of-fold label maps of the finished CV ``root`` (3D, or 2D segmentation)
+    into ``out``.
 
     Each case is predicted by the fold model that did not train on it, as the CV scored it
     (see the module docstring for the files).
@@ -136,7 +196,7 @@ def export_oof_masks(root: str | Path, out: str | Path, *, overwrite: bool = Fal
         ``n_cases``, ``seconds``.
 
     Raises:
-        ConfigError: ``root`` is not a CV folder, or a 2D one.
+        ConfigError: ``root`` is not a CV folder, or a classification one.
         DataError: unfinished folds, missing cases, or ``out`` is (or holds) the CV folder.
         RunExistsError: ``out`` exists and ``overwrite`` is false.
     """
@@ -145,19 +205,14 @@ def export_oof_masks(root: str | Path, out: str | Path, *, overwrite: bool = Fal
     _check_out(root, out, overwrite)
     start = time.perf_counter()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    folds: dict[str, list[str]] = {}
-    labels: dict = {}
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / PRED_DIR).mkdir(parents=True)
         (tmp / TRUTH_DIR).mkdir()
-        seen: set[str] = set()
-        for k in range(1, n_folds + 1):
-            logger.info("fold %d/%d: predicting its validation cases", k, n_folds)
-            folds[str(k)], fold_labels = _export_fold(root, k, tmp, seen)
-            if labels and fold_labels != labels:
-                raise DataError(f"{fold_dir(root, k)}: its labels differ from fold 1's")
-            labels = fold_labels
+        if is_volumetric_model(root):
+            folds, labels = _export_3d(root, n_folds, tmp)
+        else:
+            folds, labels = _export_2d(root, tmp)
         result = {
             "cv": str(root),
             "checkpoint": CV_CHECKPOINT,

@@ -351,7 +351,7 @@ def _headline(summary: dict) -> dict:
     return out
 
 
-def _all_fold_probabilities(root: Path) -> tuple:
+def all_fold_probabilities(root: Path) -> tuple:
     """``(config, manifest, {fold: FoldProbs})`` of a finished CV run folder."""
     if not (root / ENSEMBLE_NAME).is_file() or not (root / "splits.json").is_file():
         raise DataError(f"{root}: not a finished cross-validation run (no {ENSEMBLE_NAME})")
@@ -371,7 +371,7 @@ def _mean_over_runs(root: Path, manifest: dict, folds: dict, others: list[Path])
     the same task on the same folds): an out-of-fold ensemble of several recipes."""
     members = [folds]
     for other in others:
-        _, other_manifest, other_folds = _all_fold_probabilities(other)
+        _, other_manifest, other_folds = all_fold_probabilities(other)
         if other_manifest.get("folds") != manifest.get("folds"):
             raise DataError(
                 f"{other}: its folds differ from those of {root} (splits.json); an out-of-fold "
@@ -479,7 +479,7 @@ def tune(
         DataError: the run is not a finished CV run, or a fold checkpoint is missing.
     """
     root = Path(run_dir)
-    cfg, manifest, folds = _all_fold_probabilities(root)
+    cfg, manifest, folds = all_fold_probabilities(root)
     k_folds = len(folds)
     ensemble_runs = [Path(o) for o in ensemble_with]
     out_name = tune_folder(ensemble_runs)

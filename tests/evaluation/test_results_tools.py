@@ -236,6 +236,38 @@ def test_cv_scores_the_last_checkpoint(seg_cv):
 
 
 @pytest.mark.slow
+def test_export_oof_of_a_2d_cv_round_trips_through_pred_and_truth(seg_cv, work):
+    """Each patient's out-of-fold slices as one NIfTI volume; scored as any tool's predictions
+    they give back the CV report's per-patient Dice and its per-patient HD95."""
+    out = work / "oof2d"
+    proc = run_cli("evaluate", str(seg_cv), "--export-oof", str(out), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = json.loads((out / "oof.json").read_text())
+    summary = json.loads((seg_cv / "cv_summary.json").read_text())
+    names = [n for ids in exported["folds"].values() for n in ids]
+    assert len(names) == exported["n_cases"] == summary["n_groups"] == 6
+    assert all(n.startswith("patient_") for n in names)  # no patient identifier in file names
+    import nibabel as nib
+
+    oof = [r for k in (1, 2, 3) for r in _rows(seg_cv / f"fold_{k}" / "oof.csv")]
+    for side, column in (("truth", "true_pixels"), ("pred", "pred_pixels")):
+        voxels = sum(
+            int((nib.load(out / side / f"{n}.nii.gz").get_fdata() > 0).sum()) for n in names
+        )
+        assert voxels == sum(int(r[column]) for r in oof), side  # the pixels the CV counted
+    scores = work / "oof2d_scores"
+    args = ["--pred", str(out / "pred"), "--truth", str(out / "truth"), "--out", str(scores)]
+    proc = run_cli("evaluate", *args, "--n-boot", "0", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads((scores / "metrics.json").read_text())["summary"]["structures"]
+    mine = scored["foreground"]
+    dice = summary["metrics"]["dice_per_group_mean"]["pooled"]
+    assert mine["dice"]["mean"] == pytest.approx(dice, abs=1e-6)
+    hd95 = summary["metrics"]["hd95_per_group_mean"]["pooled"]  # px, or None when all missing
+    assert mine["hd95_mm"]["mean"] == (None if hd95 is None else pytest.approx(hd95, abs=1e-6))
+
+
+@pytest.mark.slow
 def test_tune_cli_scores_every_variant_out_of_fold(seg_cv, seg_tuned):
     proc, written = seg_tuned
     assert "| last_tta_postprocess |" in proc.stdout and "recommended" in proc.stdout
@@ -356,9 +388,9 @@ def test_tune_with_another_run_scores_the_mean_of_both_runs_fold_models(
     assert result["ensemble_with"] == [str(seg_cv_other)]
     assert result["folder"] == "tune-with-segcv_other"
     assert (seg_cv / "tune" / "tune.json").read_text() == own  # the run's own tuning: as it was
-    from medseg.evaluation.tune import _all_fold_probabilities, _mean_over_runs
+    from medseg.evaluation.tune import _mean_over_runs, all_fold_probabilities
 
-    _, manifest, folds = _all_fold_probabilities(seg_cv)
+    _, manifest, folds = all_fold_probabilities(seg_cv)
     mean = _mean_over_runs(seg_cv, manifest, folds, [seg_cv_other])
     assert manifest == load_manifest(seg_cv_other / "splits.json")
     for k in (1, 2, 3):

@@ -212,7 +212,7 @@ def _check_oof_round_trip(root: Path, msd: Path, tmp_path: Path, summary: dict) 
                 assert abs(mine[metric]["mean"] - entry[metric]["mean"]) < 1e-6, (name, metric)
     again = run_cli("evaluate", str(root), "--export-oof", str(export), cwd=tmp_path)
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    # refused with one line: a folder that is not a CV, an unfinished CV, a 2D CV
+    # refused with one line: a folder that is not a CV, an unfinished CV, a classification CV
     fake = tmp_path / "fake_cv"
     fake.mkdir()
     (fake / "splits.json").write_text((root / "splits.json").read_text())
@@ -220,9 +220,10 @@ def _check_oof_round_trip(root: Path, msd: Path, tmp_path: Path, summary: dict) 
     for folder, message in ((msd, "not a cross-validation folder"), (fake, "fold(s) 1, 2 of 2")):
         bad = run_cli("evaluate", str(folder), "--export-oof", str(tmp_path / "x"), cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
-    (fake / "config.yaml").write_text("model:\n  name: unet\n")
+    config = "data:\n  task: classification\n  layout: class_folders\n"
+    (fake / "config.yaml").write_text(config + "model:\n  name: mobilenetv2_classifier\n")
     bad = run_cli("evaluate", str(fake), "--export-oof", str(tmp_path / "x"), cwd=tmp_path)
-    assert bad.returncode == 2 and "2D CV: not supported yet" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "classification CV has no label maps" in bad.stderr, bad.stderr
 
 
 def test_evaluate_cli_scores_a_3d_run_and_a_labelled_folder(run3d, msd, tmp_path):
