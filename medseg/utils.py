@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import DataError, OutputError
+from medseg.errors import ConfigError, DataError, OutputError, RunExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,30 @@ def import_tensorflow_quietly() -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def check_output_folder(out: Path, inputs: tuple, overwrite: bool) -> None:
+    """Refuse, with one line, an output folder that is (or holds) one of ``inputs`` (None
+    entries are skipped), a file, or an existing folder without ``overwrite``.
+
+    Raises:
+        ConfigError: ``out`` would replace an input.
+        DataError: ``out`` is a file.
+        RunExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    target = Path(out).resolve()
+    for folder in inputs:
+        if folder is not None and (
+            target == Path(folder).resolve() or target in Path(folder).resolve().parents
+        ):
+            raise ConfigError(
+                f"{out}: is (or holds) the input {folder}: the output folder would replace the "
+                "input; choose another folder"
+            )
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"{out}: is a file, not a folder for the results")
+    if Path(out).exists() and not overwrite:
+        raise RunExistsError(f"{out}: already exists; pass --overwrite to replace it")
 
 
 def replace_folder(tmp: str | Path, dest: str | Path) -> Path:

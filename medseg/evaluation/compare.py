@@ -49,11 +49,17 @@ import numpy as np
 from scipy import stats as sps
 
 from medseg.artifacts.cv import fold_dir
-from medseg.errors import ConfigError, DataError, RunExistsError
+from medseg.errors import ConfigError, DataError
 from medseg.evaluation.evaluate import read_cases, write_cases
 from medseg.evaluation.stats import CI_LEVEL, group_resamples, percentile_interval
 from medseg.evaluation.volumetric import as_number
-from medseg.utils import atomic_write_json, atomic_write_text, read_json, replace_folder
+from medseg.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+    read_json,
+    replace_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -472,16 +478,6 @@ def _markdown(result: Mapping) -> str:
 # Entry point
 
 
-def _check_out(out: Path, inputs: tuple, overwrite: bool) -> None:
-    """Refuse an existing ``out`` (unless ``overwrite``) and one that is or holds an input."""
-    target = out.resolve()
-    for p in inputs:
-        if p is not None and (target == Path(p).resolve() or target in Path(p).resolve().parents):
-            raise ConfigError(f"{out}: the output folder would replace the input {p}")
-    if out.exists() and not overwrite:
-        raise RunExistsError(f"{out}: exists; pass --overwrite to replace it")
-
-
 def _result(a: Path, b: Path, kinds: tuple[str, str], paired: dict, options: Mapping) -> dict:
     """The comparison record written to ``comparison.json`` (without the results)."""
     cols = paired["cols"]
@@ -549,7 +545,7 @@ def compare(
             not what it should be.
     """
     a, b, out = Path(a), Path(b), Path(out)
-    _check_out(out, (a, b, truth), overwrite)
+    check_output_folder(out, (a, b, truth), overwrite)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     options = {"groups": groups, "tolerance_mm": tolerance_mm, "n_boot": n_boot, "seed": seed}

@@ -179,7 +179,7 @@ def evaluate_arrays(
         )
         plot_roc(probs, data.targets, result["class_names"], run.plots / f"roc_{tag}.png")
     else:
-        _overlay_grid(data, _labels(probs, threshold) > 0, run.plots / f"overlays_{tag}.png")
+        _overlay_grid(data, label_maps(probs, threshold) > 0, run.plots / f"overlays_{tag}.png")
     result.update(
         split=split,
         checkpoint=checkpoint,
@@ -193,8 +193,9 @@ def evaluate_arrays(
     return result
 
 
-def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Label maps from segmentation probabilities (threshold for one channel, else argmax)."""
+def label_maps(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Label maps from segmentation probabilities ([..., K]: threshold for one channel, else
+    argmax), as uint8."""
     if probs.shape[-1] == 1:
         return (probs[..., 0] > threshold).astype(np.uint8)
     return probs.argmax(-1).astype(np.uint8)
@@ -246,7 +247,7 @@ def score(
             for (i, g), t, p in zip(ids, data.targets, probs, strict=True)
         ]
         return result, rows, []
-    labels = _labels(probs, threshold)
+    labels = label_maps(probs, threshold)
     pred, truth = labels > 0, data.targets > 0
     result = segmentation_report(pred, truth, [g for _, g in ids])
     result["threshold"] = threshold

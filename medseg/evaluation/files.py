@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import DataError, RunExistsError
+from medseg.errors import DataError
 from medseg.evaluation.evaluate import write_cases
 from medseg.evaluation.stats import CI_LEVEL
 from medseg.evaluation.volumetric import case_rows, metric_columns, summarize_volumetric
@@ -49,7 +49,7 @@ from medseg.io import ImageMeta, image_suffix
 from medseg.io.base import check_folder
 from medseg.io.msd import DATASET_JSON, read_dataset_labels
 from medseg.io.seg import LABEL_MAP_SUFFIXES, place_on_grid, read_label_map, union_grid
-from medseg.utils import atomic_write_json, atomic_write_text, replace_folder
+from medseg.utils import atomic_write_json, atomic_write_text, check_output_folder, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -363,19 +363,6 @@ def _intervals(rows: list[dict], summary: dict, cols: dict, n_boot: int, seed: i
     return percentile, bca
 
 
-def _check_out(out: Path, inputs: tuple[Path, ...], overwrite: bool) -> None:
-    """Refuse an ``out`` that is (or holds) an input folder, or exists without ``overwrite``."""
-    target = out.resolve()
-    for folder in inputs:
-        source = folder.resolve()
-        if target == source or target in source.parents:
-            raise DataError(f"{out}: is (or holds) the input folder {folder}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: is a file, not a folder for the results")
-    if out.exists() and not overwrite:
-        raise RunExistsError(f"{out}: already exists; pass --overwrite to replace it")
-
-
 def _score_cases(
     cases: list[tuple[str, Path, Path]],
     group_of: Mapping[str, str],
@@ -439,7 +426,7 @@ def score_folders(
         RunExistsError: ``out`` exists and ``overwrite`` is false.
     """
     pred, truth, out = Path(pred), Path(truth), Path(out)
-    _check_out(out, (pred, truth), overwrite)
+    check_output_folder(out, (pred, truth), overwrite)
     cases = match_cases(pred, truth)
     ids = [c[0] for c in cases]
     group_of = read_groups(groups, ids) if groups is not None else {i: i for i in ids}

@@ -43,7 +43,8 @@ from medseg.artifacts.cv import CV_CHECKPOINT, fold_dir, fold_done
 from medseg.artifacts.runs import open_run
 from medseg.data.scan_msd import describe
 from medseg.data.split import load_manifest
-from medseg.errors import ConfigError, DataError, RunExistsError
+from medseg.errors import ConfigError, DataError
+from medseg.evaluation.evaluate import label_maps
 from medseg.evaluation.patients import patient_volumes
 from medseg.evaluation.tune import all_fold_probabilities
 from medseg.inference.predict3d import is_volumetric_model
@@ -51,7 +52,7 @@ from medseg.inference.volumetric import VolumePredictor
 from medseg.io.base import ImageMeta
 from medseg.io.msd import DATASET_JSON, read_case_image, read_case_labels
 from medseg.io.writers import write_mask_nifti
-from medseg.utils import atomic_write_json, read_json, replace_folder
+from medseg.utils import atomic_write_json, check_output_folder, read_json, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +89,6 @@ def cv_folds(root: str | Path) -> int:
             f"{len(folds)} have no finished model and oof.csv; run medseg cv again"
         )
     return len(folds)
-
-
-def _check_out(root: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that is (or holds) the CV folder, a file, or exists without
-    ``overwrite``."""
-    target, source = out.resolve(), root.resolve()
-    if target == source or target in source.parents:
-        raise DataError(f"{out}: is (or holds) the CV folder {root}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: is a file, not a folder for the label maps")
-    if out.exists() and not overwrite:
-        raise RunExistsError(f"{out}: already exists; pass --overwrite to replace it")
 
 
 def _export_fold(root: Path, k: int, tmp: Path, seen: set[str]) -> tuple[list[str], dict]:
@@ -162,7 +151,7 @@ def _export_2d(root: Path, tmp: Path) -> tuple[dict[str, list[str]], dict]:
     for k, fp in sorted(folds.items()):
         probs = fp.probs[CV_CHECKPOINT]
         n_classes = probs.shape[-1]
-        pred = probs[..., 0] > threshold if n_classes == 1 else probs.argmax(-1)
+        pred = label_maps(probs, threshold)
         names[str(k)] = []
         for _, idx in sorted(patient_volumes(fp.groups, fp.ids).items()):
             count += 1
@@ -202,7 +191,7 @@ def export_oof_masks(root: str | Path, out: str | Path, *, overwrite: bool = Fal
     """
     root, out = Path(root), Path(out)
     n_folds = cv_folds(root)
-    _check_out(root, out, overwrite)
+    check_output_folder(out, (root,), overwrite)
     start = time.perf_counter()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

@@ -45,6 +45,7 @@ from medseg.errors import ConfigError, DataError, RunExistsError
 from medseg.evaluation.evaluate import (
     classification_metrics,
     headline,
+    label_maps,
     segmentation_row,
     surface_metrics,
     write_cases,
@@ -151,10 +152,7 @@ def _masks(
     """Label maps of each image, post-processed per patient volume (per slice where a
     patient's slices differ in shape)."""
     samples = loaded.samples
-    if probs[0].shape[-1] == 1:
-        masks = [(p[..., 0] > threshold).astype(np.uint8) for p in probs]
-    else:
-        masks = [p.argmax(-1).astype(np.uint8) for p in probs]
+    masks = [label_maps(p, threshold) for p in probs]
     if not (min_lesion_voxels > 1 or largest_component):
         return masks
     volumes = patient_volumes([s.group for s in samples], [s.id for s in samples])
