@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from medseg.config import Config
-from medseg.data.fingerprint import compute_fingerprint, make_plan
+from medseg.data.fingerprint import compute_fingerprint, flip_warning, make_plan
 from medseg.data.scan_msd import MsdScanResult, scan_msd
 from medseg.errors import DataError
 from medseg.io.msd import read_case_image, read_case_labels
@@ -105,6 +105,7 @@ def audit_volumes(
         "dataset": {"name": description.name, "modality": description.modality},
         "fingerprint": fingerprint,
         "plan": plan.to_dict(),
+        "flip_warning": flip_warning(fingerprint, cfg.augment),
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -188,6 +189,15 @@ def format_volume_audit(report: dict[str, Any]) -> str:
         )
     share = ", ".join(f"{k} {100 * v:.2f}%" for k, v in fp["class_share"].items())
     rows.append(("class share", share))
+    order = fp.get("label_order")
+    if order:
+        kept = ", ".join(
+            f"{axis} {100 * v:.0f}%"
+            for axis, v in zip(("slice", "row", "col"), order["axes"], strict=False)
+        )
+        rows.append(("label order", f"kept along {kept} of {order['n_cases']} cases"))
+    if report.get("flip_warning"):
+        rows.append(("flips", report["flip_warning"]))
     chosen = set(plan.get("from_config", []))
 
     def mark(key: str) -> str:

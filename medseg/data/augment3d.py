@@ -173,6 +173,16 @@ def _gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def flip_axes(augment_cfg: Any) -> list[int]:
+    """The spatial axes (0 slice, 1 row, 2 col) that training flips: those whose flip
+    probability (``dflip``, ``vflip``, ``hflip``) is above 0, none when augmentation is off.
+    Mirror test-time augmentation flips these axes only (as nnU-Net's mirror axes)."""
+    if not augment_cfg.enabled:
+        return []
+    probabilities = (augment_cfg.dflip, augment_cfg.vflip, augment_cfg.hflip)
+    return [axis for axis, p in enumerate(probabilities) if p > 0]
+
+
 def augment_patch(
     image: np.ndarray,
     labels: np.ndarray,

@@ -10,6 +10,12 @@ what the plan needs, in a JSON-able dict (never file names or case ids):
   ``DatasetFingerprintExtractor`` does): percentiles 0.5, 50, 99.5, ``mean``, ``std``, ``min``,
   ``max``;
 * ``class_share``: each label's share of all voxels, by label name;
+* ``label_order``: with two foreground labels or more, per (slice, row, col) axis the share of
+  cases in which the labels' centroids lie in the dataset's usual order along that axis (the
+  lowest share over the pairs of labels), over the ``n_cases`` holding every label. Near 1, the
+  structures keep their order along the axis (the anterior hippocampus always on the same side
+  of the posterior), and a flip along it makes a patch no scan looks like
+  (:func:`flip_warning`);
 * ``labels``, ``channels`` (number as text -> name) and ``modality``.
 
 :class:`VolumePlan` holds the values a 3D run works with (target spacing, patch size,
@@ -19,6 +25,7 @@ config overrides the fingerprint's (the plan's ``from_config`` names those).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +33,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from medseg.config import Config
+from medseg.data.augment3d import flip_axes
 from medseg.errors import ConfigError, DataError
 from medseg.io.msd import DatasetDescription, MsdCase, read_case_image, read_case_labels
 
@@ -37,6 +46,8 @@ logger = logging.getLogger(__name__)
 FOREGROUND_SAMPLES = 10_000
 #: Largest patch, in voxels: 128**3.
 MAX_PATCH_VOXELS = 128**3
+#: Share of cases from which on structures count as keeping their order along an axis.
+ORDER_KEPT = 0.9
 #: Percentiles of the foreground intensities in the fingerprint.
 PERCENTILES = (0.5, 50.0, 99.5)
 NORMALIZATIONS = ("zscore", "ct", "none")
@@ -183,6 +194,7 @@ def compute_fingerprint(
         "class_share": {
             name: round(float(counts[k]) / total, 6) for k, name in description.labels.items()
         },
+        "label_order": label_order([s["centroids"] for s in summaries]),
         "labels": {str(k): v for k, v in description.labels.items()},
         "channels": {str(k): v for k, v in description.channels.items()},
         "modality": description.modality,
@@ -214,12 +226,67 @@ def _case_summary(case: MsdCase, index: int, description: DatasetDescription) ->
     n = int(foreground.sum())
     pick = rng.choice(n, size=min(n, FOREGROUND_SAMPLES), replace=False) if n else []
     samples = [image.array[..., c][foreground][pick] for c in range(image.array.shape[-1])]
+    counts = np.bincount(labels.ravel(), minlength=len(description.labels))
+    foreground_labels = sorted(k for k in description.labels if k > 0)
+    present = [k for k in foreground_labels if counts[k] > 0]
+    centres = ndimage.center_of_mass(np.ones(labels.shape), labels, present) if present else []
+    centroids = dict(zip(present, centres, strict=True))
     return {
         "spacing": [float(s) for s in spacing],
         "shape": list(labels.shape),
-        "counts": np.bincount(labels.ravel(), minlength=len(description.labels)),
+        "counts": counts,
         "foreground": samples,
+        "centroids": [centroids.get(k) for k in foreground_labels],
     }
+
+
+def label_order(centroids: list[list[tuple[float, ...] | None]]) -> dict[str, Any] | None:
+    """How consistently the foreground labels keep their order along each axis.
+
+    Args:
+        centroids: per case, each foreground label's centroid (voxel coordinates), or None
+            where the case lacks the label.
+
+    Returns:
+        None with fewer than two foreground labels or no case holding them all; else
+        ``{"axes": [share per axis], "n_cases": n}``: per axis the lowest, over the pairs of
+        labels, share of the ``n`` cases in which the pair lies in its majority order.
+    """
+    complete = [c for c in centroids if len(c) >= 2 and all(v is not None for v in c)]
+    if not complete:
+        return None
+    points = np.asarray(complete, dtype=np.float64)  # [case, label, axis]
+    shares = []
+    for axis in range(points.shape[2]):
+        worst = 1.0
+        for a, b in itertools.combinations(range(points.shape[1]), 2):
+            signs = np.sign(points[:, a, axis] - points[:, b, axis])
+            worst = min(worst, max(np.mean(signs > 0), np.mean(signs < 0)))
+        shares.append(round(float(worst), 4))
+    return {"axes": shares, "n_cases": len(complete)}
+
+
+def flip_warning(fingerprint: dict[str, Any], augment_cfg: Any) -> str | None:
+    """A warning when training flips an axis along which the structures keep their order.
+
+    Args:
+        fingerprint: a :func:`compute_fingerprint` result.
+        augment_cfg: the ``augment`` section (``enabled``, ``dflip``, ``vflip``, ``hflip``).
+
+    Returns:
+        One line naming the flips and the shares of cases (see ``label_order``), or None.
+    """
+    order = fingerprint.get("label_order") or {}
+    shares = order.get("axes") or []
+    keys = ("augment.dflip", "augment.vflip", "augment.hflip")
+    kept = [a for a in flip_axes(augment_cfg) if a < len(shares) and shares[a] >= ORDER_KEPT]
+    if not kept:
+        return None
+    named = ", ".join(f"{keys[a]} ({100 * shares[a]:.0f}% of cases)" for a in kept)
+    return (
+        f"the labelled structures keep their order along the axes of {named}: a flipped "
+        "patch is one no scan looks like; set these flips to 0"
+    )
 
 
 def _stats(values: np.ndarray) -> dict[str, list[float]]:

@@ -13,9 +13,11 @@ and ``report.md`` at the top of the CV folder:
   (a tie keeps ``none``).
 
 ``medseg tune`` (:func:`tune_volumetric`) adds mirror test-time augmentation: each fold's model
-predicts its validation cases again with the 8 flips averaged (``fold_<k>/oof_mirror.csv``), and
-the choice runs over the four settings ``none``, ``largest``, ``mirror`` and ``mirror+largest``,
-again on the other folds only.
+predicts its validation cases again with its flips averaged (``fold_<k>/oof_mirror.csv``; the
+flips of the axes training flipped, :func:`medseg.data.augment3d.flip_axes`), and the choice runs
+over the four settings ``none``, ``largest``, ``mirror`` and ``mirror+largest``, again on the
+other folds only. A model trained without flips is not mirrored: the choice is then between the
+first two.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from medseg.artifacts.cv import CV_CHECKPOINT, fold_dir
 from medseg.artifacts.runs import open_run
+from medseg.data.augment3d import flip_axes
 from medseg.data.scan_msd import describe
 from medseg.errors import DataError
 from medseg.evaluation.evaluate import read_cases, write_cases
@@ -183,14 +186,22 @@ def tune_volumetric(root: str | Path, *, n_boot: int = 1000, seed: int = 0) -> d
     folds = read_oof_rows(root)
     if len(folds) < 2:
         raise DataError(f"{root}: tune needs two finished folds or more, found {len(folds)}")
-    for k in folds:
-        folds[k] = folds[k] + _mirror_rows(root, k, n_boot)
+    settings = TUNE_SETTINGS
+    axes = flip_axes(open_run(fold_dir(root, min(folds))).config().augment)
+    if axes:
+        for k in folds:
+            folds[k] = folds[k] + _mirror_rows(root, k, n_boot)
+    else:
+        settings = tuple(s for s in TUNE_SETTINGS if not s.startswith("mirror"))
+        logger.info("tune: no mirror TTA (training flipped no axis)")
     every = [r for rows in folds.values() for r in rows]
-    result: dict = {"kind": "volumetric", "folds": sorted(folds), "variants": {}}
-    for setting in TUNE_SETTINGS:
+    result: dict = {
+        "kind": "volumetric", "folds": sorted(folds), "mirror_axes": axes, "variants": {},
+    }  # fmt: skip
+    for setting in settings:
         rows = [r for r in every if r["postprocess"] == setting]
         result["variants"][setting] = summarize_volumetric(rows, n_boot=n_boot, seed=seed)
-    chosen, choices = choose_out_of_fold(folds, TUNE_SETTINGS)
+    chosen, choices = choose_out_of_fold(folds, settings)
     result["chosen"] = summarize_volumetric(chosen, n_boot=n_boot, seed=seed)
     result["chosen_by_fold"] = {str(k): v for k, v in choices.items()}
     lines = ["# Tune (3D): settings scored out of fold", ""]

@@ -42,7 +42,7 @@ from medseg.config import Config
 from medseg.data.fingerprint import VolumePlan
 from medseg.data.split import load_manifest
 from medseg.errors import ConfigError, ModelError, RunExistsError
-from medseg.inference.volumetric import VolumeModule, load_plan
+from medseg.inference.volumetric import VolumeModule, load_plan, tta_axes
 from medseg.utils import atomic_write_json, file_sha256, read_json, replace_folder
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def export_volumetric(
         out: the export folder.
         checkpoint: ``best`` or ``last``.
         overwrite: replace an existing export folder.
-        mirror: mirror test-time augmentation in the graph (None: ``volume.mirror_tta``).
+        mirror: mirror test-time augmentation in the graph (None: ``volume.mirror_tta``),
+            over the axes training flipped (:func:`~medseg.inference.volumetric.tta_axes`).
 
     Returns:
         The export folder.
@@ -94,7 +95,7 @@ def export_volumetric(
         overlap=v.overlap,
         sw_batch=v.sw_batch,
         gaussian=v.gaussian,
-        mirror=v.mirror_tta if mirror is None else bool(mirror),
+        mirror=tta_axes(cfg, v.mirror_tta if mirror is None else bool(mirror)),
     )
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export
@@ -219,6 +220,8 @@ def _card(
     manifest = load_manifest(run.splits_path) if run.splits_path.exists() else {}
     labels = {str(k): v for k, v in sorted(plan.labels.items())}
     mirror = module.options["mirror"]
+    axes = ", ".join(("slice", "row", "col")[a] for a in module.options["mirror_axes"])
+    n_flips = 2 ** len(module.options["mirror_axes"])
     return {
         "format": "medseg-export/1",
         "task": "segmentation",
@@ -258,7 +261,7 @@ def _card(
         "ensemble": None,
         "tta": {
             "enabled": mirror,
-            "transforms": "the 8 flips of the three axes" if mirror else ["identity"],
+            "transforms": f"the {n_flips} flips of the {axes} axes" if mirror else ["identity"],
             "combine": "mean_probability",
         },
         "batch_norm_folded": 0,

@@ -15,8 +15,10 @@ and nnU-Net's predictor are the references):
   size by scatter-add on the window's index grid (the work is proportional to the windows'
   voxels, never to windows x volume), and the sum is divided by the accumulated weights;
 * ``sw_batch`` windows go through the model per call;
-* ``mirror=True`` averages each window's prediction over the 8 combinations of flips of the
-  three spatial axes (nnU-Net's mirroring test-time augmentation).
+* ``mirror`` averages each window's prediction over every combination of flips of the given
+  spatial axes (``True``: all three, 8 combinations), nnU-Net's mirroring test-time
+  augmentation; a model should be mirrored only along the axes its training flipped
+  (:func:`medseg.data.augment3d.flip_axes`).
 
 When one window covers the whole (padded) volume with uniform weights, the result is exactly one
 forward pass of the model (with Gaussian weights, the same up to float rounding).
@@ -35,8 +37,24 @@ from medseg.errors import ConfigError
 
 #: nnU-Net's and MONAI's Gaussian sigma, as a fraction of the window size.
 SIGMA_SCALE = 0.125
-#: The flips of mirror TTA: every subset of the spatial axes of a [batch, D, H, W, C] tensor.
-MIRROR_AXES = tuple(list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n))
+
+
+def mirror_flips(mirror: bool | Sequence[int]) -> list[list[int]]:
+    """The flips of mirror TTA over ``mirror``'s spatial axes (0 slice, 1 row, 2 col; ``True``:
+    all three, ``False`` or none: no flip), as axes of a [batch, D, H, W, C] tensor; the first
+    is the identity.
+
+    Raises:
+        ConfigError: an axis outside 0-2.
+    """
+    if isinstance(mirror, bool):
+        axes = [0, 1, 2] if mirror else []
+    else:
+        axes = sorted({int(a) for a in mirror})
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ConfigError(f"mirror axes: expected spatial axes 0, 1 or 2, got {list(mirror)}")
+    tensor_axes = [a + 1 for a in axes]
+    return [list(c) for n in range(len(axes) + 1) for c in itertools.combinations(tensor_axes, n)]
 
 
 def _check_patch(patch_size: Sequence[int]) -> list[int]:
@@ -129,20 +147,23 @@ def _as_probabilities(out) -> tf.Tensor:
     return tf.cast(out, tf.float32)
 
 
-def _predictor(predict_fn: Callable, mirror: bool) -> Callable[[tf.Tensor], tf.Tensor]:
-    """``predict_fn`` on a batch of windows, averaged over the 8 flips when ``mirror``."""
-    if not mirror:
+def _predictor(
+    predict_fn: Callable, mirror: bool | Sequence[int]
+) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``predict_fn`` on a batch of windows, averaged over the flips of ``mirror``'s axes."""
+    flips = mirror_flips(mirror)
+    if len(flips) == 1:
         return lambda x: _as_probabilities(predict_fn(x))
 
     def mirrored(x: tf.Tensor) -> tf.Tensor:
         total = None
-        for axes in MIRROR_AXES:
+        for axes in flips:
             if axes:
                 p = tf.reverse(_as_probabilities(predict_fn(tf.reverse(x, axes))), axes)
             else:
                 p = _as_probabilities(predict_fn(x))
             total = p if total is None else total + p
-        return total / float(len(MIRROR_AXES))
+        return total / float(len(flips))
 
     return mirrored
 
@@ -154,7 +175,7 @@ def sliding_window_inference(
     overlap: float = 0.5,
     sw_batch: int = 4,
     gaussian: bool = True,
-    mirror: bool = False,
+    mirror: bool | Sequence[int] = False,
     *,
     num_classes: int,
     sigma_scale: float = SIGMA_SCALE,
@@ -170,7 +191,8 @@ def sliding_window_inference(
         overlap: overlap of neighbouring windows, in ``[0, 1)``.
         sw_batch: windows per call of ``predict_fn``.
         gaussian: weight each window by :func:`gaussian_importance` (else uniformly).
-        mirror: average each window over the 8 flips of its spatial axes.
+        mirror: average each window over the flips of these spatial axes (0 slice, 1 row,
+            2 col; ``True``: all three, the 8 flips; ``False``: none).
         num_classes: ``K``, the channels of ``predict_fn``'s output.
         sigma_scale: the Gaussian's sigma as a fraction of the window.
 

@@ -36,10 +36,12 @@ import tensorflow as tf
 from medseg.artifacts.cv import ENSEMBLE_NAME
 from medseg.artifacts.exports import SAVED_MODEL, SERVE_SIGNATURE, folder_kind, read_card
 from medseg.artifacts.runs import RunDir, load_run_model, open_run
+from medseg.config import Config
+from medseg.data.augment3d import flip_axes
 from medseg.data.fingerprint import VolumePlan
 from medseg.data.resample import from_standard, standard_orientation, to_standard
 from medseg.errors import ConfigError, DataError, ModelError
-from medseg.inference.sliding_window import SIGMA_SCALE, sliding_window_inference
+from medseg.inference.sliding_window import SIGMA_SCALE, mirror_flips, sliding_window_inference
 from medseg.models.fold import fold_batch_norm
 from medseg.models.loading import load_keras_model
 from medseg.models.unet3d import inference_model
@@ -121,7 +123,8 @@ class VolumeModule(tf.Module):
         overlap: sliding-window overlap in ``[0, 1)``.
         sw_batch: windows per model call.
         gaussian: Gaussian importance weighting of the windows.
-        mirror: mirror test-time augmentation (8 flips per window).
+        mirror: mirror test-time augmentation over these spatial axes (0 slice, 1 row, 2 col;
+            every combination of their flips per window; ``True``: all three, 8 flips).
 
     Raises:
         ModelError: the model's input channels or output classes do not fit the plan.
@@ -136,7 +139,7 @@ class VolumeModule(tf.Module):
         overlap: float = 0.5,
         sw_batch: int = 4,
         gaussian: bool = True,
-        mirror: bool = False,
+        mirror: bool | Sequence[int] = False,
     ) -> None:
         super().__init__(name="volume_module")
         models = list(model) if isinstance(model, list | tuple) else [model]
@@ -161,7 +164,8 @@ class VolumeModule(tf.Module):
             "overlap": float(overlap),
             "sw_batch": int(sw_batch),
             "gaussian": bool(gaussian),
-            "mirror": bool(mirror),
+            "mirror": len(mirror_flips(mirror)) > 1,
+            "mirror_axes": [a - 1 for a in mirror_flips(mirror)[-1]],
             "sigma_scale": SIGMA_SCALE,
         }
         spec = [
@@ -204,7 +208,7 @@ class VolumeModule(tf.Module):
             opts["overlap"],
             opts["sw_batch"],
             opts["gaussian"],
-            opts["mirror"],
+            opts["mirror_axes"],
             num_classes=self.num_classes,
         )[0]
         probs = tf.cond(same, lambda: probs, lambda: resize_volume(probs, shape))
@@ -257,6 +261,21 @@ def _cv_models(run: RunDir) -> tuple[list[keras.Model], VolumePlan]:
     if plan is None:
         raise ModelError(f"{run.path / ENSEMBLE_NAME}: lists no finished fold")
     return models, plan
+
+
+def tta_axes(cfg: Config, mirror: bool) -> list[int]:
+    """The axes mirror TTA flips for a run of config ``cfg``: those its training flipped
+    (:func:`medseg.data.augment3d.flip_axes`), none when ``mirror`` is false. A model trained
+    without flips is never mirrored: its flipped predictions would be of patches it never saw."""
+    if not mirror:
+        return []
+    axes = flip_axes(cfg.augment)
+    if not axes:
+        logger.warning(
+            "mirror TTA: training flipped no axis (augment.dflip/vflip/hflip are 0); "
+            "predicting without it"
+        )
+    return axes
 
 
 class VolumePredictor:
@@ -314,6 +333,7 @@ class VolumePredictor:
             "mirror": v.mirror_tta,
         }
         opts = {k: defaults[k] if val is None else val for k, val in overrides.items()}
+        opts["mirror"] = tta_axes(cfg, bool(opts["mirror"]))
         self.module = VolumeModule(models, plan, **opts)
         self._fn = self.module.serve
         self._set_names(plan.labels, plan.channels, self.module.channels)

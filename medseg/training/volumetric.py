@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from medseg.artifacts.runs import RunDir, create_run
 from medseg.config import Config
-from medseg.data.fingerprint import VolumePlan, compute_fingerprint, make_plan
+from medseg.data.fingerprint import VolumePlan, compute_fingerprint, flip_warning, make_plan
 from medseg.data.patches import PatchSampler, downsampled_targets, patch_dataset
 from medseg.data.resample import prepare_case
 from medseg.data.scan import scan_from_config
@@ -128,6 +128,9 @@ def _plan(
         plan.normalization,
         len(subset),
     )
+    warning = flip_warning(fingerprint, cfg.augment)
+    if warning:
+        logger.warning("%s", warning)
     return plan
 
 

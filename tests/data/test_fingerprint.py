@@ -12,11 +12,14 @@ import pytest
 
 from medseg.config import Config
 from medseg.data.audit import audit, format_audit
+from medseg.data.augment3d import flip_axes
 from medseg.data.fingerprint import (
     MAX_PATCH_VOXELS,
     VolumePlan,
     compute_fingerprint,
     default_patch_size,
+    flip_warning,
+    label_order,
     make_plan,
 )
 from medseg.data.scan import detect_layout, scan_dataset
@@ -237,3 +240,46 @@ def test_real_hippocampus(shared_data):
     fp = compute_fingerprint(d, max_cases=30)
     assert fp["spacing"]["median"] == [1.0, 1.0, 1.0]
     assert 30 <= fp["shape"]["median"][0] <= 40
+
+
+# --------------------------------------------------------------------------- label order
+
+
+def test_label_order_of_the_phantoms(msd):
+    # the phantoms' two structures lie at fixed places: their order is kept on some axis
+    order = compute_fingerprint(read_dataset_json(msd))["label_order"]
+    assert order["n_cases"] == 4 and len(order["axes"]) == 3
+    assert all(0.5 <= v <= 1.0 for v in order["axes"]) and max(order["axes"]) == 1.0
+
+
+def test_label_order_counts_the_majority_order_per_axis():
+    same = [(1.0, 5.0, 2.0), (3.0, 1.0, 2.5)]  # label 1 below label 2 on axis 0, above on 1
+    swapped = [(3.0, 5.0, 2.5), (1.0, 1.0, 2.0)]  # axis 0 swapped, axis 2 swapped too
+    cases = [same] * 3 + [swapped] + [[(0.0, 0.0, 0.0), None]]  # the last lacks label 2
+    order = label_order(cases)
+    assert order == {"axes": [0.75, 1.0, 0.75], "n_cases": 4}
+    assert label_order([[(1.0, 2.0, 3.0)]] * 3) is None  # one structure: no order
+    assert label_order([[(1.0, 2.0, 3.0), None]]) is None  # no case holds both
+
+
+def test_flip_warning_names_the_flips_along_kept_axes():
+    fp = _fingerprint(label_order={"axes": [1.0, 0.5, 0.95], "n_cases": 10})
+    flips = Config().augment
+    flips.dflip = flips.vflip = flips.hflip = 0.5
+    warning = flip_warning(fp, flips)
+    assert "augment.dflip (100% of cases)" in warning and "augment.hflip (95%" in warning
+    assert "vflip" not in warning
+    flips.dflip = flips.hflip = 0.0
+    assert flip_warning(fp, flips) is None  # only the row axis flips, and order is not kept there
+    flips.hflip, flips.enabled = 0.5, False
+    assert flip_warning(fp, flips) is None  # augmentation off: no flip at all
+    assert flip_warning(_fingerprint(), Config().augment) is None  # one structure
+
+
+def test_flip_axes():
+    cfg = Config().augment
+    assert flip_axes(cfg) == [2]  # the default: hflip 0.5, the column axis
+    cfg.dflip, cfg.vflip, cfg.hflip = 0.2, 0.0, 0.0
+    assert flip_axes(cfg) == [0]
+    cfg.enabled = False
+    assert flip_axes(cfg) == []

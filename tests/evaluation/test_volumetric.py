@@ -150,3 +150,28 @@ def test_format_names_units_and_structures():
     assert not any(math.isnan(float(x)) for x in lines[1].split()[1:2])
     px_rows = [make_row(f"c{i}", f"p{i}", "A", 0.5, unit="px") for i in range(3)]
     assert "HD95 px" in format_volumetric(summarize_volumetric(px_rows, n_boot=10))
+
+
+def test_tune_of_a_cv_trained_without_flips_does_not_mirror(tmp_path):
+    # two finished folds whose training flipped no axis: tune chooses between none and largest
+    # only, and never predicts again (there is no data here it could predict)
+    from medseg.artifacts.runs import create_run
+    from medseg.config import load_config
+    from medseg.evaluation.evaluate import write_cases
+    from medseg.evaluation.report3d import tune_volumetric
+
+    root = tmp_path / "cv"
+    for k in (1, 2):
+        sets = ["model.name=unet3d", f"run.root={root}", f"run.name=fold_{k}", "augment.hflip=0"]
+        run, _ = create_run(load_config(None, sets))
+        rows = [
+            {**make_row(f"c{k}{i}", f"c{k}{i}", s, d), "postprocess": p}
+            for i in range(3)
+            for s in ("anterior", "posterior")
+            for p, d in (("none", 0.80 + 0.02 * i), ("largest", 0.81 + 0.02 * i))
+        ]
+        write_cases(run.path / "oof.csv", rows, {"fold": k})
+    result = tune_volumetric(root, n_boot=50)
+    assert result["mirror_axes"] == [] and set(result["variants"]) == {"none", "largest"}
+    assert result["chosen_by_fold"] == {"1": "largest", "2": "largest"}
+    assert not list(root.glob("fold_*/oof_mirror.csv"))

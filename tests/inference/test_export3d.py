@@ -5,6 +5,7 @@ against a NumPy/SciPy pipeline (medseg.data.resample) computed here."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import keras
@@ -27,6 +28,7 @@ from medseg.inference.volumetric import (
     VolumePredictor,
     normalize_graph,
     structure_volumes_ml,
+    tta_axes,
 )
 from medseg.models.unet3d import build_unet3d
 from medseg.utils import atomic_write_json, file_sha256
@@ -264,3 +266,12 @@ def test_a_cv_folder_predicts_the_mean_of_its_folds(run_dir, tmp_path):
     np.testing.assert_allclose(mean, (p1 + p2) / 2, rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="no ensemble"):
         export_run(root, tmp_path / "cv-export")
+
+
+def test_mirror_tta_flips_only_the_axes_training_flipped(caplog):
+    cfg = load_config(None, ["augment.hflip=0.5", "augment.dflip=0.3"])
+    assert tta_axes(cfg, True) == [0, 2] and tta_axes(cfg, False) == []
+    cfg = load_config(None, ["augment.hflip=0"])
+    with caplog.at_level(logging.WARNING):
+        assert tta_axes(cfg, True) == []
+    assert "training flipped no axis" in caplog.text

@@ -13,6 +13,7 @@ import tensorflow as tf
 from medseg.errors import ConfigError
 from medseg.inference.sliding_window import (
     gaussian_importance,
+    mirror_flips,
     sliding_window_inference,
     window_grid,
     window_grid_graph,
@@ -196,3 +197,23 @@ def test_mirror_tta_is_the_mean_over_the_eight_flips():
     np.testing.assert_allclose(got, np.mean(views, axis=0), rtol=0, atol=1e-6)
     plain = model(x, training=False).numpy()
     assert np.abs(got - plain).max() > 1e-3  # the model is not flip-equivariant: TTA matters
+
+
+def test_mirror_tta_over_some_axes_is_the_mean_over_their_flips():
+    model = _conv_model()
+    x = _volume(PATCH, seed=4)
+    got = sliding_window_inference(
+        x, model, PATCH, gaussian=False, mirror=[2, 0], num_classes=3
+    ).numpy()
+    flips = [[], [1], [3], [1, 3]]  # tensor axes of spatial axes 0 and 2
+    views = [np.flip(model(np.flip(x, f).copy(), training=False).numpy(), f) for f in flips]
+    np.testing.assert_allclose(got, np.mean(views, axis=0), rtol=0, atol=1e-6)
+    none = sliding_window_inference(x, model, PATCH, gaussian=False, mirror=[], num_classes=3)
+    np.testing.assert_allclose(none.numpy(), model(x, training=False).numpy(), atol=1e-6)
+
+
+def test_mirror_flips():
+    assert len(mirror_flips(True)) == 8 and mirror_flips(False) == [[]]
+    assert mirror_flips([1]) == [[], [2]] and mirror_flips((2, 2)) == [[], [3]]
+    with pytest.raises(ConfigError, match="spatial axes"):
+        mirror_flips([3])
