@@ -6,7 +6,9 @@ every mask of a segmentation layout) with the readers of :mod:`medseg.io`, and r
 * counts: images, groups (after near-duplicate grouping), classes per split, splits;
 * images: distinct sizes, grey/RGB counts, stored bit depths, intensity statistics over an evenly
   spaced sample of images;
-* problems: unreadable files, images without masks and masks without images (from the scanner),
+* problems: unreadable files (every image is decoded in full; garbled JPEG data counts as
+  unreadable), images smaller than ``min_size`` pixels along a side, images without masks
+  and masks without images (from the scanner),
   masks whose size differs from their image, masks that are not binary (with their values);
 * segmentation: the fraction of slices with an empty mask, the foreground fraction of the others;
 * near-duplicates (perceptual hashes, :mod:`medseg.data.dedup`): groups of two or more images,
@@ -62,6 +64,7 @@ from medseg.data.dedup import default_workers
 from medseg.data.samples import Sample, ScanResult
 from medseg.errors import DataError
 from medseg.io import read_image, read_mask, to_channels
+from medseg.io.base import MIN_IMAGE_PIXELS
 from medseg.utils import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -98,7 +101,10 @@ REPORT_KEYS = (
 def _detect_layout(root: Path) -> str:
     detect = getattr(scan_module, "detect_layout", None)
     if detect is None:
-        raise DataError(f"{root}: no layout given and this medseg cannot detect one; pass layout")
+        raise DataError(
+            f"{root}: no layout given and this medseg cannot detect one; give --layout "
+            f"(from Python, layout=)"
+        )
     return detect(root)
 
 
@@ -231,6 +237,7 @@ def audit(
     image_series: str = "",
     mask_series: str = "MaskTumor",
     config: Config | None = None,
+    min_size: int = MIN_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Audit a dataset folder; see the module docstring for what the report holds.
 
@@ -248,6 +255,7 @@ def audit(
             and the mask (see :func:`medseg.data.scan.scan_dataset`).
         config: ``msd`` layout: the config whose values override the plan defaults (None: the
             defaults).
+        min_size: list images with fewer pixels along a side as problems (>= 1).
 
     Returns:
         The report (JSON-able dict with the keys :data:`REPORT_KEYS`; for ``msd`` also
@@ -269,7 +277,8 @@ def audit(
     segmentation = any(isinstance(s.target, str) for s in samples)
     n = len(samples)
     stats_idx = set(_pick(list(range(n)), max(0, intensity_sample)))
-    records = read_records(samples, segmentation, stats_idx, workers or default_workers())
+    workers = workers or default_workers()
+    records = read_records(samples, segmentation, stats_idx, workers, min_size=min_size)
     problems, non_binary = _problems(scan, records, root)
     class_names = list(scan.class_names)
     dup = near_duplicates(samples, records, class_names, threshold)

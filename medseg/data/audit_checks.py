@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,12 @@ from PIL import Image as PILImage
 from medseg.data.dedup import phash_array
 from medseg.data.samples import Sample
 from medseg.errors import DataError
-from medseg.io import read_image, read_mask
+from medseg.io import image_suffix, read_image, read_mask
+from medseg.io.base import MIN_IMAGE_PIXELS
+from medseg.io.plain import jpeg_data_problem
 
 THUMB = 32
+_JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 
 
 @dataclass
@@ -84,10 +88,25 @@ def _inspect_slice(
     rec.ok = True
 
 
-def _read_2d(sample: Sample, with_stats: bool, segmentation: bool) -> Record:
+def _small(rec: Record, where: str, min_size: int) -> None:
+    """Note an image smaller than ``min_size`` pixels along a side (readable, but a problem)."""
+    if rec.ok and min(rec.height, rec.width) < min_size:
+        rec.problems.append(
+            f"{where}: image is {rec.width}x{rec.height} pixels, smaller than the minimum "
+            f"{min_size} along a side (--min-size)"
+        )
+
+
+def _read_2d(
+    sample: Sample, with_stats: bool, segmentation: bool, min_size: int = MIN_IMAGE_PIXELS
+) -> Record:
     rec = Record()
     try:
-        img = read_image(sample.image)
+        img = read_image(sample.image)  # decodes every pixel (Pillow's load)
+        if image_suffix(sample.image) in _JPEG_SUFFIXES:
+            problem = jpeg_data_problem(Path(sample.image))
+            if problem:  # Pillow decodes garbled JPEG data without an error
+                raise DataError(problem)
         if img.is_volume:
             raise DataError(f"{sample.image}: expected a 2D image, got shape {img.array.shape}")
         rec.bits = img.meta.bits
@@ -95,12 +114,15 @@ def _read_2d(sample: Sample, with_stats: bool, segmentation: bool) -> Record:
         if mask is not None and mask.ndim != 2:
             raise DataError(f"{sample.target}: expected a 2D mask, got shape {mask.shape}")
         _inspect_slice(rec, img.array, mask, with_stats, str(sample.target or sample.image))
+        _small(rec, str(sample.image), min_size)
     except DataError as e:
         rec.problems.append(str(e))
     return rec
 
 
-def _read_volume(samples: list[Sample], with_stats: set[int], segmentation: bool) -> list[Record]:
+def _read_volume(
+    samples: list[Sample], with_stats: set[int], segmentation: bool, min_size: int
+) -> list[Record]:
     """Records for the slices of one volume (read once); ``with_stats`` holds slice positions."""
     first = samples[0]
     try:
@@ -120,21 +142,37 @@ def _read_volume(samples: list[Sample], with_stats: set[int], segmentation: bool
         else:
             m = None if mask is None else mask[k]
             _inspect_slice(rec, arr[k], m, pos in with_stats, f"{s.target}#{k}")
+            if pos == 0:  # one line per volume: its slices share their size
+                _small(rec, str(first.image), min_size)
         out.append(rec)
     return out
 
 
 def read_records(
-    samples: list[Sample], segmentation: bool, stats_idx: set[int], workers: int
+    samples: list[Sample],
+    segmentation: bool,
+    stats_idx: set[int],
+    workers: int,
+    min_size: int = MIN_IMAGE_PIXELS,
 ) -> list[Record]:
     """One :class:`Record` per sample, in order; each volume is read once for all its slices.
+
+    Every image is decoded in full; a JPEG's compressed data is also checked
+    (:func:`medseg.io.plain.jpeg_data_problem`): garbled data makes the image unreadable.
 
     Args:
         samples: the scanned samples.
         segmentation: read (and check) the masks too.
         stats_idx: positions of the samples whose intensity statistics are collected.
         workers: reading threads.
+        min_size: images (or a volume's slices) with fewer pixels than this along a side are
+            reported as a problem (they stay readable).
+
+    Raises:
+        DataError: ``min_size`` is below 1.
     """
+    if min_size < 1:
+        raise DataError(f"min_size must be >= 1, got {min_size}")
     flat = [i for i, s in enumerate(samples) if s.index is None]
     volumes: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
@@ -142,13 +180,16 @@ def read_records(
             volumes[s.image].append(i)
     records: list[Record | None] = [None] * len(samples)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        flat_recs = pool.map(lambda i: _read_2d(samples[i], i in stats_idx, segmentation), flat)
+        flat_recs = pool.map(
+            lambda i: _read_2d(samples[i], i in stats_idx, segmentation, min_size), flat
+        )
         vol_jobs = {
             path: pool.submit(
                 _read_volume,
                 [samples[i] for i in idx],
                 {p for p, i in enumerate(idx) if i in stats_idx},
                 segmentation,
+                min_size,
             )
             for path, idx in volumes.items()
         }

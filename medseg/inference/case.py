@@ -40,7 +40,7 @@ from medseg.inference.uncertainty import (
     uncertainty_display,
 )
 from medseg.io import Image, image_suffix, read_image
-from medseg.io.base import PLAIN_SUFFIXES
+from medseg.io.base import PLAIN_SUFFIXES, check_channels, small_image_problem
 from medseg.io.writers import write_mask_nifti, write_mask_png, write_png, write_seg
 from medseg.utils import disk_full_error, is_disk_full
 
@@ -155,6 +155,7 @@ def _predict_case(
     clock: Clock,
 ) -> dict:
     """Predict one read case into ``case_dir``; the columns of its row."""
+    check_model_input(predictor, image, case.source)
     source = image.array if image.is_volume else image.array[np.newaxis]
     row: dict = {"slices": len(source), "height": source.shape[1], "width": source.shape[2]}
     # a volume is cut along the model's data.slice_axis, as in training; masks go back
@@ -180,6 +181,29 @@ def _predict_case(
     if opts.mc_samples:
         row.update(_segmentation_uncertainty(work, images, mask, k))
     return row
+
+
+def check_model_input(predictor: BasePredictor, image: Image, source: str) -> None:
+    """Before a 2D (or 2.5D) model predicts ``image``: refuse volumes along a 4th dimension that
+    the model does not take as its channels, and warn about an image too small to segment.
+
+    The rule (:func:`medseg.io.base.check_channels`): the N volumes of a 4D NIfTI or of a DICOM
+    series of N acquisitions are channels only when the model takes N channels and its card names
+    them. A 2D model's channels are grey or colour, so it never takes such a file: without this
+    check 3 volumes would be read as an RGB image and 2 would fail with a conversion error.
+    An image smaller than :data:`~medseg.io.base.MIN_IMAGE_PIXELS` along a side is predicted
+    (the model resizes it) with a warning.
+
+    Raises:
+        DataError: one line naming ``source``, its shape and what the model takes.
+    """
+    members = getattr(predictor, "members", None) or [predictor]
+    names = predictor.card.get("channels")
+    for channels in sorted({int(m.channels) for m in members}):
+        check_channels(image, channels, names if isinstance(names, dict) else None, source=source)
+    problem = small_image_problem(image, source=source)
+    if problem:
+        logger.warning("%s", problem)
 
 
 def _mc_dropout(work: _Work, images: np.ndarray) -> dict:
@@ -340,8 +364,11 @@ def case_folder(case: Case, out: Path, row: dict) -> Iterator[Path]:
     except OutputError as e:
         raise disk_full_error(out / case.case_id) from e
     except MedsegError as e:
-        row.update(status="error", error=str(e))
-        logger.error("%s", e)
+        message = " ".join(str(e).split())  # one line
+        if case.source not in message:  # a failed case's row always names its source
+            message = f"{case.source}: {message}"
+        row.update(status="error", error=message)
+        logger.error("%s", message)
     except Exception as e:  # one bad case must not stop the batch
         if is_disk_full(e):
             raise disk_full_error(out / case.case_id) from e

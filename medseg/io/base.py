@@ -6,8 +6,10 @@ See :mod:`medseg.io` for the contract that the readers follow.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 #: Suffixes (lower case) read by Pillow.
 PLAIN_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -37,6 +41,18 @@ IMAGE_SUFFIXES: frozenset[str] = PLAIN_SUFFIXES | DICOM_SUFFIXES | NIFTI_SUFFIXE
 #: corrupt or hostile file cannot make the reader ask for gigabytes (as Pillow's decompression
 #: bomb limit does for plain images).
 MAX_SAMPLES = 2**29
+
+#: Fewest pixels along a side of a 2D image (or of a volume's slice) below which a prediction is
+#: warned about (:func:`small_image_problem`): 16 pixels is where a 4-level U-Net (the default
+#: depth) has pooled an image down to one pixel, and where a classifier's 224 x 224 input would be
+#: more than 14x upsampled: the image holds too little for a reliable prediction. It is a warning,
+#: not a refusal: every medseg model resizes or pads its input, so it runs at any size.
+MIN_IMAGE_PIXELS = 16
+
+#: Fewest voxels along an axis of a volume predicted in 3D below which a prediction is warned about:
+#: a 3x3x3 convolution needs at least 3, and a volume thinner than 4 voxels is padded by the
+#: sliding window to more than twice its size, so the model sees mostly padding.
+MIN_VOLUME_VOXELS = 4
 
 # ITU-R BT.601 luma weights for R, G, B.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -166,6 +182,131 @@ def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
     )
 
 
+def volume_count(image: Image) -> int:
+    """Volumes the reader found along a 4th dimension (NIfTI time points, DICOM acquisitions).
+
+    1 for a 3D volume or a 2D image; N > 1 when the channel axis of ``image.array`` holds N
+    volumes of the file (``meta.extra["volumes"]``, with ``"volume_axis"`` and, when the header
+    says, ``"volumes_are"``) rather than colour or named channels.
+    """
+    return int(image.meta.extra.get("volumes", 1) or 1)
+
+
+def check_channels(
+    image: Image,
+    channels: int,
+    names: Mapping[int, str] | Sequence[str] | None = None,
+    *,
+    source: str | Path | None = None,
+) -> None:
+    """Refuse volumes along a 4th dimension unless the model takes them as its named channels.
+
+    The rule: the N volumes of a 4D file (NIfTI time points, b-values, echoes; a DICOM series of N
+    acquisitions) are channels only when the model takes exactly N channels and names them (a 3D
+    model's ``dataset.json`` channels, e.g. ``{0: "T2", 1: "ADC"}``). A 2D model's 3 channels are
+    colour (RGB), never volumes. Images without a 4th dimension (grey, RGB) pass unchanged;
+    :func:`to_channels` converts those.
+
+    Args:
+        image: an image from :func:`medseg.io.read_image` (or the MSD reader).
+        channels: the channels the model takes.
+        names: the model's channel names (number -> name, or a list), when it names them.
+        source: what to name in the message (default: the image's first source).
+
+    Raises:
+        DataError: one line naming the file, its shape, the number of volumes along the 4th
+            dimension (and what they are, when known) and what the model takes.
+    """
+    n = volume_count(image)
+    if n <= 1:
+        return
+    named = len(names or ()) == channels
+    if n == channels and named:
+        image.meta.extra["channel_names"] = _name_list(names, channels)
+        logger.debug("%s: %d volumes taken as the model's channels", _where(image, source), n)
+        return
+    extra = image.meta.extra
+    shape = tuple(extra.get("source_shape") or image.array.shape)
+    what = f" ({extra['volumes_are']})" if extra.get("volumes_are") else ""
+    axis = extra.get("volume_axis", "4th dimension")
+    head = f"{_where(image, source)}: {len(shape)}D volume of shape {shape}: {n} volumes along "
+    head += f"the {axis}{what}"
+    if n != channels:
+        reason = f"but the model takes {channels} channel{'s' if channels != 1 else ''}"
+    else:
+        reason = f"and the model's {channels} channels are colour (RGB) channels, not volumes"
+    raise DataError(f"{head}, {reason}; give one 3D volume per file (or series)")
+
+
+def small_image_problem(
+    image: Image, *, source: str | Path | None = None, volume: bool = False
+) -> str | None:
+    """Why ``image`` is too small for a reliable prediction, or None.
+
+    A 2D image (or each slice of a volume predicted slice by slice) smaller than
+    :data:`MIN_IMAGE_PIXELS` along a side, or (``volume``: predicted in 3D) a volume smaller than
+    :data:`MIN_VOLUME_VOXELS` along an axis. Callers log the text as a warning.
+    """
+    array = image.array
+    if volume and image.is_volume:
+        spatial, least, unit = array.shape[:3], MIN_VOLUME_VOXELS, "voxels"
+    else:
+        spatial, least, unit = array.shape[-3:-1], MIN_IMAGE_PIXELS, "pixels"
+    if min(spatial) >= least:
+        return None
+    size = "x".join(str(n) for n in spatial)
+    return (
+        f"{_where(image, source)}: image of {size} {unit} is smaller than {least} {unit} along "
+        f"an axis; the prediction is unreliable"
+    )
+
+
+def stack_volumes(where: str | Path, images: Sequence[Image], volumes_are: str) -> Image:
+    """Stack 1-channel volumes of one grid (a series' acquisitions) along the channel axis.
+
+    The result is DxHxWxN with ``meta.extra["volumes"] = N`` (see :func:`check_channels`), the
+    first volume's geometry and every volume's files as ``meta.source``.
+
+    Raises:
+        DataError: the volumes differ in shape or slice positions, or one is not grey.
+    """
+    first = images[0]
+    for image in images:
+        if not image.is_volume or image.array.shape[-1] != 1:
+            raise DataError(
+                f"{where}: acquisition of shape {image.array.shape} is not a grey volume"
+            )
+        if image.array.shape != first.array.shape:
+            raise DataError(
+                f"{where}: the {len(images)} acquisitions ({volumes_are}) differ in shape "
+                f"({first.array.shape[:3]} and {image.array.shape[:3]}); they are not one volume"
+            )
+        a, b = first.meta.extra.get("slice_positions"), image.meta.extra.get("slice_positions")
+        if a is not None and b is not None and not np.allclose(a, b, atol=0.01):
+            raise DataError(
+                f"{where}: the {len(images)} acquisitions ({volumes_are}) are at different slice "
+                f"positions; they do not form one volume"
+            )
+    array = np.concatenate([image.array for image in images], axis=-1)
+    extra = dict(first.meta.extra)
+    extra.update(volumes=len(images), volume_axis="4th dimension", volumes_are=volumes_are)
+    extra.update(channels_from="DICOM acquisitions", source_shape=array.shape)
+    source = tuple(s for image in images for s in image.meta.source)
+    meta = ImageMeta(
+        source=source,
+        spacing=first.meta.spacing,
+        affine=first.meta.affine,
+        modality=first.meta.modality,
+        photometric=None,
+        patient_id=first.meta.patient_id,
+        study_uid=first.meta.study_uid,
+        series_uid=first.meta.series_uid,
+        bits=first.meta.bits,
+        extra=extra,
+    )
+    return Image(array=array, meta=meta)
+
+
 def image_suffix(path: str | Path) -> str:
     """The lower-case suffix of ``path`` as :data:`IMAGE_SUFFIXES` spells it.
 
@@ -258,6 +399,21 @@ def _link_problem(path: Path, error: OSError) -> str:
     except OSError:
         target = "?"
     return f"dangling symbolic link: its target {target!r} does not exist"
+
+
+def _where(image: Image, source: str | Path | None) -> str:
+    if source is not None:
+        return str(source)
+    extra = image.meta.extra
+    if extra.get("folder"):
+        return str(extra["folder"])
+    return image.meta.source[0] if image.meta.source else "image"
+
+
+def _name_list(names: Mapping[int, str] | Sequence[str] | None, n: int) -> list[str]:
+    if isinstance(names, Mapping):
+        return [str(names.get(k, names.get(str(k), k))) for k in range(n)]  # type: ignore[call-overload]
+    return [str(x) for x in (names or ())]
 
 
 def _describe(value: object) -> str:

@@ -33,7 +33,7 @@ from medseg.io.dicom_tags import (
     sop_class_name,
     str_or_none,
 )
-from medseg.io.headers import is_dicom, parse_all
+from medseg.io.headers import frame_acquisitions, is_dicom, parse_all
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,19 @@ def read_dicom_image(path: Path) -> Image:
             f"{n_frames} frame(s) of {samples} sample(s) per pixel"
         )
 
-    spacing, affine, geo_extra = dataset_geometry(ds, n_frames)
+    acquisitions = frame_acquisitions(ds, n_frames) if n_frames > 1 else None
+    frames = None
+    if acquisitions is not None:  # frames of N acquisitions: N volumes along a 4th dimension
+        what, groups = acquisitions
+        if array.shape[-1] != 1:
+            raise DataError(f"{path}: colour frames in {len(groups)} acquisitions ({what})")
+        array = np.stack([array[g, ..., 0] for g in groups], axis=-1)
+        frames = groups[0]
+        extra.update(volumes=len(groups), volume_axis="4th dimension", source_shape=array.shape)
+        extra.update(volumes_are=f"{len(groups)} acquisitions by {what}")
+        extra["channels_from"] = "DICOM acquisitions"
+        photometric = None
+    spacing, affine, geo_extra = dataset_geometry(ds, n_frames, frames=frames)
     extra.update(geo_extra)
     extra.update(_other_attributes(ds))
     meta = ImageMeta(
@@ -387,13 +399,15 @@ def _rescale(ds: Dataset, n_frames: int) -> tuple[list[float] | None, list[float
 
 
 def dataset_geometry(
-    ds: Dataset, n_frames: int
+    ds: Dataset, n_frames: int, *, frames: list[int] | None = None
 ) -> tuple[tuple[float, ...] | None, np.ndarray | None, dict[str, Any]]:
     """Spacing (array axis order) and 4x4 index->LPS affine, where the file allows.
 
     Args:
         ds: A dataset (its header is enough).
         n_frames: Its number of frames.
+        frames: the frames that form the volume (one acquisition of a 4D multi-frame file);
+            None: all of them.
 
     Returns:
         Spacing, affine (each None when unknown) and notes for ``meta.extra``.
@@ -407,7 +421,9 @@ def dataset_geometry(
     orientation = floats(
         functional_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
     )
-    positions = _positions(ds, n_frames)
+    positions = _positions(ds, n_frames, frames)
+    if frames is not None:
+        n_frames = len(frames)
 
     row_dir = col_dir = normal = None
     if orientation is not None:
@@ -469,9 +485,12 @@ def _slice_step(
     return None, None, None
 
 
-def _positions(ds: Dataset, n_frames: int) -> list[np.ndarray]:
-    """ImagePositionPatient of each frame when every frame has one, else of the first only."""
+def _positions(ds: Dataset, n_frames: int, frames: list[int] | None = None) -> list[np.ndarray]:
+    """ImagePositionPatient of each frame (of ``frames``) when every frame has one, else of the
+    first only."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and len(per_frame) == n_frames and frames is not None:
+        per_frame, n_frames = [per_frame[i] for i in frames], len(frames)
     if per_frame and len(per_frame) == n_frames:
         found = []
         for item in per_frame:

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DataError
-from medseg.io.base import Image, ImageMeta, check_folder, image_suffix, raise_walk_error
+from medseg.io.base import (
+    Image,
+    ImageMeta,
+    check_folder,
+    image_suffix,
+    raise_walk_error,
+    stack_volumes,
+)
 from medseg.io.dicom import (
     dataset_array,
     dataset_geometry,
@@ -27,7 +34,7 @@ from medseg.io.dicom import (
     read_dicom_image,
     read_dicom_mask,
 )
-from medseg.io.headers import DicomHeader, is_dicom, read_dicom_header
+from medseg.io.headers import DicomHeader, is_dicom, read_dicom_header, split_acquisitions
 
 logger = logging.getLogger(__name__)
 
@@ -283,9 +290,9 @@ def _single_group(folder: Path) -> list[DicomHeader]:
     if len(groups) > 1:
         listed = "; ".join(_describe(group) for group in groups)
         raise DataError(
-            f"{folder}: folder holds {len(groups)} DICOM series ({listed}); read_image and "
-            f"read_mask read a folder with one series: use medseg.io.read_dicom_series(folder) "
-            f"to read them all, or give the folder of one series"
+            f"{folder}: folder holds {len(groups)} DICOM series ({listed}); give the folder of "
+            f"one series (medseg predict splits such a folder into its series; from Python, "
+            f"read them all with medseg.io.read_dicom_series(folder))"
         )
     return groups[0]
 
@@ -307,8 +314,8 @@ def _subfolder_hint(folder: Path, recursive: bool) -> str:
     if not subfolders:
         return ""
     return (
-        f" directly in it; it has {len(subfolders)} sub-folder(s): give one series folder, or "
-        f"use medseg.io.read_dicom_series(folder, recursive=True)"
+        f" directly in it; it has {len(subfolders)} sub-folder(s): give one series folder "
+        f"(from Python, medseg.io.read_dicom_series(folder, recursive=True) reads them all)"
     )
 
 
@@ -403,8 +410,9 @@ def _order_by_position(
             )
             if not allow_gaps:
                 raise DataError(
-                    f"{folder}: slice(s) missing: {where}; {gaps.size} gap(s) in all. Pass "
-                    f"allow_gaps=True to read the series anyway"
+                    f"{folder}: slice(s) missing: {where}; {gaps.size} gap(s) in all. Add the "
+                    f"missing files, or, from Python, read it anyway with "
+                    f"medseg.io.read_image(folder, allow_gaps=True)"
                 )
             logger.warning("%s: %d gap(s) in the series, first: %s", folder, gaps.size, where)
             extra["slice_gaps"] = [(float(distance[j]), float(distance[j + 1])) for j in gaps]
@@ -492,6 +500,11 @@ def _read_group_image(folder: Path, group: list[DicomHeader], allow_gaps: bool) 
         image = read_dicom_image(group[0].path)
         image.meta.extra.update(_series_extra(group[0]))
         return image
+    acquisitions = split_acquisitions(group)
+    if acquisitions is not None:  # N files per position: N volumes along a 4th dimension
+        what, parts = acquisitions
+        images = [_read_group_image(folder, part, allow_gaps) for part in parts]
+        return stack_volumes(folder, images, f"{len(parts)} acquisitions by {what}")
     stack = _order(folder, group, allow_gaps)
     first = stack.headers[0]
     volume: np.ndarray | None = None

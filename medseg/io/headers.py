@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -30,6 +31,26 @@ from medseg.io.dicom_tags import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Attributes that tell apart the acquisitions of one series whose files share slice positions
+#: (time points, b-values, echoes, inversion or trigger times), in the order they are tried.
+ACQUISITION_KEYWORDS = (
+    "TemporalPositionIdentifier",
+    "DiffusionBValue",
+    "EchoNumbers",
+    "EchoTime",
+    "InversionTime",
+    "TriggerTime",
+    "AcquisitionNumber",
+)
+#: The same for the frames of an enhanced multi-frame file: (functional group, attribute).
+FRAME_ACQUISITION_KEYS = (
+    ("FrameContentSequence", "TemporalPositionIndex"),
+    ("MRDiffusionSequence", "DiffusionBValue"),
+    ("MREchoSequence", "EffectiveEchoTime"),
+    ("MRTimingAndRelatedParametersSequence", "InversionTimes"),
+    ("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+)
 
 _PREAMBLE_LEN = 128
 _MAGIC = b"DICM"
@@ -208,3 +229,75 @@ def _shared_orientation(ds: Dataset) -> Any:
     shared = ds.get("SharedFunctionalGroupsSequence")
     planes = shared[0].get("PlaneOrientationSequence") if shared else None
     return planes[0].get("ImageOrientationPatient") if planes else None
+
+
+def split_acquisitions(
+    headers: list[DicomHeader],
+) -> tuple[str, list[list[DicomHeader]]] | None:
+    """The acquisitions of a series whose files repeat the same slice positions, or None.
+
+    A series with N files at each slice position is N acquisitions (a DWI series' b-values, a
+    multi-echo or dynamic series) when one of :data:`ACQUISITION_KEYWORDS` takes N values, each on
+    one file per position. Anything else (no repeated position, no attribute that explains it) is
+    None, and the series reader reports what is wrong.
+
+    Returns:
+        A description (``"DiffusionBValue 0, 500, 1000"``) and the files of each acquisition, in
+        ascending order of the attribute.
+    """
+    if len(headers) < 2 or not all(h.positioned for h in headers):
+        return None
+    first = headers[0].orientation
+    assert first is not None
+    normal = np.cross(np.array(first[:3]), np.array(first[3:]))
+    where = [round(float(np.dot(h.position, normal)), 2) for h in headers]  # type: ignore[arg-type]
+    places = set(where)
+    if len(places) == len(headers) or len(headers) % len(places):
+        return None
+    for keyword in ACQUISITION_KEYWORDS:
+        values = [first_float(h.dataset.get(keyword)) for h in headers]
+        if any(v is None for v in values):
+            continue
+        groups: dict[float, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)  # type: ignore[arg-type]
+        if len(groups) < 2 or any({where[i] for i in g} != places for g in groups.values()):
+            continue
+        if any(len(g) != len(places) for g in groups.values()):
+            continue
+        order = sorted(groups)
+        text = f"{keyword} {', '.join(f'{v:g}' for v in order)}"
+        return text, [[headers[i] for i in groups[v]] for v in order]
+    return None
+
+
+def frame_acquisitions(ds: Dataset, n_frames: int) -> tuple[str, list[list[int]]] | None:
+    """The acquisitions among the frames of an enhanced multi-frame file, or None.
+
+    Frames form N > 1 acquisitions when a per-frame attribute of :data:`FRAME_ACQUISITION_KEYS`
+    takes N values, on the same number of frames each (a 4D enhanced MR object: time points,
+    b-values, echoes).
+
+    Returns:
+        A description (``"TemporalPositionIndex 1, 2, 3"``) and the frame indices of each
+        acquisition (in file order), in ascending order of the attribute.
+    """
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if n_frames < 2 or not per_frame or len(per_frame) != n_frames:
+        return None
+    for sequence, keyword in FRAME_ACQUISITION_KEYS:
+        values = []
+        for item in per_frame:
+            inner = item.get(sequence)
+            values.append(first_float(inner[0].get(keyword)) if inner else None)
+        if any(v is None for v in values):
+            continue
+        groups: dict[float, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)  # type: ignore[arg-type]
+        sizes = {len(g) for g in groups.values()}
+        if len(groups) < 2 or len(sizes) != 1:
+            continue
+        order = sorted(groups)
+        return f"{keyword} {', '.join(f'{v:g}' for v in order)}", [groups[v] for v in order]
+    return None

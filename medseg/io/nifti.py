@@ -51,6 +51,12 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def read_nifti_image(path: Path, replace_non_finite: float | None = None) -> Image:
     """Read a ``.nii``/``.nii.gz`` file as a DxHxWxC float32 volume (see the module docstring).
 
+    A 4th dimension of N > 1 volumes becomes N channels and is said so in ``meta.extra``:
+    ``volumes`` (N), ``volume_axis``, ``source_shape`` (the file's shape) and, when the header
+    tells, ``volumes_are`` (:func:`volumes_description`). Whether a model may take them as its
+    channels is :func:`medseg.io.base.check_channels`'s decision, never the reader's: photometric
+    is None, so they are never taken for RGB.
+
     Args:
         path: An existing, non-empty file.
         replace_non_finite: Value that NaN and +-Inf voxels are replaced with; ``None`` (the
@@ -75,8 +81,9 @@ def read_nifti_image(path: Path, replace_non_finite: float | None = None) -> Ima
         count = int(bad.sum())
         if replace_non_finite is None:
             raise DataError(
-                f"{path}: {count} voxel(s) are NaN or infinite; fix the file or pass "
-                f"replace_non_finite=<value> to replace them"
+                f"{path}: {count} voxel(s) are NaN or infinite; clean the file (e.g. set them "
+                f"to 0 and save it again), or, from Python, pass replace_non_finite=<value> to "
+                f"medseg.io.read_image"
             )
         data[bad] = replace_non_finite
         extra["non_finite_replaced"] = count
@@ -85,6 +92,11 @@ def read_nifti_image(path: Path, replace_non_finite: float | None = None) -> Ima
     extra.update(_original_extra(img))
     if channels > 1:
         extra["channels_from"] = "4th NIfTI dimension"
+        extra.update(volumes=channels, volume_axis="4th dimension")
+        extra["source_shape"] = tuple(int(n) for n in img.shape)
+        what = volumes_description(img)
+        if what:
+            extra["volumes_are"] = what
     meta = ImageMeta(
         source=(str(path),),
         spacing=_spacing(canonical),
@@ -219,11 +231,17 @@ def _load(path: Path, max_channels: int = MAX_NIFTI_CHANNELS) -> nib.Nifti1Image
     if len(shape) == 2:
         shape = (*shape, 1)
     if len(shape) not in (3, 4):
-        raise DataError(f"{path}: {len(shape)}D NIfTI of shape {img.shape}; expected 3D")
+        raise DataError(
+            f"{path}: {len(shape)}D NIfTI of shape {tuple(int(n) for n in img.shape)}; medseg "
+            f"reads 3D volumes (or 4D ones whose 4th dimension holds a model's channels)"
+        )
     if len(shape) == 4 and shape[3] > max_channels:
         allowed = "of size 1" if max_channels == 1 else f"of at most {max_channels} channels"
+        what = volumes_description(img)
         raise DataError(
-            f"{path}: 4D NIfTI with {shape[3]} volumes; expected 3D (or a 4th dimension {allowed})"
+            f"{path}: 4D NIfTI with {shape[3]} volumes; expected 3D (or a 4th dimension "
+            f"{allowed}): shape {shape}, {shape[3]} volumes along the 4th dimension"
+            f"{' (' + what + ')' if what else ''}"
         )
     if 0 in shape:
         raise DataError(f"{path}: NIfTI image is empty (shape {tuple(img.shape)})")
@@ -235,6 +253,30 @@ def _load(path: Path, max_channels: int = MAX_NIFTI_CHANNELS) -> nib.Nifti1Image
         except Exception as e:
             raise DataError(f"{path}: NIfTI data is truncated or corrupt ({_first_line(e)})") from e
     return img
+
+
+def volumes_description(img: nib.Nifti1Image | nib.Nifti2Image) -> str:
+    """What the header says the volumes along the 4th dimension are, or ``""`` when it does not.
+
+    An intent (``"intent vector"``), or time points with their step when the time unit is set
+    (``"time points 2 s apart"``: fMRI, DCE phases); b-values and echoes are not in a NIfTI header.
+    """
+    header = img.header
+    try:
+        intent = str(header.get_intent()[0])
+        time_unit = str(header.get_xyzt_units()[1])
+        zooms = header.get_zooms()
+        step = float(zooms[3]) if len(zooms) > 3 else 0.0
+    except Exception:  # a header field nibabel cannot interpret: say nothing
+        return ""
+    if intent not in ("none", ""):
+        return f"intent {intent}"
+    units = {"sec": "s", "msec": "ms", "usec": "us"}
+    if time_unit in units and np.isfinite(step) and step > 0:
+        return f"time points {step:g} {units[time_unit]} apart"
+    if time_unit in ("hz", "ppm", "rads"):
+        return f"spectral points ({time_unit})"
+    return ""
 
 
 def _check_size(path: Path, img: nib.Nifti1Image) -> None:

@@ -220,3 +220,126 @@ def _png_colour_16bit(path: Path) -> bool:
         return False
     bit_depth, colour_type = head[24], head[25]
     return bit_depth == 16 and colour_type in (2, 4, 6)
+
+
+# --------------------------------------------------------------------------- JPEG integrity
+
+# Markers that may follow the entropy-coded data of a scan (another table, scan or the end).
+_AFTER_SCAN = frozenset({0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0xFE}) | frozenset(
+    range(0xE0, 0xF0)
+)
+# Grey levels, and share of pixels, beyond which two decoders of one file disagree.
+_DECODER_TOLERANCE, _DECODER_SHARE = 24, 0.002
+
+
+def jpeg_data_problem(path: Path) -> str | None:
+    """Why a JPEG file's compressed data is damaged, or None when nothing is found.
+
+    Pillow (libjpeg-turbo) decodes damaged entropy-coded data without an error: it drops the
+    decoder's warnings and fills or garbles the rest of the image. This check, for audits,
+    looks at the data itself:
+
+    * the marker structure: every ``0xFF`` inside a scan must be a stuffed byte or the next
+      restart marker in sequence, and the file must end with an end-of-image marker;
+    * a second, independent decoder (pylibjpeg's libjpeg, a pydicom dependency): garbage in the
+      Huffman-coded data makes the two decoders resynchronise differently, so their luma planes
+      disagree (an intact file gives the same plane within 1 grey level).
+
+    Garbage that happens to decode as valid Huffman codes in both decoders is not found; no
+    JPEG decoder can tell it from image content.
+
+    Args:
+        path: a file (anything else than a JPEG gives None).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"{path}: cannot read the file ({e.strerror or e})"
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    problem = _marker_problem(data)
+    if problem is None:
+        problem = _decoders_disagree(data)
+    return f"{path}: JPEG data is corrupt ({problem})" if problem else None
+
+
+def _marker_problem(data: bytes) -> str | None:
+    """What is wrong with the marker structure of a JPEG byte string, or None."""
+    i, n = 2, len(data)
+    while i < n:
+        if data[i] != 0xFF:
+            return f"no marker at byte {i}"
+        while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes
+            i += 1
+        if i + 1 >= n:
+            break
+        marker = data[i + 1]
+        if marker == 0xD9:
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if i + 4 > n:
+            break
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if end > n:
+            break
+        i = end
+        if marker == 0xDA:
+            i, problem = _scan_end(data, i)
+            if problem:
+                return problem
+    return "the file ends before its end-of-image marker (truncated)"
+
+
+def _scan_end(data: bytes, i: int) -> tuple[int, str | None]:
+    """Walk the entropy-coded data from ``i``; where the next marker starts, or a problem."""
+    expected = 0
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0 or i + 1 >= len(data):
+            return len(data), None
+        byte = data[i + 1]
+        if byte == 0x00:
+            i += 2
+        elif byte == 0xFF:
+            i += 1
+        elif 0xD0 <= byte <= 0xD7:
+            if byte - 0xD0 != expected:
+                return i, f"restart marker {byte - 0xD0} where {expected} was due, at byte {i}"
+            expected = (expected + 1) % 8
+            i += 2
+        elif byte in _AFTER_SCAN:
+            return i, None
+        else:
+            return i, f"invalid marker 0xFF{byte:02X} inside the compressed data at byte {i}"
+
+
+def _decoders_disagree(data: bytes) -> str | None:
+    """Whether Pillow and libjpeg decode different luma planes from ``data`` (see above)."""
+    try:
+        import libjpeg  # pylibjpeg-libjpeg
+    except ImportError:  # the check needs it; without it, structure only
+        return None
+    import io
+
+    with PILImage.open(io.BytesIO(data)) as im:
+        if im.mode not in ("L", "RGB") or getattr(im, "layers", 1) not in (1, 3):
+            return None
+        if im.mode == "RGB":
+            im.draft("YCbCr", im.size)
+        im.load()
+        ours = np.asarray(im)
+    ours = ours if ours.ndim == 2 else ours[..., 0]
+    try:
+        other = np.asarray(libjpeg.decode(data))
+    except Exception as e:  # the second decoder refuses the data outright
+        return f"{' '.join(str(e).split())[:120]}"
+    other = other if other.ndim == 2 else other[..., 0]
+    if other.shape != ours.shape:
+        return None  # a layout the second decoder reads differently: no verdict
+    off = np.abs(ours.astype(np.int16) - other.astype(np.int16)) > _DECODER_TOLERANCE
+    share = float(off.mean())
+    if share > _DECODER_SHARE:
+        return f"two decoders disagree on {100 * share:.1f}% of the pixels: garbled data"
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from medseg.io.base import (
     NIFTI_SUFFIXES,
     PLAIN_SUFFIXES,
     Image,
+    check_channels,
     check_file,
     check_folder,
     image_suffix,
@@ -41,7 +42,12 @@ _BINARY_MAX = (255, 65535)
 
 
 def read_image(
-    path: str | Path, *, allow_gaps: bool = False, replace_non_finite: float | None = None
+    path: str | Path,
+    *,
+    allow_gaps: bool = False,
+    replace_non_finite: float | None = None,
+    channels: int | None = None,
+    channel_names: Mapping[int, str] | Sequence[str] | None = None,
 ) -> Image:
     """Read an image file, or a folder holding one DICOM series, into the :mod:`medseg.io` contract.
 
@@ -59,6 +65,12 @@ def read_image(
             the median step and ``meta.extra["slice_gaps"]`` lists the gaps.
         replace_non_finite: NIfTI only: replace NaN/Inf voxels with this value instead of
             raising.
+        channels: the channels the consumer (a model) takes. When given, a file with several
+            volumes along a 4th dimension (a 4D NIfTI, a DICOM series of several acquisitions)
+            is refused unless it holds exactly that many and ``channel_names`` names them
+            (:func:`~medseg.io.base.check_channels`). None: the volumes are returned as channels
+            and ``meta.extra["volumes"]`` says so; the caller checks.
+        channel_names: the consumer's channel names (``dataset.json``'s), with ``channels``.
 
     Returns:
         float32 HxWxC image or DxHxWxC volume with its metadata.
@@ -66,13 +78,16 @@ def read_image(
     Raises:
         DataError: If the file is missing, empty, of an unsupported type, not a readable image,
             truncated or corrupt, or needs a decoder that is not installed; or the folder is not
-            one consistent DICOM series. The message starts with the path.
+            one consistent DICOM series; or (``channels``) its 4th dimension does not hold the
+            consumer's channels. The message starts with the path.
     """
     path = Path(path)
     if path.is_dir():
         with _reading(path, "DICOM series"):
             image = read_series_image(path, allow_gaps=allow_gaps)
         logger.debug("%s: read DICOM series of shape %s", path, image.array.shape)
+        if channels is not None:
+            check_channels(image, channels, channel_names, source=path)
         return image
     path = check_file(path)
     suffix = image_suffix(path)
@@ -92,6 +107,8 @@ def read_image(
             f"series folders"
         )
     logger.debug("%s: read image of shape %s", path, image.array.shape)
+    if channels is not None:
+        check_channels(image, channels, channel_names, source=path)
     return image
 
 
