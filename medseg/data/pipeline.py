@@ -69,7 +69,7 @@ def load_samples(
         class index.
     """
     first = samples[0]
-    image = to_channels(read_image(first.image).array, cfg.channels)
+    image = to_channels(read_image(first.image, channels=cfg.channels).array, cfg.channels)
     is_volume = image.ndim == 4
     if is_volume != (first.index is not None):
         raise DataError(

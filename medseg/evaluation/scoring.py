@@ -91,7 +91,7 @@ def _read(
     for idx in by_source(samples):
         image_path = samples[idx[0]].image
         target_path = samples[idx[0]].target if task == "segmentation" else None
-        image = to_channels(read_image(image_path).array, channels)
+        image = to_channels(read_image(image_path, channels=channels).array, channels)
         mask = read_mask(target_path) if task == "segmentation" else None
         if mask is not None and mask.shape != image.shape[:-1]:
             raise DataError(

@@ -12,9 +12,11 @@ from medseg.data.pipeline import (
     class_weights,
     load_arrays,
     load_data,
+    load_samples,
     make_dataset,
     open_lazy,
 )
+from medseg.data.samples import Sample
 from medseg.data.scan import scan_dataset
 from medseg.errors import ConfigError
 
@@ -136,7 +138,9 @@ def test_volume_slices_load_once_per_volume_and_match_the_reader(tmp_path, monke
 
     reads = []
     original = pipeline.read_image
-    monkeypatch.setattr(pipeline, "read_image", lambda p: reads.append(p) or original(p))
+    monkeypatch.setattr(
+        pipeline, "read_image", lambda p, **kw: reads.append(p) or original(p, **kw)
+    )
     cfg = DataConfig(
         root=str(tmp_path), layout="nifti", image_size=[24, 20], channels=1, normalization="none"
     )
@@ -148,6 +152,20 @@ def test_volume_slices_load_once_per_volume_and_match_the_reader(tmp_path, monke
     np.testing.assert_allclose(data.images[3], volume[s.index], rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(data.targets[3], read_mask(s.target)[s.index])
     assert sum(t.any() for t in data.targets) == 2  # the labelled slice of each case
+
+
+def test_training_refuses_a_4d_nifti_whose_volumes_are_not_the_models_channels(tmp_path):
+    # three volumes along the 4th dimension (e.g. DWI b-values) are not an RGB image
+    import nibabel as nib
+
+    from medseg.errors import DataError
+
+    image = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 4, 3), np.float32), np.eye(4)), image)
+    sample = Sample(id="dwi#1", image=str(image), target=0, group="a", index=1)
+    cfg = DataConfig(root=str(tmp_path), task="classification", image_size=[16, 16], channels=3)
+    with pytest.raises(DataError, match=r"dwi\.nii\.gz: 4D volume of shape \(16, 16, 4, 3\)"):
+        load_samples([sample], cfg, 2)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
