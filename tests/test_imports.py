@@ -3,7 +3,7 @@ modules, small files and functions.
 
 Layers, lowest first (a module may import its own part and the parts below it)::
 
-    errors, utils, raytools -> config | io -> data -> models -> artifacts
+    errors, utils, locks, raytools -> config | io -> data -> models -> artifacts
         -> inference -> evaluation -> training -> demo, bench -> cli
 
 ``config`` and ``io`` are both foundations and import neither each other nor anything above.
@@ -24,6 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 LAYERS = {
     "errors": 0,
     "utils": 0,
+    "locks": 0,  # stdlib only: folder locks (run folders, --out)
     "raytools": 0,
     "config": 1,
     "io": 1,

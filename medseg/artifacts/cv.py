@@ -12,16 +12,34 @@ Layout::
                                      with test_cases.csv and test_groups.csv
     runs/<name>/cv_summary.json, report.md, report.html, plots/
 
-Training (:mod:`medseg.training.cv`) writes these folders; evaluation and inference read them
-through the functions here.
+Training (:mod:`medseg.training.cv`) writes these folders (opened by :func:`open_cv_run`, which
+holds the CV folder's lock: one process at a time trains a CV's folds); evaluation and inference
+read them through the functions here.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from medseg.artifacts.runs import RunDir
-from medseg.utils import read_json
+import yaml
+
+import medseg
+from medseg import locks
+from medseg.artifacts.runs import (
+    RunDir,
+    clear_folder,
+    default_run_name,
+    has_trained,
+    lock_run_folder,
+    run_opened,
+)
+from medseg.config import Config
+from medseg.config.loading import safe_load_bounded
+from medseg.errors import RunExistsError
+from medseg.utils import atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
 
 #: The file that makes a run folder a cross-validation folder: its fold models.
 ENSEMBLE_NAME = "ensemble.json"
@@ -51,3 +69,53 @@ def load_ensemble(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir)
     spec = read_json(root / ENSEMBLE_NAME)
     return [root / f["model"] for f in spec["folds"]]
+
+
+def cv_started(root: Path) -> bool:
+    """Has any fold of the CV in ``root`` finished an epoch (progress worth keeping)?"""
+    return (Path(root) / ENSEMBLE_NAME).is_file() or any(
+        has_trained(d) for d in Path(root).glob("fold_*")
+    )
+
+
+def open_cv_run(cfg: Config) -> Path:
+    """Create the CV run folder, or reopen it when its config is the same (resume), holding
+    its lock (released by :func:`medseg.artifacts.runs.run_scope`, with ``cv_started``).
+
+    Raises:
+        RunExistsError: the folder holds a CV of another config, or is not a CV folder, and
+            ``run.overwrite`` is not set.
+        FolderInUseError: another process is running this CV (:mod:`medseg.locks`).
+    """
+    name = cfg.run.name or default_run_name(cfg)
+    cfg.run.name = name
+    root = Path(cfg.run.root) / name
+    config_path = root / "config.yaml"
+    try:
+        if lock_run_folder(root) and cfg.run.overwrite:
+            logger.info("overwriting %s", root)
+            clear_folder(root)
+        if config_path.exists():
+            stored = safe_load_bounded(config_path.read_text(), str(config_path))
+            stored_hash = (
+                stored.get("medseg", {}).get("config_hash") if isinstance(stored, dict) else None
+            )
+            if stored_hash != cfg.hash():
+                raise RunExistsError(
+                    f"{root}: holds a cross-validation run of another config; pick another "
+                    "run.name or pass --overwrite"
+                )
+            logger.info("resuming cross-validation in %s", root)
+        elif any(p.name != locks.LOCK_NAME for p in root.iterdir()):
+            raise RunExistsError(f"{root}: folder exists and is not a cross-validation run")
+        else:
+            body = {
+                "medseg": {"version": medseg.__version__, "config_hash": cfg.hash(), "kind": "cv"},
+                **cfg.to_dict(),
+            }
+            atomic_write_text(config_path, yaml.safe_dump(body, sort_keys=False))
+    except BaseException:
+        locks.release(root)
+        raise
+    run_opened(root)
+    return root

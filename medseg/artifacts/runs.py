@@ -15,14 +15,23 @@ hash matches is resumed (the same command, run again); one with a different conf
 Resuming first removes the temporary files a killed process left (:func:`medseg.utils.
 remove_stale_temps`) and checks ``best.keras``/``last.keras`` against their recorded SHA-256
 (:mod:`medseg.models.loading`).
+
+One process at a time: :func:`create_run` (and :func:`medseg.artifacts.cv.open_cv_run`) take the
+folder's lock (:mod:`medseg.locks`, the file ``.medseg.lock``) before looking at it; a second
+process given the same run is refused with :class:`medseg.locks.FolderInUseError`. The training
+holds it inside :func:`run_scope`, which releases it at the end and, when the training stops
+before its first epoch (a missing ``data.root``, no samples, an interrupt), removes the run
+folder: nothing of it could be resumed, and the same ``--name`` is free again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +39,11 @@ import keras
 import yaml
 
 import medseg
+from medseg import locks
 from medseg.config import Config, config_from_dict
-from medseg.errors import ConfigError, ModelError, RunExistsError
+from medseg.config.loading import safe_load_bounded
+from medseg.errors import ConfigError, MedsegError, ModelError, RunExistsError
+from medseg.locks import LOCK_NAME
 from medseg.models.loading import load_keras_model, verify_checkpoint
 from medseg.utils import atomic_write_json, atomic_write_text, remove_stale_temps
 
@@ -108,7 +120,7 @@ class RunDir:
     def config(self) -> Config:
         """The resolved config stored in the run."""
         try:
-            raw = yaml.safe_load(self.config_path.read_text())
+            raw = safe_load_bounded(self.config_path.read_text(), str(self.config_path))
         except OSError:
             raise ConfigError(f"{self.config_path}: run has no config.yaml") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -134,7 +146,10 @@ def default_run_name(cfg: Config) -> str:
 
 
 def create_run(cfg: Config) -> tuple[RunDir, bool]:
-    """Create (or reopen, to resume) the run folder for ``cfg``.
+    """Create (or reopen, to resume) the run folder for ``cfg``, holding its lock.
+
+    Call it inside :func:`run_scope`, which releases the lock (and removes a run that stopped
+    before its first epoch).
 
     Returns:
         The run and whether an unfinished run of the same config is being resumed.
@@ -142,29 +157,16 @@ def create_run(cfg: Config) -> tuple[RunDir, bool]:
     Raises:
         RunExistsError: the folder holds a finished run, or a run of another config, and
             ``run.overwrite`` is not set.
+        FolderInUseError: another process is writing the run (:mod:`medseg.locks`).
     """
     name = cfg.run.name or default_run_name(cfg)
     cfg.run.name = name
     run = RunDir(Path(cfg.run.root) / name)
-    resumed = False
-    if run.path.exists():
-        state = run.state() or _state_from_config(run)
-        if cfg.run.overwrite:
-            logger.info("overwriting %s", run.path)
-            shutil.rmtree(run.path)
-        elif state.get("status") in UNFINISHED and state.get("config_hash") == cfg.hash():
-            logger.info("resuming unfinished run %s", run.path)
-            resumed = True
-            _check_for_resume(run)
-        elif state.get("status") in UNFINISHED:
-            raise RunExistsError(
-                f"{run.path}: an unfinished run with a different config is there; pick another "
-                "run.name or pass --overwrite"
-            )
-        else:
-            raise RunExistsError(
-                f"{run.path}: run folder exists; pick another run.name or pass --overwrite"
-            )
+    try:
+        resumed = _open_locked(cfg, run) if lock_run_folder(run.path) else False
+    except BaseException:
+        locks.release(run.path)
+        raise
     for d in (run.checkpoints, run.logs, run.plots):
         d.mkdir(parents=True, exist_ok=True)
     if resumed and not run.state():
@@ -176,14 +178,120 @@ def create_run(cfg: Config) -> tuple[RunDir, bool]:
         }
         atomic_write_text(run.config_path, yaml.safe_dump(body, sort_keys=False))
         run.set_state("running", cfg.hash())
+    run_opened(run.path)
     return run, resumed
+
+
+def _open_locked(cfg: Config, run: RunDir) -> bool:
+    """A folder that holds something, locked by this process: clear it (``run.overwrite``), or
+    resume it, or refuse it; returns whether the run is resumed."""
+    state = run.state() or _state_from_config(run)
+    if cfg.run.overwrite:
+        logger.info("overwriting %s", run.path)
+        clear_folder(run.path)
+        return False
+    if state.get("status") in UNFINISHED and state.get("config_hash") == cfg.hash():
+        logger.info("resuming unfinished run %s", run.path)
+        _check_for_resume(run)
+        return True
+    if state.get("status") in UNFINISHED:
+        raise RunExistsError(
+            f"{run.path}: an unfinished run with a different config is there; pick another "
+            "run.name or pass --overwrite"
+        )
+    raise RunExistsError(
+        f"{run.path}: run folder exists; pick another run.name or pass --overwrite"
+    )
+
+
+#: Run and CV folders this process has opened to train (see :func:`run_scope`).
+_OPENED: set[Path] = set()
+
+
+def lock_run_folder(path: Path) -> bool:
+    """Take this process's lock on a run or CV folder (creating the folder); returns whether
+    the folder holds anything besides the lock. Re-entrant (:func:`medseg.locks.hold`).
+
+    Raises:
+        FolderInUseError: another process holds the folder.
+        OutputError: the folder cannot be created.
+    """
+    locks.hold(path, "run folder")
+    return any(p.name != LOCK_NAME for p in Path(path).iterdir())
+
+
+def run_opened(path: Path) -> None:
+    """Record that this process opened ``path`` to train it (new, overwritten or resumed):
+    :func:`run_scope` may then remove it if the training stops before its first epoch."""
+    _OPENED.add(Path(path).resolve())
+
+
+def clear_folder(path: Path) -> None:
+    """Remove everything in ``path`` but its lock file (``run.overwrite``: the lock stays
+    held)."""
+    for p in Path(path).iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def has_trained(path: Path) -> bool:
+    """Has the run in ``path`` finished an epoch (a ``last.keras`` or a backup of one)?"""
+    run = RunDir(Path(path))
+    backup = run.checkpoints / "backup" / "training_metadata.json"
+    return run.last_model.is_file() or backup.is_file()
+
+
+@contextlib.contextmanager
+def run_scope(cfg: Config, started: Callable[[Path], bool] = has_trained) -> Iterator[None]:
+    """The scope of one training into the run folder ``cfg.run.root/cfg.run.name``.
+
+    On leaving it the run's lock is released. When the block raises (an error, Ctrl-C,
+    SIGTERM) and the run this process opened has not ``started`` (no epoch finished), the run
+    folder is removed: nothing in it could be resumed, and a rerun, with the cause fixed,
+    starts it afresh under the same name without ``--overwrite``.
+
+    Args:
+        cfg: the run's config; ``cfg.run.name`` may be set by :func:`create_run` inside.
+        started: whether a run folder holds progress worth keeping (default
+            :func:`has_trained`; a CV: whether any fold has).
+    """
+    discard = False
+    try:
+        yield
+    except BaseException:
+        path = Path(cfg.run.root) / cfg.run.name if cfg.run.name else None
+        opened = path is not None and path.resolve() in _OPENED
+        if opened and locks.held(path) is not None and not started(path):
+            logger.warning(
+                "%s: removed: the run stopped before its first epoch, so there is nothing to "
+                "resume; the same command starts it again",
+                path,
+            )
+            with contextlib.suppress(OSError):
+                clear_folder(path)
+                discard = True
+        raise
+    finally:
+        if cfg.run.name:
+            path = Path(cfg.run.root) / cfg.run.name
+            _OPENED.discard(path.resolve())
+            locks.release(path)
+            if discard:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
 
 def _state_from_config(run: RunDir) -> dict:
     """The state of a run killed after writing ``config.yaml`` and before ``state.json``."""
     try:
-        stored = yaml.safe_load(run.config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        stored = safe_load_bounded(run.config_path.read_text(), str(run.config_path)) or {}
+    except (OSError, ValueError, yaml.YAMLError, MedsegError):
+        return {}
+    if not isinstance(stored, dict):
         return {}
     config_hash = (stored.get("medseg") or {}).get("config_hash")
     return {"status": "running", "config_hash": config_hash} if config_hash else {}

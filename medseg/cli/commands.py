@@ -5,12 +5,58 @@ Each command takes the parsed arguments and returns the exit code (see :mod:`med
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _folder_to_claim(args) -> tuple[Path, str] | None:
+    """The folder a command writes that must be locked before it starts (its run folder or
+    ``--out``), and what it is; None when there is none to lock up front."""
+    if args.verb == "predict":
+        out = Path(args.out)
+        return None if out.exists() and not out.is_dir() else (out, "output folder")
+    if args.verb not in ("train", "cv"):
+        return None
+    if getattr(args, "workers", None) or "TF_CONFIG" in os.environ:
+        return None  # a cluster: only the chief writes the run folder (create_run locks it)
+    if getattr(args, "resume", None):
+        run = Path(args.resume)
+        return (run, "run folder") if run.is_dir() else None
+    if not args.name:  # a new name with a time stamp: nobody else writes it
+        return None
+    from medseg.config import load_config
+
+    cfg = load_config(args.config, _run_overrides(args))
+    return Path(cfg.run.root) / cfg.run.name, "run folder"
+
+
+@contextlib.contextmanager
+def claim_folders(args):
+    """Hold the lock (:mod:`medseg.locks`) of the folder the command writes, from before
+    TensorFlow starts until the command ends: a second process given the same run folder or
+    ``--out`` is refused within a second. The run's own code (``create_run``) takes the same
+    lock again, at no cost; ``predict`` is locked here only.
+
+    Raises:
+        FolderInUseError: another process holds the folder (exit 2).
+    """
+    claim = _folder_to_claim(args)
+    if claim is None:
+        yield
+        return
+    from medseg import locks
+
+    folder, what = claim
+    locks.hold(folder, what)
+    try:
+        yield
+    finally:
+        locks.release(folder)
 
 
 def _cmd_bench(args) -> int:
@@ -468,6 +514,7 @@ def _cmd_audit(args) -> int:
         threshold=6 if threshold is None else threshold,
         strict=args.strict,
         config=cfg,
+        min_size=args.min_size,
     )
     print(format_audit(report))
     if args.out:

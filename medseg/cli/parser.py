@@ -1,10 +1,33 @@
-"""The ``medseg`` argument parser: global flags and one subcommand per verb."""
+"""The ``medseg`` argument parser: global flags and one subcommand per verb.
+
+The global flags (``--debug``, ``--quiet``) are accepted anywhere: before the verb, after it and
+after a sub-verb (``medseg data audit X --debug``): every verb's parser is a :class:`VerbParser`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from medseg.cli.split_cmd import add_split_verb
+
+
+def _add_global_options(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", default=default, help="only warnings and errors"
+    )
+
+
+class VerbParser(argparse.ArgumentParser):
+    """The parser of a verb (and, through ``add_subparsers``, of its sub-verbs): it accepts the
+    global options too, without a default of its own, so that one given before the verb
+    stands."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _add_global_options(self, default=argparse.SUPPRESS)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -77,9 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medseg",
         description="Medical image segmentation and classification on TensorFlow/Keras.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _add_global_options(parser)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=VerbParser)
 
     _add_run_verbs(sub)
     _add_model_verbs(sub)
@@ -435,4 +457,11 @@ def _add_tool_verbs(sub) -> None:
         "--threshold", type=int, default=None, help="perceptual-hash distance of near-duplicates"
     )
     p.add_argument("--strict", action="store_true", help="fail on the first unusable file")
+    p.add_argument(
+        "--min-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="report images with fewer than N pixels along a side (default 16)",
+    )
     add_split_verb(data)

@@ -1,6 +1,14 @@
-"""Validation of a whole config: impossible values and combinations raise ConfigError."""
+"""Validation of a whole config: impossible values and combinations raise ConfigError.
+
+Messages quote the offending value through :func:`excerpt`: at most :data:`EXCERPT_CHARS`
+characters, then the value's type and length, so that a huge value (a long list, a YAML alias
+expansion) never becomes a huge error line.
+"""
 
 from __future__ import annotations
+
+import reprlib
+from typing import Any
 
 from medseg.config.sections import (
     DISTRIBUTE,
@@ -21,10 +29,42 @@ from medseg.config.sections import (
 )
 from medseg.errors import ConfigError
 
+#: The most characters of a value that an error message quotes.
+EXCERPT_CHARS = 200
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = EXCERPT_CHARS
+_REPR.maxlong = 60
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, with ``...`` and the value's type and
+    length when it was shortened; the work is bounded too (nested and long containers are
+    abbreviated, never expanded in full).
+
+    Example:
+        >>> excerpt(list(range(1000)))
+        '[0, 1, 2, 3, 4, 5, 6, 7, ...] (a list of 1,000 items)'
+    """
+    if isinstance(value, str | bytes):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... (a {type(value).__name__} of {len(value):,} characters)"
+    text = _REPR.repr(value)
+    shortened = "..." in text
+    if len(text) > limit:
+        text, shortened = text[:limit] + "...", True
+    if shortened and isinstance(value, list | tuple | dict | set):
+        kind = "mapping" if isinstance(value, dict) else type(value).__name__
+        unit = "keys" if isinstance(value, dict) else "items"
+        text += f" (a {kind} of {len(value):,} {unit})"
+    return text
+
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+        raise ConfigError(f"{key}: {excerpt(value)} is not one of {', '.join(choices)}")
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -55,12 +95,12 @@ def _check_data(cfg: Config) -> None:
     _check(
         len(d.window) == 2 and d.window[1] > 0,
         "data.window",
-        f"expected [centre, width] with width > 0, got {d.window}",
+        f"expected [centre, width] with width > 0, got {excerpt(d.window)}",
     )
     _check(
         len(d.image_size) == 2 and all(s >= 8 for s in d.image_size),
         "data.image_size",
-        f"expected [height, width], each >= 8, got {d.image_size}",
+        f"expected [height, width], each >= 8, got {excerpt(d.image_size)}",
     )
     if cfg.model.name == "unet3d":  # channels come from dataset.json (or the volumes)
         _check(d.channels >= 1, "data.channels", f"must be >= 1, got {d.channels}")
@@ -187,7 +227,7 @@ def _check_train(cfg: Config) -> None:
             and all(8 <= p <= s for p, s in zip(t.patch_size, d.image_size, strict=True)),
             "train.patch_size",
             f"expected [height, width], each >= 8 and at most data.image_size {d.image_size}, "
-            f"got {t.patch_size}",
+            f"got {excerpt(t.patch_size)}",
         )
         _check(
             d.task == "segmentation" and m.name == "unet",
@@ -198,7 +238,7 @@ def _check_train(cfg: Config) -> None:
         _check(
             all(p % 2**m.depth == 0 for p in t.patch_size),
             "train.patch_size",
-            f"{t.patch_size} must be divisible by 2**model.depth = {2**m.depth}",
+            f"{excerpt(t.patch_size)} must be divisible by 2**model.depth = {2**m.depth}",
         )
     _check_choice("train.monitor_mode", t.monitor_mode, MONITOR_MODES)
     _check(t.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1")
@@ -211,13 +251,13 @@ def _check_volume(cfg: Config) -> None:
     _check(
         not v.target_spacing or (len(v.target_spacing) == 3 and min(v.target_spacing) > 0),
         "volume.target_spacing",
-        f"expected [] or three spacings > 0 (mm), got {v.target_spacing}",
+        f"expected [] or three spacings > 0 (mm), got {excerpt(v.target_spacing)}",
     )
     _check(
         not v.intensity_clip
         or (len(v.intensity_clip) == 2 and v.intensity_clip[0] < v.intensity_clip[1]),
         "volume.intensity_clip",
-        f"expected [] or [low, high] with low < high, got {v.intensity_clip}",
+        f"expected [] or [low, high] with low < high, got {excerpt(v.intensity_clip)}",
     )
     _check(0.0 <= v.foreground_share <= 1.0, "volume.foreground_share", "must be in [0, 1]")
     _check(v.batches_per_epoch >= 1, "volume.batches_per_epoch", "must be >= 1")
@@ -229,12 +269,12 @@ def _check_volume(cfg: Config) -> None:
         _check(
             not patch or (len(patch) == 3 and min(patch) >= 8),
             "train.patch_size",
-            f"unet3d: expected [] or [depth, height, width], each >= 8, got {patch}",
+            f"unet3d: expected [] or [depth, height, width], each >= 8, got {excerpt(patch)}",
         )
         _check(
             all(p % 2**cfg.model.depth == 0 for p in patch),
             "train.patch_size",
-            f"{patch} must be divisible by 2**model.depth = {2**cfg.model.depth}",
+            f"{excerpt(patch)} must be divisible by 2**model.depth = {2**cfg.model.depth}",
         )
 
 
@@ -244,7 +284,7 @@ def _check_rest(cfg: Config) -> None:
     _check(
         all(1 <= k <= cfg.cv.folds for k in cfg.cv.only),
         "cv.only",
-        f"fold numbers must be in 1..{cfg.cv.folds}, got {cfg.cv.only}",
+        f"fold numbers must be in 1..{cfg.cv.folds}, got {excerpt(cfg.cv.only)}",
     )
     _check(cfg.export.tolerance > 0, "export.tolerance", "must be > 0")
     _check(
@@ -257,5 +297,5 @@ def _check_rest(cfg: Config) -> None:
     _check(
         "/" not in cfg.run.name and "\\" not in cfg.run.name and cfg.run.name not in (".", ".."),
         "run.name",
-        f"must be a plain folder name, got {cfg.run.name!r}",
+        f"must be a plain folder name, got {excerpt(cfg.run.name)}",
     )

@@ -11,28 +11,31 @@ completed epoch; nothing already finished is trained again.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-import medseg
-from medseg.artifacts.cv import CV_CHECKPOINT, ENSEMBLE_NAME, fold_dir, fold_done
-from medseg.artifacts.runs import RunDir, default_run_name, load_run_model
+from medseg.artifacts.cv import (
+    CV_CHECKPOINT,
+    ENSEMBLE_NAME,
+    cv_started,
+    fold_dir,
+    fold_done,
+    open_cv_run,
+)
+from medseg.artifacts.runs import RunDir, load_run_model, run_scope
 from medseg.config import Config
 from medseg.data.pipeline import load_arrays
 from medseg.data.scan import scan_from_config
 from medseg.data.split import load_manifest, make_kfold, select, write_manifest
-from medseg.errors import ConfigError, RunExistsError
+from medseg.errors import ConfigError
 from medseg.evaluation.evaluate import score, write_cases
 from medseg.evaluation.report3d import write_volumetric_report
 from medseg.models.ensemble import mean_probabilities
 from medseg.training.distributed import resolve_cluster
 from medseg.training.folds import run_fold
 from medseg.training.volumetric import is_volumetric
-from medseg.utils import atomic_write_json, atomic_write_text
+from medseg.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,32 +52,9 @@ class CVResult:
 
 
 def _open_cv_run(cfg: Config) -> Path:
-    """Create the CV run folder, or reopen it when its config is the same (resume)."""
-    name = cfg.run.name or default_run_name(cfg)
-    cfg.run.name = name
-    root = Path(cfg.run.root) / name
-    config_path = root / "config.yaml"
-    if root.exists() and cfg.run.overwrite:
-        logger.info("overwriting %s", root)
-        shutil.rmtree(root)
-    if config_path.exists():
-        stored = yaml.safe_load(config_path.read_text())
-        if stored.get("medseg", {}).get("config_hash") != cfg.hash():
-            raise RunExistsError(
-                f"{root}: holds a cross-validation run of another config; pick another "
-                "run.name or pass --overwrite"
-            )
-        logger.info("resuming cross-validation in %s", root)
-    elif root.exists() and any(root.iterdir()):
-        raise RunExistsError(f"{root}: folder exists and is not a cross-validation run")
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        body = {
-            "medseg": {"version": medseg.__version__, "config_hash": cfg.hash(), "kind": "cv"},
-            **cfg.to_dict(),
-        }
-        atomic_write_text(config_path, yaml.safe_dump(body, sort_keys=False))
-    return root
+    """Create the CV run folder, or reopen it when its config is the same (resume), holding its
+    lock (:func:`medseg.artifacts.cv.open_cv_run`)."""
+    return open_cv_run(cfg)
 
 
 def _cv_manifest(cfg: Config, root: Path) -> dict:
@@ -156,7 +136,13 @@ def run_cv(
             "TF_CONFIG: medseg cv does not train folds across several workers (that is medseg "
             "train's); unset TF_CONFIG, or run the folds on a Ray cluster with --executor ray"
         )
-    root = _open_cv_run(cfg)
+    # the CV folder's lock; a CV stopped before any fold trained an epoch is removed
+    with run_scope(cfg, started=cv_started):
+        return _run_cv(cfg, _open_cv_run(cfg), only, executor, address, callbacks, report)
+
+
+def _run_cv(cfg, root, only, executor, address, callbacks, report) -> CVResult:
+    """:func:`run_cv` in its open CV folder ``root``."""
     manifest = _cv_manifest(cfg, root)
     k = len(manifest["folds"])
     todo = only or cfg.cv.only or list(range(1, k + 1))

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medseg.artifacts.runs import RunDir, create_run, load_run_model, open_run
+from medseg.artifacts.runs import RunDir, create_run, load_run_model, open_run, run_scope
 from medseg.config import Config, TrainConfig, precision_policy
 from medseg.data.augment import build_augment
 from medseg.data.pipeline import (
@@ -186,9 +186,13 @@ def train(
     if is_volumetric(cfg):
         if placement.multiworker:
             raise ConfigError("TF_CONFIG: unet3d does not train across several workers yet")
-        return train_volumetric(cfg, callbacks, manifest=manifest, eval_checkpoint=eval_checkpoint)
+        with run_scope(cfg):  # the run's lock; a run stopped before its first epoch is removed
+            return train_volumetric(
+                cfg, callbacks, manifest=manifest, eval_checkpoint=eval_checkpoint
+            )
     if placement.is_chief:
-        return _train(cfg, placement, callbacks, manifest, eval_checkpoint)
+        with run_scope(cfg):
+            return _train(cfg, placement, callbacks, manifest, eval_checkpoint)
     # Other workers do the same work (saving can take part in collective ops) into a
     # temporary run folder, deleted at the end.
     chief_run = RunDir(Path(cfg.run.root) / (cfg.run.name or "<chief's run>"))
@@ -203,7 +207,8 @@ def train(
         scratch,
     )
     try:
-        result = _train(local, placement, callbacks, manifest, eval_checkpoint)
+        with run_scope(local):
+            result = _train(local, placement, callbacks, manifest, eval_checkpoint)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result.run = chief_run
