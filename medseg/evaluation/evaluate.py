@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import logging
 import time
 from pathlib import Path
@@ -36,7 +35,13 @@ from medseg.evaluation.plots import plot_confusion, plot_overlays, plot_roc
 from medseg.evaluation.stats import group_surface_means
 from medseg.models import build_model as _register_models  # noqa: F401  (custom objects)
 from medseg.models.metrics import confusion_counts, segmentation_report
-from medseg.utils import atomic_write_json, atomic_write_text, safe_name
+from medseg.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+    safe_name,
+    spreadsheet_unquote,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -295,19 +300,24 @@ def segmentation_row(sample_id: str, group: str, pred: np.ndarray, truth: np.nda
 
 
 def write_cases(path: Path, rows: list[dict], extra: dict | None = None) -> Path:
-    """Write per-case rows as CSV (atomically), with ``extra`` columns added to every row."""
+    """Write per-case rows as CSV (atomically), with ``extra`` columns added to every row.
+
+    Text cells go through :func:`medseg.utils.table_cell`: undecodable file-name bytes as
+    backslash escapes, and a leading single quote on text that a spreadsheet would read as a
+    formula (:func:`medseg.utils.spreadsheet_safe`); :func:`read_cases` removes the quote again.
+    """
     rows = [{**r, **(extra or {})} for r in rows]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["id"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    return atomic_write_text(path, csv_text(list(rows[0]) if rows else ["id"], rows))
 
 
 def read_cases(path: Path) -> list[dict]:
-    """Rows of a per-case CSV written by :func:`write_cases` (values as strings)."""
+    """Rows of a per-case CSV written by :func:`write_cases` (values as strings, without the
+    quote :func:`medseg.utils.spreadsheet_safe` put before formula-like text)."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [
+            {spreadsheet_unquote(k): spreadsheet_unquote(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 HEADLINE_KEYS = (

@@ -30,6 +30,7 @@ import yaml
 
 from medseg.artifacts.cv import fold_dir
 from medseg.artifacts.runs import RunDir
+from medseg.config.loading import safe_load_bounded
 from medseg.errors import DataError
 from medseg.utils import read_json
 
@@ -72,7 +73,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_bounded(path.read_text(), str(path))
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML ({e})") from None
     return data if isinstance(data, dict) else {}

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import DataError, RunExistsError
-from medseg.utils import atomic_write_json, read_json, remove_stale_temps
+from medseg.locks import LOCK_NAME
+from medseg.utils import atomic_write_json, output_error, read_json, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class Batch:
             batch.resuming = True
             batch.done = batch._rows()
             return batch
-        others = out.is_dir() and any(p.name != BATCH_STATE for p in out.iterdir())
+        ours = (BATCH_STATE, LOCK_NAME)  # the lock of this very process (medseg.locks)
+        others = out.is_dir() and any(p.name not in ours for p in out.iterdir())
         if others and not overwrite:
             raise RunExistsError(
                 f"{out}: output folder is not empty; pass --overwrite to write there"
@@ -150,7 +152,10 @@ class Batch:
     def start(self) -> None:
         """Create the output folder and record the batch (or, resuming, clean up after the
         killed process)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise (output_error(self.out, e) or e) from e
         if self.resuming:
             remove_stale_temps(self.out, recursive=False)
             remove_stale_temps(self.dir)

@@ -16,26 +16,49 @@ dataset and are skipped with a count in the log). In each folder:
 * a file whose DICOM header cannot be read, or a ``.dcm`` file that is not DICOM, is an error
   case: it gets a row with ``status`` ``error`` and the file in ``error``.
 
+Symbolic links among the inputs are followed, with a row each way (a case, or a refusal):
+
+* a link to a file is a case of its own (``source`` is the link's path), also when the file lies
+  outside the inputs (one log line counts those and names the first);
+* a link to a folder is walked like a folder (``source`` under the link's path), after the
+  inputs, with a log line naming the link, its target and whether it lies outside the inputs;
+* refused with an ``error`` row naming the link and the reason: a link loop (a link to itself,
+  or to a folder that holds it), a dangling link, and a link to a file or folder this batch
+  already reads by another path (not predicted twice) or into a medseg output folder.
+
+An input given by name is followed whatever it is. medseg's own prediction outputs (a folder with
+its ``predictions.json`` or an unfinished batch's ``.medseg-predict/``) are never inputs: such a
+folder is skipped with a log line (given by name, it is refused).
+
 Case ids are file-name safe and unique (``_2``, ``_3``, ... on a clash): the file name without
 its suffix for files; ``<folder>_<SeriesNumber>`` for a series (or ``<folder>_<8 hex digits of
 the SHA-256 of the SeriesInstanceUID>`` when the series has no number or shares it with another
-series of the folder). DICOM header values that identify the patient (PatientName, PatientID,
-birth and study dates, ...) are never used in names, tables or logs, unless ``keep_identifiers``
-asks for DICOM cases named after the PatientID (still file-name safe) and
-``patient_id``/``patient_name``/``study_date`` columns.
+series of the folder). Any byte sequence the file system allows is a file name: the id of a name
+that is not valid UTF-8 is its safe part and 8 hex digits of the SHA-256 of its bytes
+(``scan_\\xff\\xfe.png`` -> ``scan_ae440d68``), so that it is stable across reruns and two such
+names never share one; tables and logs show the name with backslash escapes
+(:func:`medseg.utils.display_text`).
+
+DICOM header values that identify the patient (PatientName, PatientID, birth and study dates,
+...) are never used in names, tables or logs, unless ``keep_identifiers`` asks for DICOM cases
+named after the PatientID (still file-name safe) and ``patient_id``/``patient_name``/
+``study_date`` columns.
 
 :class:`CaseReader` reads the cases one at a time (a series reads only its own files).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import DataError
+from medseg.inference.batch import BATCH_STATE
 from medseg.io import (
     IMAGE_SUFFIXES,
     DicomHeader,
@@ -48,7 +71,7 @@ from medseg.io import (
 )
 from medseg.io.base import raise_walk_error
 from medseg.io.dicom_series import NON_IMAGE_NAMES, NON_IMAGE_SUFFIXES
-from medseg.utils import safe_name
+from medseg.utils import display_text, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -92,26 +115,39 @@ def collect_cases(inputs: list[str | Path], *, keep_identifiers: bool = False) -
             case ids, tables and logs then hold no DICOM patient or study data.
 
     Raises:
-        DataError: an input does not exist, or a folder holds no supported file.
+        DataError: an input does not exist (or is a broken symbolic link), a folder holds no
+            supported file, or an input folder is a medseg prediction output.
     """
+    scan = _Scan(roots=[_real(Path(i)) for i in inputs])
     cases: list[Case] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found, masks = _walk(item)
-            if masks:
-                logger.info("%s: skipping %d mask files (*_mask.*)", item, masks)
-            if not found:
-                raise DataError(f"{item}: folder holds no image or DICOM files")
+            if _prediction_output(item):
+                raise DataError(
+                    f"{display_text(str(item))}: is a medseg prediction output folder "
+                    "(predictions.json); its masks and overlays are not inputs"
+                )
+            links = len(scan.links)
+            found = _walk(item, scan)
+            if scan.masks:
+                logger.info("%s: skipping %d mask files (*_mask.*)", _shown(item), scan.masks)
+                scan.masks = 0
+            if not found and len(scan.links) == links:
+                raise DataError(f"{display_text(str(item))}: folder holds no image or DICOM files")
             cases.extend(found)
         elif item.is_file():
             cases.append(Case(file_stem(item), str(item), "file", (item,)))
+        elif item.is_symlink():
+            raise DataError(_broken_link(item))
         else:
-            raise DataError(f"{item}: input not found")
+            raise DataError(f"{display_text(str(item))}: input not found")
+    cases.extend(_follow_folder_links(scan))
+    _check_file_links(cases, scan)
     if keep_identifiers:
         _name_after_patients(cases)
     seen: set[str] = set()
     for case in cases:
-        base = safe_name(case.case_id)
+        base = case_id_base(case.case_id)
         case_id, n = base, 1
         while case_id in seen:
             n += 1
@@ -121,15 +157,178 @@ def collect_cases(inputs: list[str | Path], *, keep_identifiers: bool = False) -
     return cases
 
 
-def _walk(root: Path) -> tuple[list[Case], int]:
+def case_id_base(name: str) -> str:
+    """The file-name safe id of a case named ``name`` (before clashes are numbered).
+
+    A name that is not valid UTF-8 (undecodable bytes kept as surrogate escapes) or holds
+    control characters gets 8 hex digits of the SHA-256 of its bytes after its safe part: stable
+    across reruns, and distinct for two names whose safe parts are the same.
+    """
+    base = safe_name(name)
+    if display_text(name) != name:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = name.encode("utf-8", "surrogatepass")
+        base = f"{safe_name(name, max_len=55)}_{hashlib.sha256(raw).hexdigest()[:8]}"
+    return base
+
+
+@dataclass
+class _Scan:
+    """What the walk over the inputs has seen (see :func:`collect_cases`)."""
+
+    roots: list[Path]  # the inputs, resolved
+    visited: set[Path] = field(default_factory=set)  # folders walked (resolved)
+    outputs: list[Path] = field(default_factory=list)  # medseg output folders (resolved)
+    links: list[Path] = field(default_factory=list)  # folder links still to follow
+    masks: int = 0
+
+
+def _real(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return path.absolute()
+
+
+def _shown(path: Path | str) -> str:
+    """A path as logs and messages show it (:func:`medseg.utils.display_text`)."""
+    return display_text(str(path))
+
+
+def _outside(target: Path, scan: _Scan) -> bool:
+    return not any(target == root or root in target.parents for root in scan.roots)
+
+
+def _broken_link(path: Path) -> str:
+    """Why the symbolic link ``path`` cannot be followed: a loop, or a missing target."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{_shown(path)}: symbolic link loop (the link points back to itself)"
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"{_shown(path)}: dangling symbolic link: its target {_shown(target)!r} does not exist"
+
+
+def _link_error(link: Path, message: str) -> Case:
+    """The ``error`` case (a row) of a symbolic link that is not followed."""
+    return Case(file_stem(link), str(link), "error", (link,), error=message)
+
+
+def _prediction_output(folder: Path, names: list[str] | None = None) -> bool:
+    """Whether ``folder`` is a medseg prediction output folder: it holds an unfinished batch's
+    :data:`~medseg.inference.batch.BATCH_STATE` folder, or the ``predictions.json`` that medseg
+    writes (a list of rows with ``case_id`` and ``status``)."""
+    if names is None:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return False
+    if BATCH_STATE in names:
+        return True
+    if "predictions.json" not in names:
+        return False
+    try:
+        rows = json.loads((folder / "predictions.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(
+        isinstance(r, dict) and "case_id" in r and "status" in r for r in rows
+    )
+
+
+def _walk(root: Path, scan: _Scan, followed: bool = False) -> list[Case]:
+    """The cases of the folder ``root`` and its sub-folders; folder links are queued in
+    ``scan.links`` (followed after the inputs), medseg's output folders skipped with a log line.
+    Walking a followed link (``followed``), folders already walked are not walked again."""
     cases: list[Case] = []
-    masks = 0
     for folder, dirs, files in os.walk(root, onerror=raise_walk_error):  # never skip silently
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found, n = _folder_cases(Path(folder), sorted(files))
+        here = Path(folder)
+        if _prediction_output(here, [*dirs, *files]):
+            logger.info("%s: a medseg prediction output folder; not read as input", _shown(here))
+            scan.outputs.append(_real(here))
+            dirs[:] = []
+            continue
+        scan.visited.add(_real(here))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            path = here / name
+            if path.is_symlink():
+                scan.links.append(path)
+            elif followed and _real(path) in scan.visited:
+                logger.info("%s: already read by another path; not read again", _shown(path))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        found, n = _folder_cases(here, sorted(files))
         cases.extend(found)
-        masks += n
-    return cases, masks
+        scan.masks += n
+    return cases
+
+
+def _follow_folder_links(scan: _Scan) -> list[Case]:
+    """Follow the folder links the walk queued (and those found in them): their cases, or an
+    ``error`` case for each link that is refused (see the module docstring)."""
+    cases: list[Case] = []
+    while scan.links:
+        link = scan.links.pop(0)
+        try:
+            target = link.resolve(strict=True)
+        except (OSError, RuntimeError):
+            cases.append(_link_error(link, _broken_link(link)))
+            continue
+        holder = _real(link.parent)
+        shown = f"{_shown(link)}: symbolic link to the folder {_shown(target)}"
+        if target == holder or target in holder.parents:
+            reason = "a link loop: the folder holds the link; not followed"
+        elif target in scan.visited:
+            reason = "which this batch already reads by another path; not predicted twice"
+        elif any(out == target or out in target.parents for out in scan.outputs):
+            reason = "inside a medseg prediction output folder; not an input"
+        else:
+            where = " (outside the inputs)" if _outside(target, scan) else ""
+            found = _walk(link, scan, followed=True)
+            logger.info("%s%s: followed, %d cases", shown, where, len(found))
+            cases.extend(found)
+            continue
+        cases.append(_link_error(link, f"{shown}, {reason}"))
+    return cases
+
+
+def _check_file_links(cases: list[Case], scan: _Scan) -> None:
+    """File links found in the folders: a link to a file that the batch already reads by
+    another path becomes an ``error`` case (not predicted twice); links to files outside the
+    inputs are followed, counted in one log line."""
+    linked = [c for c in cases if c.kind == "file" and c.paths[0].is_symlink()]
+    if not linked:
+        return
+    links = {id(c) for c in linked}
+    read = {_real(p) for c in cases if id(c) not in links for p in c.paths}
+    outside: list[Case] = []
+    for case in linked:
+        target = _real(case.paths[0])
+        if target in read:
+            case.kind = "error"
+            case.error = (
+                f"{_shown(case.source)}: symbolic link to {_shown(target)}, which this batch "
+                "already reads by another path; not predicted twice"
+            )
+            continue
+        read.add(target)
+        if _outside(target, scan):
+            outside.append(case)
+    if outside:
+        logger.info(
+            "%d symbolic links to files outside the inputs followed (e.g. %s -> %s)",
+            len(outside),
+            _shown(outside[0].source),
+            _shown(_real(outside[0].paths[0])),
+        )
 
 
 def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
@@ -148,6 +347,10 @@ def _folder_cases(folder: Path, names: list[str]) -> tuple[list[Case], int]:
         if file_stem(path).endswith("_mask"):
             masks += 1
             clean = False
+            continue
+        if path.is_symlink() and not path.exists():  # a loop or a dangling link: a row
+            clean = False
+            singles.append(_link_error(path, _broken_link(path)))
             continue
         dicom = suffix == ".dcm" or (suffix not in IMAGE_SUFFIXES and is_dicom(path))
         if not dicom:

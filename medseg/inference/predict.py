@@ -38,12 +38,19 @@ is continued by the same call: finished cases are recorded in ``<out>/.medseg-pr
 predicted again (:class:`~medseg.inference.batch.Batch`); a full disk stops the batch with an
 :class:`~medseg.errors.OutputError` naming the case folder, leaving no partial file.
 
+The output folder is checked before any work: it must not be an input folder, lie inside one or
+hold an input (:func:`medseg.utils.check_outside_inputs`), and it must be writable
+(:func:`medseg.utils.check_writable`: a read-only file system or a missing permission is an
+:class:`~medseg.errors.OutputError` naming the folder, exit 2 in the CLI; so is a write that
+fails for these reasons later).
+
 ``predictions.csv`` and ``predictions.json`` hold one row per case with ``status`` ``ok`` or
-``error`` and the error message: a case that fails (a :class:`~medseg.errors.MedsegError`, or any
-other exception, reported as ``<type>: <message>``) is reported, never dropped, and the batch goes
-on. Rows of segmentation cases carry ``foreground_pixels`` (voxels), ``foreground_fraction``,
-``foreground_mm2`` (2D, spacing known) or ``foreground_ml`` (volumes, spacing known) and, for
-volumes, ``slices_with_foreground``.
+``error`` and the error message (text as :func:`medseg.io.writers.write_tables` writes it: file
+names that are not UTF-8 with backslash escapes, formula-like CSV cells quoted): a case that
+fails (a :class:`~medseg.errors.MedsegError`, or any other exception, reported as ``<type>:
+<message>``) is reported, never dropped, and the batch goes on. Rows of segmentation cases carry
+``foreground_pixels`` (voxels), ``foreground_fraction``, ``foreground_mm2`` (2D, spacing known)
+or ``foreground_ml`` (volumes, spacing known) and, for volumes, ``slices_with_foreground``.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ import logging
 import time
 from pathlib import Path
 
-from medseg.errors import ConfigError, ModelError
+from medseg.errors import ConfigError, ModelError, OutputError
 from medseg.inference.batch import Batch, PredictResult, batch_signature, progress_bar
 from medseg.inference.case import Clock, Options, prepare_model, resolve_options, run_case
 from medseg.inference.cases import Case, CaseReader, collect_cases
@@ -62,6 +69,7 @@ from medseg.inference.predict3d import is_volumetric_model, predict_volumes
 from medseg.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
 from medseg.inference.ray_predict import predict_on_ray
 from medseg.io.writers import write_tables
+from medseg.utils import check_outside_inputs, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +102,8 @@ def predict(
     Args:
         model: export folder or run folder (or a loaded :class:`Predictor`).
         inputs: files and folders (see :func:`collect_cases`).
-        out_dir: output folder; must be new or empty unless ``overwrite``, or hold the
-            unfinished batch of the same call (model, inputs, options), which is continued.
+        out_dir: output folder, apart from the inputs; must be new or empty unless
+            ``overwrite``, or hold the unfinished batch of this call, which is continued.
         batch_size: images or volume slices per model call.
         overlays: write overlay PNGs.
         overwrite: allow writing into a non-empty ``out_dir`` (a case folder of the same id is
@@ -133,10 +141,11 @@ def predict(
     Raises:
         RunExistsError: ``out_dir`` is not empty (a finished batch, or an unfinished batch of
             another call) and ``overwrite`` is false.
-        OutputError: the output disk is full (the batch can be continued by the same call).
-        ConfigError: a bad ``batch_size``, ``threshold``, ``min_lesion_voxels`` or
-            ``executor``, ``executor="ray"`` without Ray installed, or ``ensemble_with`` with
-            ``mc_samples``, ``explain`` or ``executor="ray"``.
+        OutputError: ``out_dir`` is read-only or may not be written (checked before any work,
+            and at write time), or its disk is full (the same call continues the batch).
+        ConfigError: ``out_dir`` is, is inside or holds an input; a bad ``batch_size``,
+            ``threshold``, ``min_lesion_voxels`` or ``executor``, ``executor="ray"`` without
+            Ray installed, or ``ensemble_with`` with ``mc_samples``, ``explain`` or ``ray``.
         DataError: an input does not exist, or a folder holds no supported file, or the
             ``ensemble_with`` models' outputs differ from the model's.
         ModelError: the model cannot be loaded.
@@ -145,7 +154,7 @@ def predict(
         batch_size, overlays, threshold, largest_component, min_lesion_voxels, mc_samples, explain
     )
     opts = _checked(given, executor, ensemble_with)
-    out = Path(out_dir)
+    out = _checked_out(Path(out_dir), inputs)
     signature = batch_signature(model, inputs, _signed(opts, keep_identifiers, ensemble_with))
     batch = Batch.open(out, signature, overwrite)  # a finished batch needs overwrite
     cases = collect_cases(inputs, keep_identifiers=keep_identifiers)
@@ -168,6 +177,18 @@ def predict(
     if ensemble_with:
         predictor = EnsemblePredictor([predictor, *(Predictor(m) for m in ensemble_with)])
     return _predict_locally(predictor, cases, out, opts, batch, progress)
+
+
+def _checked_out(out: Path, inputs: list[str | Path]) -> Path:
+    """``out``, checked before any work: apart from the inputs, and writable.
+
+    Raises:
+        ConfigError: ``out`` is an input folder, lies inside one or holds an input.
+        OutputError: ``out`` is on a read-only file system or may not be written.
+    """
+    check_outside_inputs(out, list(inputs))  # outputs never mix with inputs
+    check_writable(out)  # one line now, not an OSError after the work
+    return out
 
 
 def _checked(given: Options, executor: str, ensemble_with) -> Options:
@@ -267,10 +288,14 @@ def _predict_locally(
         for case in cases:
             row = batch.done.get(case.case_id)  # finished before an interruption
             if row is None:
-                row = batch.commit(run_case(predictor, case, reader, out, opts, clock))
+                try:
+                    row = batch.commit(run_case(predictor, case, reader, out, opts, clock))
+                except OutputError:
+                    check_writable(out)  # a folder that became read-only: say so
+                    raise
             rows.append(row)
             bar.update(1)
-    write_tables(out, rows)
+    rows = write_tables(out, rows)
     batch.finish()
     result = PredictResult(out, rows, clock.slices, clock.seconds, time.perf_counter() - start)
     logger.info(

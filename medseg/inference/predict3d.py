@@ -24,13 +24,14 @@ from pathlib import Path
 import yaml
 
 from medseg.artifacts.exports import RUN_CONFIG, folder_kind, read_card
-from medseg.errors import DataError
+from medseg.errors import DataError, OutputError
 from medseg.inference.batch import Batch, PredictResult, progress_bar
 from medseg.inference.case import case_folder, write_volume_masks
 from medseg.inference.cases import Case, CaseReader
 from medseg.inference.postprocess import largest_component_per_label
 from medseg.inference.volumetric import VolumePredictor, structure_volumes_ml
 from medseg.io.writers import write_tables
+from medseg.utils import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,13 @@ def predict_volumes(
             row = batch.done.get(case.case_id)
             if row is None:
                 t0 = time.perf_counter()
-                row, slices, seconds = run_volume_case(
-                    predictor, case, reader, out, largest_component
-                )
+                try:
+                    row, slices, seconds = run_volume_case(
+                        predictor, case, reader, out, largest_component
+                    )
+                except OutputError:
+                    check_writable(out)  # a folder that became read-only: say so
+                    raise
                 n_slices, model_seconds = n_slices + slices, model_seconds + seconds
                 logger.info(
                     "%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0
@@ -136,7 +141,7 @@ def predict_volumes(
                 row = batch.commit(row)
             rows.append(row)
             bar.update(1)
-    write_tables(out, rows)
+    rows = write_tables(out, rows)
     batch.finish()
     result = PredictResult(out, rows, n_slices, model_seconds, time.perf_counter() - start)
     logger.info("predicted %d volumes (%d failed) -> %s", len(rows), result.n_failed, out)

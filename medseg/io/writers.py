@@ -23,8 +23,6 @@ inside the file: file names, tables and logs never do (unless ``--keep-identifie
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -35,7 +33,7 @@ from PIL import Image as PILImage
 
 import medseg
 from medseg.io import ImageMeta, write_nifti_like
-from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
+from medseg.utils import atomic_path, atomic_write_json, atomic_write_text, csv_text, display_row
 
 logger = logging.getLogger(__name__)
 
@@ -360,17 +358,26 @@ def _is_acquisition_equipment(item) -> bool:
     return any(code.get("CodeValue") == "109101" for code in purpose)  # DCM "Acquisition Equipment"
 
 
-def write_tables(out: str | Path, rows: list[dict]) -> None:
-    """Write ``predictions.csv`` (columns :data:`FIELDS`, then others) and ``predictions.json``."""
+def write_tables(out: str | Path, rows: list[dict]) -> list[dict]:
+    """Write ``predictions.csv`` (columns :data:`FIELDS`, then others) and ``predictions.json``.
+
+    Text is written as :func:`medseg.utils.display_text` shows it (a file name that is not valid
+    UTF-8 has its undecodable bytes as backslash escapes, ``scan_\\xff.png``), and the CSV's text
+    cells that a spreadsheet would read as a formula start with a single quote
+    (:func:`medseg.utils.spreadsheet_safe`; the JSON keeps them as they are).
+
+    Returns:
+        The rows as written (text through :func:`~medseg.utils.display_text`).
+
+    Raises:
+        OutputError: ``out`` cannot be written (full disk, read-only, no permission).
+    """
     out = Path(out)
+    rows = [display_row(r) for r in rows]
     fields = FIELDS + sorted({k for r in rows for k in r if k not in FIELDS})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(r)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_text(out / "predictions.csv", csv_text(fields, rows, extrasaction="ignore"))
     atomic_write_json(out / "predictions.json", rows)
+    return rows
 
 
 def _fits_uint8(labels: np.ndarray) -> bool:
