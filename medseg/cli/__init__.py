@@ -18,6 +18,7 @@ The global options ``--debug`` and ``--quiet`` go before or after the verb.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -106,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _internal_error(e: Exception, debug: bool) -> int:
     """Report an unexpected exception: a full disk is the user's (2), anything else a bug (3)."""
-    from medseg.utils import is_disk_full
+    from medseg.utils import display_text, is_disk_full
 
     if debug:
         traceback.print_exc()
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where = display_text(str(e.filename or "output"))  # outside medseg's writers
+        print(f"medseg: error: {where}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     if is_disk_full(e):  # a full disk outside medseg's own writers (TensorFlow, Keras)
         where = getattr(e, "filename", None) or "output"
         print(f"medseg: error: {where}: no space left on the output disk", file=sys.stderr)

@@ -485,14 +485,17 @@ def _cmd_predict(args) -> int:
         ray_workers=args.ray_workers,
         ensemble_with=args.ensemble_with,
     )
+    from medseg.utils import display_text
+
+    out = display_text(str(r.out_dir))
     print(
         f"{len(r.rows)} cases, {r.n_failed} failed, {r.n_slices} slices at "
         f"{r.end_to_end_slices_per_second:.1f} slices/s end to end "
-        f"({r.slices_per_second:.1f} in the model) -> {r.out_dir}/predictions.csv"
+        f"({r.slices_per_second:.1f} in the model) -> {out}/predictions.csv"
     )
     for row in r.rows:
         if row["status"] != "ok":
-            print(f"  failed: {row['case_id']}: {row['error']}", file=sys.stderr)
+            print(f"  failed: {row['case_id']}: {display_text(row['error'])}", file=sys.stderr)
     return EXIT_PARTIAL if r.n_failed else EXIT_OK
 
 

@@ -32,7 +32,7 @@ from medseg.artifacts.cv import fold_dir
 from medseg.artifacts.runs import RunDir
 from medseg.config.loading import safe_load_bounded
 from medseg.errors import DataError
-from medseg.utils import read_json
+from medseg.utils import read_json, spreadsheet_unquote
 
 SEG_COLUMNS = ("id", "group", "fold", "tp", "fp", "fn", "true_pixels", "pred_pixels")
 CLS_COLUMNS = ("id", "group", "fold", "target", "pred")
@@ -130,7 +130,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+            rows = [{k: spreadsheet_unquote(v) for k, v in r.items()} for r in reader]
+            return list(reader.fieldnames or []), rows
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
 

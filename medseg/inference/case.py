@@ -361,8 +361,8 @@ def case_folder(case: Case, out: Path, row: dict) -> Iterator[Path]:
     try:
         yield tmp_dir
         commit_case_dir(tmp_dir, out / case.case_id)
-    except OutputError as e:
-        raise disk_full_error(out / case.case_id) from e
+    except OutputError as e:  # read-only or forbidden: its own message; a full disk: ours
+        raise (disk_full_error(out / case.case_id) if is_disk_full(e.__cause__) else e) from e
     except MedsegError as e:
         message = " ".join(str(e).split())  # one line
         if case.source not in message:  # a failed case's row always names its source

@@ -24,12 +24,14 @@ from pathlib import Path
 import yaml
 
 from medseg.artifacts.exports import RUN_CONFIG, folder_kind, read_card
-from medseg.errors import DataError, OutputError
+from medseg.config.loading import safe_load_bounded
+from medseg.errors import ConfigError, DataError, OutputError
 from medseg.inference.batch import Batch, PredictResult, progress_bar
 from medseg.inference.case import case_folder, write_volume_masks
 from medseg.inference.cases import Case, CaseReader
 from medseg.inference.postprocess import largest_component_per_label
 from medseg.inference.volumetric import VolumePredictor, structure_volumes_ml
+from medseg.io.base import check_channels, small_image_problem
 from medseg.io.writers import write_tables
 from medseg.utils import check_writable
 
@@ -47,8 +49,8 @@ def is_volumetric_model(path: str | Path) -> bool:
     if kind == "export":
         return int(read_card(path).get("dims", 2)) == 3
     try:
-        config = yaml.safe_load((Path(path) / RUN_CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        config = safe_load_bounded((Path(path) / RUN_CONFIG).read_text(), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return False  # not readable: the loader of the run says what is wrong with it
     model = config.get("model") if isinstance(config, dict) else None
     return isinstance(model, dict) and model.get("name") == "unet3d"
@@ -65,6 +67,10 @@ def _predict_volume(
     image = reader.read(case)
     if not image.is_volume:
         raise DataError(f"{case.source}: a 3D model needs a volume, got a 2D image")
+    check_channels(image, predictor.channels, predictor.channel_names, source=case.source)
+    problem = small_image_problem(image, source=case.source, volume=True)
+    if problem:
+        logger.warning("%s", problem)
     spacing = image.meta.spacing
     if spacing is None:
         raise DataError(f"{case.source}: the volume has no voxel spacing; a 3D model needs it")
