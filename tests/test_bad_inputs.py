@@ -7,7 +7,8 @@ The cases are listed once, in :data:`CASES`. Each names a file or folder of the 
 error type and a pattern of its message, and which CLI run covers it (``cli``):
 
 * ``predict``: one ``medseg predict`` over every reader case (and a few valid edge cases): the
-  batch goes on, exit 1, one failed row and one ``failed:`` line per bad file;
+  batch goes on, exit 1, one failed row and one ``failed:`` line per bad file, nothing written
+  outside ``--out``;
 * ``audit``: ``medseg data audit <dataset> --layout L --strict`` per scanner case: exit 2;
 * ``config``: ``medseg data audit <config.yaml>`` per config case (loads and validates the whole
   config, no TensorFlow): exit 2; two of them also through ``medseg train -c``;
@@ -16,8 +17,15 @@ error type and a pattern of its message, and which CLI run covers it (``cli``):
 * ``evaluate`` / ``predict-model``: one ``medseg evaluate RUN`` or ``medseg predict --model M``
   per model case: exit 2;
 * ``predict-input``: ``medseg predict`` over an input folder that cannot be read: exit 2;
+* ``predict-out``: ``medseg predict`` with ``--out`` the input folder or inside it: exit 2,
+  nothing written;
+* ``train``: ``medseg train --set data.root=<missing>``: exit 2 and no run folder left behind;
 * ``predict-split``: a folder with two DICOM series, refused by ``read_image`` (one series per
   folder) but split into its two series by ``predict`` (exit 0 for them, by design).
+
+Valid inputs from the wild that must be handled, not refused (file names that are not UTF-8 or
+that a spreadsheet would run, a 3x3-pixel image, a JPEG whose compressed data is garbled), are
+listed in :data:`HANDLED`, each with the exit code and the text its CLI run must give.
 
 CLI errors are checked to be exactly one ``medseg: error:`` line naming the file; library errors
 to be one line too. The CLI runs in the test process (``tests.conftest.run_cli``). The unreadable
@@ -33,6 +41,7 @@ import errno
 import importlib.util
 import os
 import re
+import tempfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +52,7 @@ import pytest
 from medseg.config import DataConfig, load_config
 from medseg.errors import ConfigError, DataError, MedsegError, ModelError
 from medseg.io import list_image_files, read_image, read_mask
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, TINY_UNET, run_cli
 
 MAKE_CORPUS = REPO / "tests" / "data" / "bad" / "make_corpus.py"
 #: Root reads files whatever their permissions: the unreadable cases are then emulated.
@@ -60,8 +69,11 @@ class Case:
         call: how the library meets it: ``image`` (read_image), ``mask`` (read_mask), ``scan``
             (scan_dataset, non-strict and strict), ``pipeline`` (load_samples of the dataset
             sample whose image is ``path``), ``config`` (load_config), ``config_data``
-            (load_config, then scan_from_config), ``evaluate``, ``predictor`` or ``cases``
-            (predict's collect_cases).
+            (load_config, then scan_from_config), ``evaluate``, ``predictor``, ``cases``
+            (predict's collect_cases), ``case_row`` (the ``error`` case collect_cases makes of
+            ``path`` in its folder), ``model_input`` (read_image, then check_model_input for a
+            1-channel model), ``train`` (train with ``data.root`` = ``path``) or ``out``
+            (predict with ``--out`` = ``path``, inside or equal to an input folder).
         error: the exact medseg error type.
         match: regular expression the message must hold.
         cli: which CLI run covers it (see the module docstring).
@@ -137,9 +149,46 @@ CASES: list[Case] = [
     _reader("nifti_garbage", "files/nifti_garbage.nii", "not a readable NIfTI file"),
     _reader("nifti_singular_affine", "files/nifti_singular_affine.nii", "affine is singular"),
     _reader("nifti_nan_affine", "files/nifti_nan_affine.nii", "affine holds NaN"),
+    # ------------------------------------------------------------------ readers: 4D volumes
+    # Volumes along a 4th dimension are a model's channels only when it takes and names as many;
+    # a 1-channel model refuses them (before issue 30, 3 volumes were read as RGB).
+    *[
+        Case(case_id, path, "model_input", DataError, re.escape(text), "predict")
+        for case_id, path, text in [
+            (
+                "nifti_4d_3_volumes_for_a_1_channel_model",
+                "files/nifti_4d_3vol.nii.gz",
+                "4D volume of shape (64, 64, 8, 3): 3 volumes along the 4th dimension, but the "
+                "model takes 1 channel",
+            ),
+            (
+                "nifti_4d_2_volumes_for_a_1_channel_model",
+                "files/nifti_4d_2vol.nii",
+                "4D volume of shape (32, 32, 4, 2): 2 volumes along the 4th dimension",
+            ),
+            (
+                "dicom_series_of_b_values_for_a_1_channel_model",
+                "series/dwi_bvalues",
+                "acquisitions by DiffusionBValue 0, 500, 1000), but the model takes 1 channel",
+            ),
+            (
+                "enhanced_multiframe_time_points_for_a_1_channel_model",
+                "files/enhanced_4d.dcm",
+                "TemporalPositionIndex 1, 2, 3), but the model takes 1 channel",
+            ),
+        ]
+    ],
     # ------------------------------------------------------------------ readers: file system
     _reader("symlink_loop", "links/symlink_loop.png", "symbolic link loop"),
     _reader("dangling_symlink", "links/dangling_link.png", "dangling symbolic link"),
+    Case(
+        "folder_symlink_loop",
+        "links/folder_loop",
+        "case_row",
+        DataError,
+        "a link loop: the folder holds the link",
+        "predict",
+    ),
     _reader(
         "unreadable_permissions",
         "files/unreadable.png",
@@ -359,6 +408,10 @@ CASES: list[Case] = [
             ("image_size_too_small", "data.image_size", ">= 8"),
             ("task_layout_mismatch", "data.layout", "classification needs 'class_folders'"),
             ("not_utf8", "not_utf8.yaml", "not UTF-8 text"),
+            ("alias_bomb", "alias_bomb.yaml", "the YAML expands to more than 100,000 values"),
+            ("recursive_alias", "recursive_alias.yaml", "holds an alias to itself"),
+            ("deep", "deep.yaml", "the YAML is nested too deeply"),
+            ("long_list", "data.image_size", r"\(a list of 20,000 items\)$"),
         ]
     ],
     Case(
@@ -369,6 +422,32 @@ CASES: list[Case] = [
         "dataset folder not found",
         "config",
         names="no/such/dataset",
+    ),
+    Case(
+        "train_missing_data_root",
+        "datasets/no_such_root",
+        "train",
+        DataError,
+        "dataset folder not found",
+        "train",
+    ),
+    # ------------------------------------------------------------------ predict outputs
+    Case(
+        "out_is_the_input_folder",
+        "out_inputs",
+        "out",
+        ConfigError,
+        "the output folder is the input folder .*choose an output folder outside the inputs",
+        "predict-out",
+    ),
+    Case(
+        "out_inside_the_input_folder",
+        "out_inputs/preds",
+        "out",
+        ConfigError,
+        "the output folder lies inside the input folder",
+        "predict-out",
+        names="out_inputs/preds",
     ),
     # ------------------------------------------------------------------ models
     Case(
@@ -480,8 +559,91 @@ CLI_GROUPS = {
     "evaluate",
     "predict-model",
     "predict-input",
+    "predict-out",
+    "train",
 }
 MODEL_CALLS = ("evaluate", "predictor")
+#: Configs whose value is huge (once expanded, or as written): their errors quote a bounded
+#: excerpt, so the whole line stays under MAX_CONFIG_ERROR characters.
+HUGE_CONFIGS = {"config_alias_bomb", "config_recursive_alias", "config_deep", "config_long_list"}
+MAX_CONFIG_ERROR = 400
+
+
+@dataclass(frozen=True)
+class Handled:
+    """A valid input from the wild that medseg must handle, not refuse.
+
+    Attributes:
+        id: test id.
+        path: file, relative to the corpus root (``os.fsdecode`` of its bytes).
+        cli: which CLI run covers it: ``predict-handled`` (one ``medseg predict`` from the
+            ``names`` folder over ``.`` and ``files/tiny.dcm``: exit 0, a row per file) or
+            ``audit-handled`` (``medseg data audit`` of the dataset holding ``path``: exit 0, the
+            file listed among the problems).
+        code: the exit code of that run.
+        text: what the run must give: the ``source`` cell of the file's row (``source``),
+            a warning line naming the file (``warning``), or the audit problem (``problem``).
+        check: which of these ``text`` is.
+    """
+
+    id: str
+    path: str
+    cli: str
+    code: int
+    text: str
+    check: str
+
+
+HANDLED: list[Handled] = [
+    Handled(
+        "name_not_utf8",
+        os.fsdecode(b"names/scan_\xff\xfe.png"),
+        "predict-handled",
+        0,
+        r"scan_\xff\xfe.png",  # escaped
+        "source",
+    ),
+    Handled(
+        "name_a_formula",
+        "names/=cmd|' -C calc'!A0.png",
+        "predict-handled",
+        0,
+        "'=cmd|' -C calc'!A0.png",  # a spreadsheet shows it as text
+        "source",
+    ),
+    Handled(
+        "name_a_hyperlink_formula",
+        'names/=HYPERLINK("x").png',
+        "predict-handled",
+        0,
+        '\'=HYPERLINK("x").png',
+        "source",
+    ),
+    Handled(
+        "dicom_3x3_pixels_predicted_with_a_warning",
+        "files/tiny.dcm",
+        "predict-handled",
+        0,
+        "image of 3x3 pixels is smaller than 16 pixels",
+        "warning",
+    ),
+    Handled(
+        "dicom_3x3_pixels_listed_by_audit",
+        "datasets/jpeg_garbled/b/tiny.dcm",
+        "audit-handled",
+        0,
+        "image is 3x3 pixels, smaller than the minimum 16",
+        "problem",
+    ),
+    Handled(
+        "jpeg_garbled_listed_unreadable_by_audit",
+        "datasets/jpeg_garbled/a/garbled.jpg",
+        "audit-handled",
+        0,
+        "JPEG data is corrupt (restart marker",
+        "problem",
+    ),
+]
 
 
 def _load_make_corpus():
@@ -599,6 +761,54 @@ def _collect_cases(case: Case, path: Path) -> MedsegError:
     return _raised(collect_cases, [path])
 
 
+def _case_row(case: Case, path: Path) -> MedsegError:
+    """The ``error`` case collect_cases makes of ``path`` when it walks the folder holding it
+    (a row of predict's table, not an exception: the batch goes on)."""
+    from medseg.inference.cases import collect_cases
+
+    [row] = [c for c in collect_cases([path.parent]) if c.source == str(path)]
+    assert row.kind == "error", row
+    return DataError(row.error)
+
+
+def _one_channel_model():
+    """What check_model_input reads of a 1-channel 2D model (as run_good's)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(channels=1, card={"input": {"channels": 1}})
+
+
+def _model_input(case: Case, path: Path) -> MedsegError:
+    from medseg.inference.case import check_model_input
+
+    image = read_image(path)  # read: the volumes are kept along the 4th dimension ...
+    error = _raised(check_model_input, _one_channel_model(), image, str(path))
+    again = _raised(read_image, path, channels=1)  # ... and refused when read for 1 channel
+    assert str(again) == str(error), (str(again), str(error))
+    return error
+
+
+def _train(case: Case, path: Path) -> MedsegError:
+    from medseg.training.train import train
+
+    with tempfile.TemporaryDirectory() as runs:
+        sets = [*TINY_UNET, f"data.root={path}", f"run.root={runs}", "run.name=x"]
+        error = _raised(train, load_config(None, sets))
+        assert not (Path(runs) / "x").exists(), "a run failed before its first epoch is kept"
+    return error
+
+
+def _out(case: Case, path: Path) -> MedsegError:
+    from medseg.inference.predict import predict
+    from tests.inference.test_predict import IntensityModel
+
+    inputs = path if path.is_dir() else path.parent
+    before = sorted(inputs.rglob("*"))
+    error = _raised(predict, IntensityModel(), [inputs], path, overwrite=True, progress=False)
+    assert sorted(inputs.rglob("*")) == before, "written into the input folder"
+    return error
+
+
 LIBRARY = {
     "image": lambda case, path: _raised(read_image, path),
     "mask": lambda case, path: _raised(read_mask, path),
@@ -609,6 +819,10 @@ LIBRARY = {
     "evaluate": _evaluate,
     "predictor": _predictor,
     "cases": _collect_cases,
+    "case_row": _case_row,
+    "model_input": _model_input,
+    "train": _train,
+    "out": _out,
 }
 
 
@@ -622,6 +836,8 @@ def test_corpus_has_enough_distinct_cases() -> None:
     assert len([c for c in CASES if c.cli != "predict-split"]) >= 30  # refused, not handled
     assert {c.call for c in CASES} <= set(LIBRARY)
     assert {c.cli for c in CASES} <= CLI_GROUPS
+    assert len({h.id for h in HANDLED} | set(ids)) == len(HANDLED) + len(ids)
+    assert {h.cli for h in HANDLED} <= {"predict-handled", "audit-handled"}
 
 
 def test_corpus_is_deterministic(corpus, tmp_path) -> None:
@@ -657,6 +873,8 @@ def test_library_refuses_bad_input(case: Case, corpus: Path, monkeypatch) -> Non
     assert "\n" not in message, "an error message must be one line"
     if case.call == "config":
         assert Path(case.path).name in message, "config errors name the file"
+    if case.id in HUGE_CONFIGS:
+        assert len(message) < MAX_CONFIG_ERROR, f"{len(message)} characters"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.call in MODEL_CALLS], ids=lambda c: c.id)
@@ -676,6 +894,33 @@ def test_valid_edge_cases_are_read_not_refused(corpus: Path) -> None:
     assert rgba.array.shape == (32, 32, 3) and rgba.meta.extra["alpha_dropped"]
     images = read_image(corpus / "series" / "missing_slice", allow_gaps=True)
     assert images.array.shape[0] == 4 and images.meta.extra["slice_gaps"]
+
+
+@pytest.mark.parametrize("case", HANDLED, ids=lambda h: h.id)
+def test_library_handles_wild_input(case: Handled, corpus: Path, caplog) -> None:
+    path = corpus / case.path
+    if case.cli == "audit-handled":
+        from medseg.data.audit import audit
+
+        root = path.parents[1]
+        report = audit(root, "class_folders", workers=1)
+        rel = path.relative_to(root).as_posix()
+        [problem] = [p for p in report["problems"] if p.startswith(f"{rel}: ")]
+        assert case.text in problem, problem
+        assert report["n_images"] == 6 and report["n_readable"] == 5  # the JPEG is unreadable
+        return
+    from medseg.inference.case import check_model_input
+    from medseg.inference.cases import collect_cases
+
+    [found] = [c for c in collect_cases([path.parent]) if c.source == str(path)]
+    assert found.kind == "file", found  # a case, not a refusal
+    with caplog.at_level("WARNING", logger="medseg.inference.case"):
+        check_model_input(_one_channel_model(), read_image(path), str(path))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if case.check == "warning":
+        assert [w for w in warnings if str(path) in w and case.text in w], warnings
+    else:
+        assert not warnings, warnings
 
 
 def test_pipeline_lists_every_unusable_sample_and_keeps_the_rest(corpus: Path) -> None:
@@ -708,6 +953,15 @@ def test_folder_symlink_loops_end(corpus: Path) -> None:
 # ----------------------------------------------------------------------------- through the CLI
 
 
+def _listing(root: Path) -> list[tuple[str, int, int]]:
+    """Every path under ``root`` with its size and modification time (links not followed)."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        found.append((str(path), st.st_size, st.st_mtime_ns))
+    return found
+
+
 def _one_error_line(proc, named: str, match: str) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("medseg: error:")]
@@ -724,6 +978,7 @@ def test_cli_predict_reports_each_bad_file_as_a_failed_case(corpus_models: Path,
     valid = [corpus / "files" / "grey16.png", corpus / "files" / "rgba.png"]
     mixed = corpus / "series" / "mixed"
     inputs = sorted(inputs | {str(p) for p in [*valid, mixed]})
+    before = _listing(corpus)
     proc = run_cli(
         "predict",
         "--model",
@@ -754,6 +1009,7 @@ def test_cli_predict_reports_each_bad_file_as_a_failed_case(corpus_models: Path,
     # A folder with two series: predict splits it into its series (read_image refuses it).
     assert [r["status"] for r in by_source[str(mixed)]] == ["ok", "ok"]
     assert len(failed_lines) == len(cases)
+    assert _listing(corpus) == before, "written outside --out"
 
 
 @pytest.mark.slow
@@ -792,19 +1048,31 @@ def test_cli_strict_audit_refuses_bad_datasets(
 def test_cli_refuses_bad_configs(case: Case, corpus: Path, tmp_path) -> None:
     proc = run_cli("data", "audit", str(corpus / case.path), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    _one_error_line(proc, case.named, case.match)
+    line = _one_error_line(proc, case.named, case.match)
+    if case.id in HUGE_CONFIGS:
+        assert len(line) < len("medseg: error: ") + MAX_CONFIG_ERROR, f"{len(line)} characters"
     assert "medseg-corpus-was-executed" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
 def test_cli_train_refuses_bad_configs(corpus: Path, tmp_path) -> None:
-    for name in ("python_tag",):  # the others are the same code path
+    for name in ("python_tag", "alias_bomb"):  # the others are the same code path
         [case] = [c for c in CASES if c.id == f"config_{name}"]
         proc = run_cli("train", "-c", str(corpus / case.path), cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         _one_error_line(proc, case.named, case.match)
         assert "medseg-corpus-was-executed" not in proc.stdout + proc.stderr
         assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _cases("train"), ids=lambda c: c.id)
+def test_cli_train_with_a_bad_data_root_leaves_no_run(case: Case, corpus: Path, tmp_path) -> None:
+    path = corpus / case.path
+    proc = run_cli("train", "--set", f"data.root={path}", "--name", "x", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc, case.named, case.match)
+    assert not (tmp_path / "runs" / "x").exists()  # the name is free: the same command reruns
 
 
 @pytest.mark.slow
@@ -848,7 +1116,7 @@ def test_cli_strict_evaluate_stops_at_the_first_unusable_sample(corpus_models, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", _cases("evaluate", "predict-model", "predict-input"), ids=lambda c: c.id
+    "case", _cases("evaluate", "predict-model", "predict-input", "predict-out"), ids=lambda c: c.id
 )
 def test_cli_refuses_bad_models_and_inputs(
     case: Case, corpus_models: Path, tmp_path, monkeypatch
@@ -861,9 +1129,74 @@ def test_cli_refuses_bad_models_and_inputs(
     elif case.cli == "predict-input":
         model = corpus_models / "models" / "run_good"
         args = ["predict", "--model", str(model), str(path), "--out", "preds", "--no-progress"]
+    elif case.cli == "predict-out":
+        model = corpus_models / "models" / "run_good"
+        inputs = path if path.is_dir() else path.parent
+        args = ["predict", "--model", str(model), str(inputs), "--out", str(path)]
+        args += ["--overwrite", "--no-progress"]
+        before = _listing(inputs)
     else:
         image = corpus_models / "files" / "valid.png"
         args = ["predict", "--model", str(path), str(image), "--out", "preds", "--no-progress"]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     _one_error_line(proc, case.named, case.match)
+    if case.cli == "predict-out":
+        assert _listing(inputs) == before, "written into the input folder"
+
+
+@pytest.mark.slow
+def test_cli_predict_handles_wild_inputs(corpus_models: Path, tmp_path) -> None:
+    """Run from the ``names`` folder over ``.``: the sources are the bare file names, as a
+    spreadsheet would show them (a formula must not start the cell)."""
+    corpus = corpus_models
+    cases = [h for h in HANDLED if h.cli == "predict-handled"]
+    tiny = [str(corpus / h.path) for h in cases if not h.path.startswith("names/")]
+    before = _listing(corpus)
+    proc = run_cli(
+        "predict",
+        "--model",
+        str(corpus / "models" / "run_good"),
+        ".",
+        *tiny,
+        "--out",
+        str(tmp_path / "preds"),
+        "--no-overlays",
+        "--no-progress",
+        cwd=corpus / "names",
+    )
+    assert {proc.returncode} == {h.code for h in cases}, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    with open(tmp_path / "preds" / "predictions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(cases) and {r["status"] for r in rows} == {"ok"}
+    assert len({r["case_id"] for r in rows}) == len(rows)
+    sources = {r["source"] for r in rows}
+    for case in cases:
+        if case.check == "source":
+            assert case.text in sources, (case.id, sources)
+        else:
+            lines = [ln for ln in proc.stderr.splitlines() if str(corpus / case.path) in ln]
+            assert any(case.text in ln for ln in lines), (case.id, proc.stderr)
+            assert str(corpus / case.path) in sources
+    assert not any(re.match(r"[=+\-@\t\r]", cell) for r in rows for cell in r.values())
+    assert _listing(corpus) == before, "written outside --out"
+
+
+@pytest.mark.slow
+def test_cli_audit_lists_wild_images(corpus: Path, tmp_path) -> None:
+    import json
+
+    cases = [h for h in HANDLED if h.cli == "audit-handled"]
+    [root] = {(corpus / h.path).parents[1] for h in cases}
+    proc = run_cli(
+        "data", "audit", str(root), "--layout", "class_folders", "--out", "out", cwd=tmp_path
+    )
+    assert {proc.returncode} == {h.code for h in cases}, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert report["n_images"] == 6 and report["n_readable"] == 5
+    for case in cases:
+        rel = (corpus / case.path).relative_to(root).as_posix()
+        assert [p for p in report["problems"] if p.startswith(rel) and case.text in p], case.id
+        assert f"{rel}: {case.text}" in proc.stdout  # the printed report lists it too

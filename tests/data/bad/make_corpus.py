@@ -13,12 +13,15 @@ Usage::
 Layout of ``OUT`` (``tests/test_bad_inputs.py`` lists what each case must give)::
 
     files/      single image files for read_image / read_mask / predict
-    links/      a looping and a dangling symbolic link (walked as a folder by predict)
+    links/      a looping and a dangling symbolic link and a folder link back up (walked as a
+                folder by predict)
     inputs_unreadable/  a predict input folder whose sub-folder may not be listed
     series/     DICOM series folders (missing slice, duplicated position, two series, sizes)
     datasets/   dataset folders for the scanners and the data pipeline (one problem each, plus
                 ``pairs_good`` and ``pairs_bad``/``nifti_bad`` where every sample is bad)
-    configs/    the committed YAML cases plus a non-UTF-8 one
+    configs/    the committed YAML cases plus a non-UTF-8 one, a deeply nested and a long one
+    names/      valid images named as no file should be: bytes that are not UTF-8, formulas
+    out_inputs/ a predict input folder (``--out`` must not be it or lie inside it)
     models/     (``--models``) run folders and SavedModels that must be refused
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import io
 import json
 import os
 import shutil
@@ -38,7 +42,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 HERE = Path(__file__).resolve().parent
@@ -104,6 +110,11 @@ def _palette_without_lut(ds: pydicom.Dataset) -> None:
     ds.PhotometricInterpretation = "PALETTE COLOR"
 
 
+def _tiny(ds: pydicom.Dataset) -> None:
+    ds.Rows = ds.Columns = 3
+    ds.PixelData = np.arange(9, dtype=np.int16).tobytes()
+
+
 def _series(
     folder: Path,
     positions: list[float],
@@ -141,6 +152,39 @@ def _series(
     return paths
 
 
+def _enhanced(path: Path, times: int, slices: int) -> Path:
+    """A multi-frame MR object: ``times`` time points of ``slices`` 8x8 slices each."""
+    ds = pydicom.dcmread(_pydicom_file("MR_small.dcm"))
+    ds.SeriesInstanceUID = _uid(f"{path.name}/series")
+    ds.SOPInstanceUID = _uid(f"{path.name}/instance")
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.NumberOfFrames = times * slices
+    ds.Rows = ds.Columns = 8
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    shared, orient, measures = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    measures.PixelSpacing, measures.SliceThickness = [1.0, 1.0], 2.0
+    shared.PlaneOrientationSequence = Sequence([orient])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for t in range(times):
+        for z in range(slices):
+            item, plane, content = Dataset(), Dataset(), Dataset()
+            plane.ImagePositionPatient = [0.0, 0.0, 2.0 * z]
+            content.TemporalPositionIndex = t + 1
+            item.PlanePositionSequence = Sequence([plane])
+            item.FrameContentSequence = Sequence([content])
+            frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    pixels = [np.full((8, 8), 100 * (i // slices) + i % slices) for i in range(times * slices)]
+    ds.PixelData = np.stack(pixels).astype(np.int16).tobytes()
+    ds.save_as(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------- images
 
 
@@ -158,6 +202,31 @@ def _png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 0
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def _jpeg(seed: int, size: int = 64) -> bytes:
+    """A q90 JPEG of a smooth pattern with noise (as in tests/data/test_audit_decode.py)."""
+    yy, xx = np.mgrid[:size, :size]
+    base = (np.sin(xx / (5 + seed)) + np.cos(yy / 4)) * 60 + 128
+    noise = np.random.default_rng(seed).normal(0, 20, base.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _garbled(data: bytes, garbage: bytes) -> bytes:
+    """``data`` (a JPEG) with the middle of its entropy-coded data replaced by ``garbage``."""
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    mid = (start + len(data) - 2) // 2
+    return data[:mid] + garbage + data[mid + len(garbage) :]
+
+
+def _disc(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros with a bright square in every slice and volume."""
+    data = np.zeros(shape, np.float32)
+    data[shape[0] // 4 : shape[0] // 2 + 4, shape[1] // 4 : shape[1] // 2 + 4] = 100.0
+    return data
 
 
 def _grey(seed: int = 0, size: int = SIZE) -> np.ndarray:
@@ -221,6 +290,8 @@ def write_files(out: Path) -> None:
     _dicom_variant(files / "dicom_zero_rows.dcm", _zero_rows)
     _dicom_variant(files / "dicom_short_pixels.dcm", _short_pixels)
     _dicom_variant(files / "dicom_palette_no_lut.dcm", _palette_without_lut)
+    _enhanced(files / "enhanced_4d.dcm", times=3, slices=4)  # 3 time points: not 1 channel
+    _dicom_variant(files / "tiny.dcm", _tiny)  # valid, 3x3 pixels: predicted with a warning
 
     # plain images
     (files / "zero_byte.png").write_bytes(b"")
@@ -243,6 +314,8 @@ def write_files(out: Path) -> None:
     _nifti(files / "nifti_nan.nii.gz", nan)
     _nifti(files / "nifti_4d.nii.gz", np.stack([vol] * 10, axis=-1))
     _nifti(files / "nifti_5d.nii.gz", np.zeros((8, 8, 4, 2, 3), np.float32))
+    _nifti(files / "nifti_4d_3vol.nii.gz", _disc((64, 64, 8, 3)))  # DWI/DCE: not RGB
+    _nifti(files / "nifti_4d_2vol.nii", _disc((32, 32, 4, 2)))
     _nifti(files / "nifti_empty.nii", np.zeros((8, 0, 4), np.float32))
     _nifti(out / "tmp_valid.nii", vol)
     nii = (out / "tmp_valid.nii").read_bytes()
@@ -290,6 +363,11 @@ def write_series(out: Path) -> None:
     _series(series / "mixed", [0, 1, 2], name="mixed-a", number=1, description="T1")
     _series(series / "mixed", [0, 1, 2], name="mixed-b", number=2, description="FLAIR", prefix="B")
     _series(series / "sizes_differ", [0, 1, 2], name="sizes", sizes={1: (6, 8)})
+    # 3 b-values x 3 slices: every position 3 times, told apart by DiffusionBValue (a 4D volume)
+    for k, path in enumerate(_series(series / "dwi_bvalues", [0, 1, 2] * 3, name="dwi")):
+        ds = pydicom.dcmread(path)
+        ds.DiffusionBValue = [0.0, 500.0, 1000.0][k // 3]
+        ds.save_as(path)
 
 
 def _pair(root: Path, stem: str, image: np.ndarray, mask: np.ndarray | None, suffix=".png"):
@@ -339,6 +417,15 @@ def write_datasets(out: Path) -> None:
     _pair(unreadable, "a", _grey(27), _labels((0, 1)))
     (unreadable / "masks").chmod(0)
 
+    # a JPEG whose compressed data is garbled (Pillow decodes it) and a 3x3 DICOM, for audit
+    jpegs = ds / "jpeg_garbled"
+    for c, name in enumerate("ab"):
+        (jpegs / name).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            (jpegs / name / f"img{i}.jpg").write_bytes(_jpeg(10 * c + i))
+    (jpegs / "a" / "garbled.jpg").write_bytes(_garbled(_jpeg(7), b"\xff\xd3" + bytes(30)))
+    _dicom_variant(jpegs / "b" / "tiny.dcm", _tiny)
+
     # every sample bad, in the pairs layout (the data pipeline must name each one)
     pb = ds / "pairs_bad"
     _pair(pb, "mask_size", _grey(30), _labels((0, 1), size=16))
@@ -369,10 +456,28 @@ def write_datasets(out: Path) -> None:
 
 
 def write_configs(out: Path) -> None:
-    """The committed YAML cases, plus one that is not UTF-8."""
+    """The committed YAML cases, plus a non-UTF-8, a deeply nested and a 20,000-item one."""
     configs = out / "configs"
     shutil.copytree(HERE / "configs", configs, dirs_exist_ok=True)
     (configs / "not_utf8.yaml").write_bytes(b"train:\n  epochs: 3\n  optimizer: \xff\xfe adam\n")
+    (configs / "deep.yaml").write_text("data:\n  window: " + "[" * 3000 + "]" * 3000 + "\n")
+    items = ", ".join(["64"] * 20_000)
+    (configs / "long_list.yaml").write_text(f"data:\n  image_size: [{items}]\n")
+
+
+#: Valid image names that no file should have: bytes that are not UTF-8 (cannot be committed to
+#: git) and names a spreadsheet would run as formulas.
+WILD_NAMES = (b"scan_\xff\xfe.png", b"=cmd|' -C calc'!A0.png", b'=HYPERLINK("x").png')
+
+
+def write_names(out: Path) -> None:
+    """Valid images with wild names in ``out/names``; an input folder in ``out/out_inputs``."""
+    names = out / "names"
+    names.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(WILD_NAMES):
+        with open(os.fsencode(names) + b"/" + name, "wb") as f:
+            Image.fromarray(_grey(40 + i)).save(f, format="PNG")
+    _save(_grey(43), out / "out_inputs" / "a.png")
 
 
 def write_models(out: Path) -> None:
@@ -469,6 +574,7 @@ def build(out: str | Path, models: bool = False) -> Path:
     write_series(out)
     write_datasets(out)
     write_configs(out)
+    write_names(out)
     if models:
         write_models(out)
     return out
