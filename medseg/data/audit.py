@@ -65,7 +65,7 @@ from medseg.data.samples import Sample, ScanResult
 from medseg.errors import DataError
 from medseg.io import read_image, read_mask, to_channels
 from medseg.io.base import MIN_IMAGE_PIXELS
-from medseg.utils import atomic_path, atomic_write_json
+from medseg.utils import atomic_path, atomic_write_json, display_text
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def write_montage(
             else:
                 shown = to_display(img)
             ax.imshow(shown, interpolation="nearest")
-            ax.set_title(Path(s.id).name[-22:], fontsize=6)
+            ax.set_title(display_text(Path(s.id).name)[-22:], fontsize=6)
         if name:
             ax0 = axes[r][0]
             ax0.text(

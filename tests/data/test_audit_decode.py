@@ -118,3 +118,16 @@ def test_second_decoder_finds_garbage_without_markers(tmp_path: Path) -> None:
     path.write_bytes(garble(_jpeg(8), garbage))
     problem = jpeg_data_problem(path)
     assert problem and "JPEG data is corrupt (libjpeg error" in problem
+
+
+def test_audit_montage_of_a_name_that_is_not_utf8(tmp_path: Path) -> None:
+    # matplotlib cannot draw the surrogates a non-UTF-8 name decodes to: the title is escaped
+    import os
+
+    for cls in ("a", "b"):
+        (tmp_path / "ds" / cls).mkdir(parents=True)
+        PILImage.fromarray(_picture(1)).save(tmp_path / "ds" / cls / "ok.png")
+    odd = os.fsencode(tmp_path / "ds" / "a") + b"/scan_\xff.png"
+    PILImage.fromarray(_picture(2)).save(os.fsdecode(odd), format="PNG")
+    report = audit(tmp_path / "ds", "class_folders", workers=1, out_dir=tmp_path / "out")
+    assert report["n_images"] == 3 and (tmp_path / "out" / "audit.json").is_file()
