@@ -20,6 +20,12 @@ memory is per model):
   matrix-multiply peak measured in the same run;
 * ``peak_rss_mb``: the peak resident memory of that model's process.
 
+``predict`` (:func:`predict_bench`, in its own process too): ``medseg predict`` end to end on a
+folder of synthetic 256x256 PNGs (overlays on) and on synthetic NIfTI volumes, beside the same
+images through the model alone (``batch_size`` a call): ``model_img_s``, ``end_to_end_img_s``,
+``ratio`` (end to end / model) and ``peak_rss_mb`` of the image folder, and per input kind
+under ``images`` (with ``one_at_a_time_img_s``, ``queue_depth`` 0) and ``volumes``.
+
 When PyTorch is available (in this interpreter, or in another one given by ``torch_python``),
 the plain PyTorch reference U-Net of :mod:`medseg.bench_torch_reference` (or any script printing
 the same JSON keys) is run in the same session, and ``vs_torch`` gives medseg's ratios to it.
@@ -45,9 +51,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from medseg.bench3d import apply_thread_settings, run_json_script
 from medseg.config import Config, load_config, precision_policy
+from medseg.data.preprocess import Preprocessing
 from medseg.errors import ConfigError
+from medseg.inference.predictor import BasePredictor
+from medseg.io import to_channels
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +151,6 @@ def _calls_for(seconds: float, fn) -> int:
 
 def _synthetic_data(cfg: Config, n: int, num_classes: int):
     """``n`` decoded phantom images (and masks or classes) at the config's size, in memory."""
-    import numpy as np
-
     from medseg.data.phantoms import CLASSES, phantom_slice
     from medseg.data.pipeline import ArrayData
     from medseg.data.samples import Sample
@@ -187,8 +196,6 @@ def pipeline_rate(cfg: Config, num_classes: int, seconds: float, n: int = 64) ->
 
 
 def _batch(cfg: Config, num_classes: int):
-    import numpy as np
-
     rng = np.random.default_rng(0)
     b, (h, w), c = cfg.train.batch_size, cfg.data.image_size, cfg.data.channels
     x = rng.random((b, h, w, c), dtype=np.float32)
@@ -238,7 +245,6 @@ def infer_rates(
     model, x, seconds: float, workdir: Path, paths: tuple[str, ...] = INFER_PATHS
 ) -> dict[str, float]:
     """Inference images/s of each path in ``paths`` on batch ``x`` (see the module docstring)."""
-    import numpy as np
     import tensorflow as tf
 
     from medseg.inference.export import convert_tflite, tflite_interpreter
@@ -349,6 +355,116 @@ def _peak_in_child(seconds: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# predict: batch inference end to end beside the model alone
+
+
+DEFAULT_PREDICT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lgg-unet.yaml"
+
+
+class KerasPredictor(BasePredictor):
+    """A Keras model served as ``medseg predict`` serves a run folder's checkpoint."""
+
+    def __init__(self, model, cfg: Config):
+        from medseg.inference.serving import serving_function
+        from medseg.models.fold import fold_batch_norm
+
+        self.task = cfg.data.task
+        self.classes = []
+        self.channels = int(model.input_shape[-1])
+        n_out, threshold = int(model.output_shape[-1]), cfg.predict.threshold
+        self.card = {"task": self.task, "input": {"channels": self.channels}}
+        self.card.update(num_outputs=n_out, threshold=threshold)
+        self.preprocessing = Preprocessing.from_config(cfg.data)
+        self._fn = serving_function(
+            [fold_batch_norm(model)], self.task, self.preprocessing, cfg.predict.threshold
+        )
+
+    def model_input(self, images: np.ndarray) -> np.ndarray:
+        return to_channels(images, self.channels)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._fn(image=np.ascontiguousarray(images, np.float32))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def keras_models(self) -> list:  # noqa: D102  (not used: no MC-dropout, no Grad-CAM)
+        return []
+
+
+def _write_inputs(root: Path, n_images: int, n_volumes: int, slices: int) -> tuple[Path, Path]:
+    import nibabel as nib
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images, volumes = root / "images", root / "volumes"
+    for folder in (images, volumes):
+        folder.mkdir()
+    for i in range(n_images):
+        img = rng.integers(0, 120, (256, 256, 3), dtype=np.uint8)
+        img[80 + i % 40 : 120 + i % 40, 90:140] = 230
+        Image.fromarray(img).save(images / f"slice_{i:04d}.png")
+    for i in range(n_volumes):
+        vol = rng.uniform(0, 400, (256, 256, slices)).astype(np.float32)
+        vol[100:140, 90:150, slices // 3 : 2 * slices // 3] = 1500
+        nib.save(nib.Nifti1Image(vol, np.diag([0.9, 0.9, 3.0, 1.0])), volumes / f"v{i}.nii.gz")
+    return images, volumes
+
+
+def _model_rate(predictor: KerasPredictor, n: int, batch: int) -> float:
+    x = predictor.model_input(np.random.default_rng(1).uniform(0, 255, (batch, 256, 256, 3)))
+    predictor(x)  # warm-up
+    calls, t0 = max(1, n // batch), time.perf_counter()
+    for _ in range(calls):
+        predictor(x)
+    return calls * batch / (time.perf_counter() - t0)
+
+
+def _part(model_img_s: float, end_to_end_img_s: float) -> dict:
+    ratio = round(end_to_end_img_s / model_img_s, 3) if model_img_s else None
+    return {"model_img_s": round(model_img_s, 2), "end_to_end_img_s": round(end_to_end_img_s, 2),
+            "ratio": ratio}  # fmt: skip
+
+
+def predict_bench(
+    cfg_dict: dict, n_images: int = 96, n_volumes: int = 2, slices: int = 24, batch: int = 8
+) -> dict:
+    """The ``predict`` part (module docstring), in this process: an untrained model of ``cfg_dict``
+    (throughput does not depend on the weights) on synthetic 256x256 PNGs (overlays on;
+    ``one_at_a_time_img_s``: ``queue_depth`` 0) and NIfTI volumes."""
+    from medseg.config import config_from_dict
+    from medseg.utils import import_tensorflow_quietly
+
+    logging.basicConfig(level=logging.WARNING)
+    import_tensorflow_quietly()
+    import keras
+
+    from medseg.inference.predict import predict
+    from medseg.models.registry import build_model
+
+    cfg = config_from_dict(cfg_dict)
+    keras.utils.set_random_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+    predictor = KerasPredictor(build_model(cfg, cfg.model.num_classes), cfg)
+    out: dict = {"config": cfg.data.image_size, "batch": batch}
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-predict-") as tmp:
+        root = Path(tmp)
+        images, volumes = _write_inputs(root, n_images, n_volumes, slices)
+        model_rate = _model_rate(predictor, n_images, batch)
+        kw = {"batch_size": batch, "progress": False}
+        seq = predict(predictor, [images], root / "seq", queue_depth=0, **kw)
+        streamed = predict(predictor, [images], root / "images-out", **kw)
+        vols = predict(predictor, [volumes], root / "volumes-out", **kw)
+    out["images"] = _part(model_rate, streamed.end_to_end_slices_per_second)
+    out["images"]["one_at_a_time_img_s"] = round(seq.end_to_end_slices_per_second, 2)
+    out["images"]["n"] = n_images
+    out["volumes"] = _part(model_rate, vols.end_to_end_slices_per_second)
+    out["volumes"].update(n=n_volumes, slices=slices)
+    out.update({k: out["images"][k] for k in ("model_img_s", "end_to_end_img_s", "ratio")})
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # PyTorch reference
 
 
@@ -398,6 +514,7 @@ def run_bench(
     torch: bool = True,
     unet3d: bool = False,
     peer3d_python: str | None = None,
+    predict: Config | None = None,
 ) -> dict:
     """Run the benchmark; see the module docstring.
 
@@ -414,13 +531,13 @@ def run_bench(
             (:func:`medseg.bench3d.run_unet3d_bench`; keys ``unet3d``, ``peer_unet3d``,
             ``unet3d_vs_peer``).
         peer3d_python: an interpreter with torch and MONAI for the 3D peer.
+        predict: the config of the ``predict`` part (batch inference end to end beside the
+            model alone, :mod:`medseg.bench_predict`; key ``predict``), None to skip it.
 
     Returns:
         ``{"machine": ..., "matmul_peak_gflops": ..., "unet": {...}, "classifier": {...},
         "torch_reference": {...} | None, "vs_torch": {...} | None}``
     """
-    import numpy as np
-
     result: dict = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -465,6 +582,16 @@ def run_bench(
             "infer": ours["infer_img_s"] / ref["plain_infer_img_s"],
             "pipeline_vs_torch_train": ours["pipeline_img_s"] / ref["plain_train_img_s"],
         }
+    if predict is not None:
+        n_images = max(16, min(96, int(5 * seconds)))
+        slices = 24 if seconds >= 10 else 8
+        logger.info("benchmarking predict end to end (%d images, 2 volumes) ...", n_images)
+        result["predict"] = _run_isolated(predict_bench, predict.to_dict(), n_images, 2, slices)
+        logger.info(
+            "predict: %.1f img/s end to end, %.1f in the model (%.2f)",
+            result["predict"]["end_to_end_img_s"], result["predict"]["model_img_s"],
+            result["predict"]["ratio"],
+        )  # fmt: skip
     if unet3d:
         from medseg.bench3d import run_unet3d_bench
 

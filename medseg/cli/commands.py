@@ -74,12 +74,18 @@ def _cmd_bench(args) -> int:
             f"some of {', '.join(INFER_PATHS)}"
         )
     given = {"unet": args.unet_config, "classifier": args.classifier_config}
-    names = args.only or ["unet", "classifier"]
+    names = args.only or ["unet", "classifier", "predict"]
     configs = {
         name: load_bench_config(name, given[name], args.overrides)
         for name in names
-        if name != "unet3d"
+        if name not in ("unet3d", "predict")
     }
+    predict = None
+    if "predict" in names:
+        from medseg.bench import DEFAULT_PREDICT_CONFIG
+        from medseg.config import load_config
+
+        predict = load_config(args.predict_config or DEFAULT_PREDICT_CONFIG, args.overrides)
     result = run_bench(
         configs,
         seconds=args.seconds,
@@ -90,6 +96,7 @@ def _cmd_bench(args) -> int:
         torch=not args.no_torch,
         unet3d="unet3d" in names,
         peer3d_python=args.peer3d_python,
+        predict=predict,
     )
     text = json.dumps(result)
     if args.out:
@@ -484,6 +491,7 @@ def _cmd_predict(args) -> int:
         address=args.address,
         ray_workers=args.ray_workers,
         ensemble_with=args.ensemble_with,
+        queue_depth=args.queue_depth,
     )
     from medseg.utils import display_text
 

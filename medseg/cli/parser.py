@@ -321,6 +321,13 @@ def _add_predict_verb(sub) -> None:
     p.add_argument(
         "--batch-size", type=_positive_int, default=8, help="images/slices per model call"
     )
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        help="local executor: the most cases in flight at once (read ahead, in the model, being "
+        "written); bounds the memory (default: 2 x batch size, at most one of them a volume); "
+        "0: one case at a time",
+    )
     p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
     p.add_argument(
         "--threshold", type=float, help="foreground probability threshold (binary segmentation)"
@@ -382,11 +389,12 @@ def _add_tool_verbs(sub) -> None:
     )
     p.add_argument(
         "--only",
-        choices=["unet", "classifier", "unet3d"],
+        choices=["unet", "classifier", "predict", "unet3d"],
         action="append",
-        help="benchmark only this (unet3d: the 3D U-Net's sliding window and training, beside "
-        "the torch/MONAI peer; run only when named)",
+        help="benchmark only this (predict: batch inference end to end beside the model; "
+        "unet3d: the 3D U-Net beside the torch/MONAI peer, run only when named)",
     )
+    p.add_argument("--predict-config", help="model config of predict (default: lgg-unet)")
     p.add_argument("--unet-config", help="config of the U-Net benchmark (default: bench-unet)")
     p.add_argument(
         "--classifier-config", help="config of the classifier benchmark (default: bench-classifier)"

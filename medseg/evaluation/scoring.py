@@ -34,6 +34,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -83,35 +86,106 @@ class _Loaded:
     samples: list
 
 
+#: Reader threads of ``evaluate --data``: decoding and file reads release the GIL in part.
+READERS = 2
+
+
+def _read_source(samples: list, idx: list[int], task: str, channels: int, slice_axis: int):
+    """The images and truth of the samples ``idx`` of one source file (their indices too)."""
+    image_path = samples[idx[0]].image
+    target_path = samples[idx[0]].target if task == "segmentation" else None
+    image = to_channels(read_image(image_path, channels=channels).array, channels)
+    mask = read_mask(target_path) if task == "segmentation" else None
+    if mask is not None and mask.shape != image.shape[:-1]:
+        raise DataError(
+            f"{target_path}: mask shape {mask.shape} does not match its image {image_path} "
+            f"of shape {image.shape[:-1]}"
+        )
+    if image.ndim == 4:
+        image = reslice(image, slice_axis)
+        mask = reslice(mask, slice_axis) if mask is not None else None
+    images, truth = [], []
+    for i in idx:
+        s = samples[i]
+        if image.ndim == 4:
+            images.append(image[s.index])
+            truth.append(mask[s.index] if mask is not None else int(s.target))
+        else:
+            images.append(image)
+            truth.append(mask if mask is not None else int(s.target))
+    return idx, images, truth
+
+
+def _read_sources(samples: list, task: str, channels: int, slice_axis: int) -> Iterator[tuple]:
+    """``(indices, images, truth)`` of each source file in :func:`by_source` order, read ahead by
+    :data:`READERS` threads (at most ``4 * READERS`` files ahead of the consumer)."""
+    groups = by_source(samples)
+    ahead = 4 * READERS
+    with ThreadPoolExecutor(READERS, thread_name_prefix="medseg-eval-read") as pool:
+        pending: deque = deque()
+        try:
+            for idx in groups:
+                pending.append(pool.submit(_read_source, samples, idx, task, channels, slice_axis))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def _read(
     samples: list, task: str, channels: int, slice_axis: int, context_slices: int = 0
 ) -> _Loaded:
-    images: list = [None] * len(samples)
-    truth: list = [None] * len(samples)
-    for idx in by_source(samples):
-        image_path = samples[idx[0]].image
-        target_path = samples[idx[0]].target if task == "segmentation" else None
-        image = to_channels(read_image(image_path, channels=channels).array, channels)
-        mask = read_mask(target_path) if task == "segmentation" else None
-        if mask is not None and mask.shape != image.shape[:-1]:
-            raise DataError(
-                f"{target_path}: mask shape {mask.shape} does not match its image {image_path} "
-                f"of shape {image.shape[:-1]}"
-            )
-        if image.ndim == 4:
-            image = reslice(image, slice_axis)
-            mask = reslice(mask, slice_axis) if mask is not None else None
-        for i in idx:
-            s = samples[i]
-            if image.ndim == 4:
-                images[i] = image[s.index]
-                truth[i] = mask[s.index] if mask is not None else int(s.target)
-            else:
-                images[i] = image
-                truth[i] = mask if mask is not None else int(s.target)
+    loaded = _Loaded([None] * len(samples), [None] * len(samples), samples)
+    for idx, images, truth in _read_sources(samples, task, channels, slice_axis):
+        for i, image, t in zip(idx, images, truth, strict=True):
+            loaded.images[i], loaded.truth[i] = image, t
     if context_slices:
-        _stack_context(images, samples, context_slices)
-    return _Loaded(images, truth, samples)
+        _stack_context(loaded.images, samples, context_slices)
+    return loaded
+
+
+def _read_and_predict(
+    predictor: Predictor, samples: list, task: str, batch: int
+) -> tuple[_Loaded, list[np.ndarray], float]:
+    """:func:`_read` and :func:`_predict` of a 2D model overlapped: each model call starts as
+    soon as its images are read (the same calls, so the same probabilities)."""
+    loaded = _Loaded([None] * len(samples), [None] * len(samples), samples)
+    key = (predictor.channels, predictor.card.get("slice_axis", 0))
+    probs: list = []
+    seconds = 0.0
+    for idx, images, truth in _read_sources(samples, task, *key):
+        for i, image, t in zip(idx, images, truth, strict=True):
+            loaded.images[i], loaded.truth[i] = image, t
+        while True:
+            end = _batch_end(loaded.images, len(probs), batch)
+            if end is None:
+                break
+            t0 = time.perf_counter()
+            probs.extend(_call(predictor, loaded.images[len(probs) : end]))
+            seconds += time.perf_counter() - t0
+    return loaded, probs, seconds
+
+
+def _batch_end(images: list, i: int, batch: int) -> int | None:
+    """The end of the model call that starts at image ``i`` (consecutive images of one shape,
+    at most ``batch``), or None while the images that decide it are not read yet."""
+    if i >= len(images) or images[i] is None:
+        return None
+    j = i + 1
+    while j < len(images) and j - i < batch:
+        if images[j] is None:
+            return None
+        if images[j].shape != images[i].shape:
+            break
+        j += 1
+    return j
+
+
+def _call(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
+    return list(predictor(np.stack(images).astype(np.float32))["probabilities"])
 
 
 def _stack_context(images: list[np.ndarray], samples: list, k: int) -> None:
@@ -131,14 +205,8 @@ def _stack_context(images: list[np.ndarray], samples: list, k: int) -> None:
 def _predict(predictor: Predictor, images: list[np.ndarray], batch: int) -> list[np.ndarray]:
     """Probabilities of each image; consecutive images of one shape share a model call."""
     out: list = []
-    i = 0
-    while i < len(images):
-        j = i + 1
-        while j < len(images) and j - i < batch and images[j].shape == images[i].shape:
-            j += 1
-        probs = predictor(np.stack(images[i:j]).astype(np.float32))["probabilities"]
-        out.extend(probs)
-        i = j
+    while len(out) < len(images):
+        out.extend(_call(predictor, images[len(out) : _batch_end(images, len(out), batch)]))
     return out
 
 
@@ -386,6 +454,8 @@ def _ensemble_probabilities(
     """``(images read, probabilities of each image, seconds of inference)``: the mean of the
     predictors' probabilities, each predictor fed the images as it is served."""
     task = predictors[0].task
+    if len(predictors) == 1 and not predictors[0].context_slices:
+        return _read_and_predict(predictors[0], samples, task, batch_size)
     seconds = 0.0
     all_probs, reads = [], {}
     for p in predictors:

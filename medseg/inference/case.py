@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,15 +92,17 @@ class _Work:
     axis: int  # the slice axis of a volume (data.slice_axis); 0 for a 2D image
 
 
-def _run_model(work: _Work, images: np.ndarray) -> Iterator[dict]:
-    """Yield the model outputs for ``images`` (:meth:`BasePredictor.model_input`), in batches."""
-    step = work.opts.batch_size
+def run_model(
+    predictor: BasePredictor, images: np.ndarray, step: int, clock: Clock
+) -> Iterator[dict]:
+    """Yield the model outputs for ``images`` (:meth:`BasePredictor.model_input`), ``step``
+    images per call, counting them and the seconds in the model on ``clock``."""
     for i in range(0, len(images), step):
         batch = images[i : i + step]
         t0 = time.perf_counter()
-        out = work.predictor(batch)
-        work.clock.seconds += time.perf_counter() - t0
-        work.clock.slices += len(batch)
+        out = predictor(batch)
+        clock.seconds += time.perf_counter() - t0
+        clock.slices += len(batch)
         yield out
 
 
@@ -146,30 +148,34 @@ def _context_input(predictor: BasePredictor, image: Image, case: Case) -> np.nda
     return predictor.model_input(np.stack(raw))[k : k + 1]
 
 
-def _predict_case(
-    predictor: BasePredictor,
-    image: Image,
-    case: Case,
-    case_dir: Path,
-    opts: Options,
-    clock: Clock,
-) -> dict:
-    """Predict one read case into ``case_dir``; the columns of its row."""
+def _prepare(
+    predictor: BasePredictor, image: Image, case: Case, opts: Options, clock: Clock, row: dict
+) -> tuple[_Work, np.ndarray, np.ndarray]:
+    """Check a read case and cut it as the model takes it: its work, model input and volume
+    (the source cut along the slice axis); adds the shape columns to ``row``."""
     check_model_input(predictor, image, case.source)
     source = image.array if image.is_volume else image.array[np.newaxis]
-    row: dict = {"slices": len(source), "height": source.shape[1], "width": source.shape[2]}
+    row.update(slices=len(source), height=source.shape[1], width=source.shape[2])
     # a volume is cut along the model's data.slice_axis, as in training; masks go back
     axis = int(predictor.card.get("slice_axis") or 0) if image.is_volume else 0
-    work = _Work(predictor, case, image, case_dir, opts, clock, source, axis)
+    work = _Work(predictor, case, image, Path(), opts, clock, source, axis)
     volume = reslice(source, axis)
     if predictor.context_slices and not image.is_volume:
         images = _context_input(predictor, image, case)
     else:
         images = predictor.model_input(volume)
-    if predictor.task == "classification":
-        row.update(_classify(work, images, volume))
+    return work, images, volume
+
+
+def _finish(work: _Work, images: np.ndarray, volume: np.ndarray, parts: list[np.ndarray]) -> dict:
+    """Post-process and write one predicted case into ``work.case_dir`` from ``parts`` (what
+    :func:`output_part` kept of its model outputs, in slice order); the columns of its row."""
+    opts, image, case_dir, source = work.opts, work.image, work.case_dir, work.source
+    row: dict = {}
+    if work.predictor.task == "classification":
+        row.update(_classify(work, images, volume, parts))
         return row
-    mask = _segment(work, images)
+    mask = _segment(work, parts)
     per_slice = (mask > 0).reshape(len(mask), -1).sum(axis=1)
     row.update(_write_segmentation(work, mask, per_slice))
     fg = int(per_slice.sum())
@@ -181,6 +187,18 @@ def _predict_case(
     if opts.mc_samples:
         row.update(_segmentation_uncertainty(work, images, mask, k))
     return row
+
+
+def output_part(predictor: BasePredictor, opts: Options, out: dict) -> np.ndarray:
+    """What a case keeps of a model output ``out`` (a batch, or the case's share of one): the
+    class probabilities of a classifier; a segmentation's labels (uint8, int32 past 256 labels),
+    thresholded at ``opts.threshold`` when it is set."""
+    if predictor.task == "classification":
+        return out["probabilities"]
+    n_out = int(predictor.card.get("num_outputs", 1))
+    if n_out == 1 and opts.threshold is not None:
+        return apply_threshold(out["probabilities"], opts.threshold)
+    return out["mask"].astype(np.uint8 if n_out <= 256 else np.int32)
 
 
 def check_model_input(predictor: BasePredictor, image: Image, source: str) -> None:
@@ -218,11 +236,10 @@ def _mc_dropout(work: _Work, images: np.ndarray) -> dict:
     )
 
 
-def _classify(work: _Work, images: np.ndarray, volume: np.ndarray) -> dict:
-    """A classifier's columns: the label, class and probabilities (a volume: the mean over its
-    slices), and the uncertainty and Grad-CAM when asked for."""
+def _classify(work: _Work, images: np.ndarray, volume: np.ndarray, probs: list[np.ndarray]) -> dict:
+    """A classifier's columns: the label, class and probabilities ``probs`` (a volume: the mean
+    over its slices), and the uncertainty and Grad-CAM when asked for."""
     predictor, opts = work.predictor, work.opts
-    probs = [o["probabilities"] for o in _run_model(work, images)]
     mean = np.concatenate(probs).mean(axis=0)  # a volume: the mean over its slices
     names = predictor.classes or [str(i) for i in range(len(mean))]
     row: dict = {"label": int(mean.argmax()), "class": names[int(mean.argmax())]}
@@ -241,17 +258,12 @@ def _classify(work: _Work, images: np.ndarray, volume: np.ndarray) -> dict:
     return row
 
 
-def _segment(work: _Work, images: np.ndarray) -> np.ndarray:
-    """The post-processed mask of a segmentation model in the source geometry."""
+def _segment(work: _Work, parts: list[np.ndarray]) -> np.ndarray:
+    """The post-processed mask of a segmentation model in the source geometry, from its
+    :func:`output_part` parts."""
     opts = work.opts
     n_out = int(work.predictor.card.get("num_outputs", 1))
     dtype = np.uint8 if n_out <= 256 else np.int32
-    parts = []
-    for out in _run_model(work, images):
-        if n_out == 1 and opts.threshold is not None:
-            parts.append(apply_threshold(out["probabilities"], opts.threshold))
-        else:
-            parts.append(out["mask"].astype(dtype))
     mask = unreslice(np.concatenate(parts).astype(dtype), work.axis)
     if work.image.is_volume:
         return postprocess(
@@ -347,20 +359,13 @@ def commit_case_dir(tmp_dir: Path, case_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def case_folder(case: Case, out: Path, row: dict) -> Iterator[Path]:
-    """The hidden temporary folder that one case's outputs are written into.
-
-    When the block succeeds the folder is renamed into ``<out>/<case_id>/``
-    (:func:`commit_case_dir`). When it fails, the case's ``row`` gets ``status`` ``error`` and
-    one line naming the problem, the error is logged, and the batch goes on; a full disk is
-    raised (:class:`~medseg.errors.OutputError`): every case after this one would fail the same
-    way. The temporary folder is always removed.
-    """
-    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+def case_errors(case: Case, out: Path, row: dict) -> Iterator[None]:
+    """Turn an error of one case's work into its row: ``status`` ``error`` and one line naming
+    the problem (logged), and the batch goes on; a full disk, a read-only or forbidden output is
+    raised (:class:`~medseg.errors.OutputError`): every case after this one would fail the
+    same way."""
     try:
-        yield tmp_dir
-        commit_case_dir(tmp_dir, out / case.case_id)
+        yield
     except OutputError as e:  # read-only or forbidden: its own message; a full disk: ours
         raise (disk_full_error(out / case.case_id) if is_disk_full(e.__cause__) else e) from e
     except MedsegError as e:
@@ -376,8 +381,134 @@ def case_folder(case: Case, out: Path, row: dict) -> Iterator[Path]:
         row.update(status="error", error=f"{case.source}: {message}")
         logger.error("%s: unexpected error: %s", case.case_id, message)
         logger.debug("%s: traceback", case.case_id, exc_info=True)
+
+
+@contextlib.contextmanager
+def case_folder(case: Case, out: Path, row: dict) -> Iterator[Path]:
+    """The hidden temporary folder that one case's outputs are written into.
+
+    When the block succeeds the folder is renamed into ``<out>/<case_id>/``
+    (:func:`commit_case_dir`). When it fails, the case's ``row`` gets ``status`` ``error`` and
+    one line naming the problem, the error is logged, and the batch goes on; a full disk is
+    raised (:class:`~medseg.errors.OutputError`): every case after this one would fail the same
+    way (:func:`case_errors`). The temporary folder is always removed.
+    """
+    tmp_dir = out / f".{case.case_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        with case_errors(case, out, row):
+            yield tmp_dir
+            commit_case_dir(tmp_dir, out / case.case_id)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@dataclass
+class PreparedCase:
+    """A case read and cut for the model (:func:`prepare_case`), waiting for its model outputs.
+
+    Attributes:
+        case: the case.
+        row: its row so far (``status`` ``error`` when reading or checking it failed).
+        started: when its work began (``time.perf_counter``), for the log line.
+        images: the model input ``[N, H, W, C']`` (None when it failed).
+        is_volume: whether the case is a volume (known once read).
+    """
+
+    case: Case
+    row: dict
+    started: float
+    images: np.ndarray | None = None
+    is_volume: bool = False
+    work: _Work | None = field(default=None, repr=False)
+    volume: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the case has nothing to predict or write (an error case, or a failure)."""
+        return self.work is None or self.row["status"] != "ok"
+
+    def release_inputs(self) -> None:
+        """Drop the model input once the model is done with it (only MC-dropout and Grad-CAM
+        use it again, and they are not streamed)."""
+        self.images = self.volume = None
+
+
+def new_row(case: Case) -> dict:
+    """The first columns of a case's row: id, source, status, error (and identifiers, input
+    type)."""
+    row: dict = {"case_id": case.case_id, "source": case.source, "status": "ok", "error": ""}
+    if case.identifiers:  # only with keep_identifiers
+        row.update(case.identifiers)
+    if case.kind == "series":
+        row.update(input_type="dicom_series", series_number=case.series_number)
+    return row
+
+
+def prepare_case(
+    predictor: BasePredictor | None,
+    case: Case,
+    reader: CaseReader,
+    out: Path,
+    opts: Options,
+    clock: Clock,
+) -> PreparedCase:
+    """Read a case and cut it as the model takes it (nothing is written); a failure is its row.
+
+    Raises:
+        OutputError: as :func:`case_errors`.
+    """
+    prepared = PreparedCase(case, new_row(case), time.perf_counter())
+    row = prepared.row
+    if case.kind == "error":
+        row.update(status="error", error=case.error)
+        logger.error("%s", case.error)
+        return prepared
+    assert predictor is not None
+    with case_errors(case, out, row):
+        image = reader.read(case)
+        if case.kind != "series":
+            row["input_type"] = "volume" if image.is_volume else "image"
+        work, images, volume = _prepare(predictor, image, case, opts, clock, row)
+        prepared.work, prepared.images, prepared.volume = work, images, volume
+        prepared.is_volume = image.is_volume
+    return prepared
+
+
+def finish_case(prepared: PreparedCase, out: Path, parts: list[np.ndarray]) -> dict:
+    """Post-process and write a predicted case into ``<out>/<case_id>/`` (a hidden temporary
+    folder renamed into place when all its files are written, :func:`case_folder`); its row.
+
+    Args:
+        prepared: the case (a failed one is only logged).
+        out: the output folder of the batch.
+        parts: what :func:`output_part` kept of its model outputs, in slice order.
+
+    Raises:
+        OutputError: the output disk is full, or the output became read-only.
+    """
+    case, row = prepared.case, prepared.row
+    if not prepared.failed:
+        assert prepared.work is not None
+        with case_folder(case, out, row) as tmp_dir:
+            work = dataclasses.replace(prepared.work, case_dir=tmp_dir)
+            row.update(_finish(work, prepared.images, prepared.volume, parts))
+    if case.kind != "error":
+        seconds = time.perf_counter() - prepared.started
+        logger.info("%s: %s (%.2f s)", case.case_id, row["status"], seconds)
+    return row
+
+
+class PredictedReader(CaseReader):
+    """The reader the streaming engine hands :func:`run_case`: its case was already read and
+    predicted (:mod:`medseg.inference.stream`), so :func:`run_case` only post-processes and
+    writes it; every case of every executor goes through :func:`run_case`."""
+
+    def __init__(self, prepared: PreparedCase, parts: list[np.ndarray]):
+        self.prepared, self.parts = prepared, parts
+
+    def read(self, case: Case) -> Image:  # noqa: D102  (never called: run_case writes only)
+        raise AssertionError(f"{case.case_id}: already read")
 
 
 def run_case(
@@ -393,7 +524,7 @@ def run_case(
     Args:
         predictor: the model (None only for an ``"error"`` case, which is not predicted).
         case: the case.
-        reader: reads the case.
+        reader: reads the case (a :class:`PredictedReader`: the case is only written).
         out: the output folder of the batch.
         opts: the options, as :func:`resolve_options` left them for this model.
         clock: counts the slices and the seconds in the model.
@@ -405,24 +536,16 @@ def run_case(
     Raises:
         OutputError: the output disk is full (every case after this one would fail the same way).
     """
-    row: dict = {"case_id": case.case_id, "source": case.source, "status": "ok", "error": ""}
-    if case.identifiers:  # only with keep_identifiers
-        row.update(case.identifiers)
-    if case.kind == "series":
-        row.update(input_type="dicom_series", series_number=case.series_number)
-    if case.kind == "error":
-        row.update(status="error", error=case.error)
-        logger.error("%s", case.error)
-        return row
-    assert predictor is not None
-    t0 = time.perf_counter()
-    with case_folder(case, out, row) as tmp_dir:
-        image = reader.read(case)
-        if case.kind != "series":
-            row["input_type"] = "volume" if image.is_volume else "image"
-        row.update(_predict_case(predictor, image, case, tmp_dir, opts, clock))
-    logger.info("%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0)
-    return row
+    if isinstance(reader, PredictedReader):  # streamed: read and predicted already
+        return finish_case(reader.prepared, out, reader.parts)
+    prepared = prepare_case(predictor, case, reader, out, opts, clock)
+    parts: list[np.ndarray] = []
+    if not prepared.failed:
+        assert predictor is not None and prepared.images is not None
+        with case_errors(case, out, prepared.row):
+            for o in run_model(predictor, prepared.images, opts.batch_size, clock):
+                parts.append(output_part(predictor, opts, o))
+    return finish_case(prepared, out, parts)
 
 
 def resolve_options(task: str, card: dict, opts: Options) -> Options:

@@ -32,8 +32,13 @@ place when the case succeeds, so a failed or killed case leaves no partial folde
 * classification: the class probabilities, in the tables only; for a volume (series, NIfTI,
   multi-frame) the probabilities are the mean over its slices.
 
-Cases are read and predicted one at a time (a series reads only its own files), so memory holds
-one case whatever the size of the batch. A batch that is interrupted (``kill -9``, a full disk)
+The local executor streams the cases (:mod:`medseg.inference.stream`): reader threads read the
+next cases while the model runs, the slices of consecutive cases of one shape share model calls
+(``batch_size`` images a call, also for a folder of 2D files), and one writer thread writes each
+case and records it. Memory holds at most ``queue_depth`` cases (default ``2 * batch_size``; at
+most one of them a volume) whatever the size of the batch; a series
+reads only its own files. ``queue_depth=0``, MC-dropout and Grad-CAM predict one case at a time.
+The outputs are the same bytes either way. A batch that is interrupted (``kill -9``, a full disk)
 is continued by the same call: finished cases are recorded in ``<out>/.medseg-predict/`` and not
 predicted again (:class:`~medseg.inference.batch.Batch`); a full disk stops the batch with an
 :class:`~medseg.errors.OutputError` naming the case folder, leaving no partial file.
@@ -68,6 +73,7 @@ from medseg.inference.postprocess import check_threshold
 from medseg.inference.predict3d import is_volumetric_model, predict_volumes
 from medseg.inference.predictor import BasePredictor, EnsemblePredictor, Predictor
 from medseg.inference.ray_predict import predict_on_ray
+from medseg.inference.stream import stream_cases
 from medseg.io.writers import write_tables
 from medseg.utils import check_outside_inputs, check_writable
 
@@ -96,6 +102,7 @@ def predict(
     address: str | None = None,
     ray_workers: int | None = None,
     ensemble_with: list[str | Path] | tuple = (),
+    queue_depth: int | None = None,
 ) -> PredictResult:
     """Predict every case of ``inputs`` with ``model``; write per-case outputs and the tables.
 
@@ -133,6 +140,7 @@ def predict(
             with the mean of all the models' probabilities (:class:`EnsemblePredictor`), e.g.
             the 2D and 2.5D recipes whose ensemble ``medseg tune --with`` measured. Not with
             ``mc_samples``, ``explain`` or the ``ray`` executor.
+        queue_depth: the local executor's most cases in flight (default ``2 * batch_size``).
 
     Returns:
         The output folder, the per-case rows (failed cases have ``status == "error"``) and the
@@ -144,8 +152,9 @@ def predict(
         OutputError: ``out_dir`` is read-only or may not be written (checked before any work,
             and at write time), or its disk is full (the same call continues the batch).
         ConfigError: ``out_dir`` is, is inside or holds an input; a bad ``batch_size``,
-            ``threshold``, ``min_lesion_voxels`` or ``executor``, ``executor="ray"`` without
-            Ray installed, or ``ensemble_with`` with ``mc_samples``, ``explain`` or ``ray``.
+            ``queue_depth``, ``threshold``, ``min_lesion_voxels`` or ``executor``,
+            ``executor="ray"`` without Ray installed, or ``ensemble_with`` with
+            ``mc_samples``, ``explain`` or ``ray``.
         DataError: an input does not exist, or a folder holds no supported file, or the
             ``ensemble_with`` models' outputs differ from the model's.
         ModelError: the model cannot be loaded.
@@ -153,7 +162,7 @@ def predict(
     given = Options(
         batch_size, overlays, threshold, largest_component, min_lesion_voxels, mc_samples, explain
     )
-    opts = _checked(given, executor, ensemble_with)
+    opts = _checked(given, executor, ensemble_with, queue_depth)
     out = _checked_out(Path(out_dir), inputs)
     signature = batch_signature(model, inputs, _signed(opts, keep_identifiers, ensemble_with))
     batch = Batch.open(out, signature, overwrite)  # a finished batch needs overwrite
@@ -162,21 +171,15 @@ def predict(
         return predict_volumes(model, cases, out, batch, opts.largest_component, progress)
     if executor == "ray":  # the same batch record: skips and records cases as locally
         return predict_on_ray(
-            model,
-            cases,
-            out,
-            opts,
-            address=address,
-            workers=ray_workers,
-            progress=progress,
+            model, cases, out, opts, address=address, workers=ray_workers, progress=progress,
             batch=batch,
-        )
+        )  # fmt: skip
     if address or ray_workers:
         logger.warning("--address and --ray-workers apply to --executor ray; ignored")
     predictor = model if isinstance(model, BasePredictor) else Predictor(model)
     if ensemble_with:
         predictor = EnsemblePredictor([predictor, *(Predictor(m) for m in ensemble_with)])
-    return _predict_locally(predictor, cases, out, opts, batch, progress)
+    return _predict_locally(predictor, cases, out, opts, batch, progress, queue_depth)
 
 
 def _checked_out(out: Path, inputs: list[str | Path]) -> Path:
@@ -191,7 +194,7 @@ def _checked_out(out: Path, inputs: list[str | Path]) -> Path:
     return out
 
 
-def _checked(given: Options, executor: str, ensemble_with) -> Options:
+def _checked(given: Options, executor: str, ensemble_with, queue_depth=None) -> Options:
     """The options of :func:`predict`, checked.
 
     Raises:
@@ -199,6 +202,8 @@ def _checked(given: Options, executor: str, ensemble_with) -> Options:
     """
     if given.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {given.batch_size}")
+    if (queue_depth or 0) < 0:
+        raise ConfigError(f"queue_depth must be >= 0 (0: one case at a time), got {queue_depth}")
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor: '{executor}' is not one of {', '.join(EXECUTORS)}")
     if given.mc_samples == 1 or given.mc_samples < 0:
@@ -277,24 +282,27 @@ def _predict_locally(
     opts: Options,
     batch: Batch,
     progress: bool,
+    queue_depth: int | None = None,
 ) -> PredictResult:
-    """The local executor: the cases one after another in this process."""
+    """The local executor: the cases streamed through this process
+    (:func:`medseg.inference.stream.stream_cases`), or one after another (``queue_depth`` 0,
+    MC-dropout, Grad-CAM)."""
     opts = resolve_options(predictor.task, predictor.card, opts)
     prepare_model(predictor, opts)
     start = time.perf_counter()
     batch.start()
-    reader, clock, rows = CaseReader(), Clock(), []
+    clock = Clock()
     with progress_bar(len(cases), progress) as bar:
-        for case in cases:
-            row = batch.done.get(case.case_id)  # finished before an interruption
-            if row is None:
-                try:
-                    row = batch.commit(run_case(predictor, case, reader, out, opts, clock))
-                except OutputError:
-                    check_writable(out)  # a folder that became read-only: say so
-                    raise
-            rows.append(row)
-            bar.update(1)
+        try:
+            if queue_depth == 0 or opts.mc_samples or opts.explain:
+                rows = _one_at_a_time(predictor, cases, out, opts, batch, clock, bar)
+            else:
+                rows = stream_cases(
+                    predictor, cases, out, opts, batch, clock, bar, queue_depth, run_case
+                )
+        except OutputError:
+            check_writable(out)  # a folder that became read-only: say so
+            raise
     rows = write_tables(out, rows)
     batch.finish()
     result = PredictResult(out, rows, clock.slices, clock.seconds, time.perf_counter() - start)
@@ -309,3 +317,23 @@ def _predict_locally(
         out,
     )
     return result
+
+
+def _one_at_a_time(
+    predictor: BasePredictor,
+    cases: list[Case],
+    out: Path,
+    opts: Options,
+    batch: Batch,
+    clock: Clock,
+    bar,
+) -> list[dict]:
+    """The cases one after another: read, predict, write, commit."""
+    reader, rows = CaseReader(), []
+    for case in cases:
+        row = batch.done.get(case.case_id)  # finished before an interruption
+        if row is None:
+            row = batch.commit(run_case(predictor, case, reader, out, opts, clock))
+        rows.append(row)
+        bar.update(1)
+    return rows

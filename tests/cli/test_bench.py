@@ -89,6 +89,7 @@ def test_bench_cli_json_contract(tiny_configs):
     proc = run_cli(
         "bench", "--unet-config", str(tiny_configs["unet"]),
         "--classifier-config", str(tiny_configs["cls"]), "--seconds", "1",
+        "--predict-config", str(tiny_configs["unet"]),
         "--torch-python", sys.executable, "--torch-script", str(root / "fake_torch.py"),
         "--out", str(root / "bench.json"),
         cwd=root,
@@ -97,6 +98,13 @@ def test_bench_cli_json_contract(tiny_configs):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads((root / "bench.json").read_text()) == result
     assert result["matmul_peak_gflops"] > 1
+    pred = result["predict"]  # batch inference end to end beside the model alone
+    assert {"model_img_s", "end_to_end_img_s", "ratio", "peak_rss_mb"} <= set(pred)
+    assert pred["model_img_s"] > 0 and pred["end_to_end_img_s"] > 0 and pred["peak_rss_mb"] > 0
+    assert pred["ratio"] == pytest.approx(pred["end_to_end_img_s"] / pred["model_img_s"], 0.01)
+    for part in ("images", "volumes"):
+        assert pred[part]["end_to_end_img_s"] > 0 and pred[part]["ratio"] > 0
+    assert pred["images"]["one_at_a_time_img_s"] > 0
     for name in ("unet", "classifier"):
         r = result[name]
         for key in ("train_img_s", "infer_img_s", "pipeline_img_s", "peak_rss_mb", "gflop_per_img"):
