@@ -42,7 +42,7 @@ from medseg.inference.uncertainty import (
 from medseg.io import Image, image_suffix, read_image
 from medseg.io.base import PLAIN_SUFFIXES, check_channels, small_image_problem
 from medseg.io.writers import write_mask_nifti, write_mask_png, write_png, write_seg
-from medseg.utils import disk_full_error, is_disk_full
+from medseg.utils import disk_full_error, display_text, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def check_model_input(predictor: BasePredictor, image: Image, source: str) -> No
         check_channels(image, channels, names if isinstance(names, dict) else None, source=source)
     problem = small_image_problem(image, source=source)
     if problem:
-        logger.warning("%s", problem)
+        logger.warning("%s", display_text(problem))
 
 
 def _mc_dropout(work: _Work, images: np.ndarray) -> dict:
@@ -373,13 +373,13 @@ def case_errors(case: Case, out: Path, row: dict) -> Iterator[None]:
         if case.source not in message:  # a failed case's row always names its source
             message = f"{case.source}: {message}"
         row.update(status="error", error=message)
-        logger.error("%s", message)
+        logger.error("%s", display_text(message))
     except Exception as e:  # one bad case must not stop the batch
         if is_disk_full(e):
             raise disk_full_error(out / case.case_id) from e
         message = f"{type(e).__name__}: {e}"
         row.update(status="error", error=f"{case.source}: {message}")
-        logger.error("%s: unexpected error: %s", case.case_id, message)
+        logger.error("%s: unexpected error: %s", case.case_id, display_text(message))
         logger.debug("%s: traceback", case.case_id, exc_info=True)
 
 
@@ -462,7 +462,7 @@ def prepare_case(
     row = prepared.row
     if case.kind == "error":
         row.update(status="error", error=case.error)
-        logger.error("%s", case.error)
+        logger.error("%s", display_text(case.error))
         return prepared
     assert predictor is not None
     with case_errors(case, out, row):
