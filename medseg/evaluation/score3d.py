@@ -11,6 +11,7 @@ on a labelled dataset folder (``dataset.json``).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from medseg.artifacts.exports import folder_kind
@@ -48,17 +49,7 @@ def score_volumes(
     """
     out = Path(out)
     predictor = VolumePredictor(model, checkpoint=checkpoint, mirror=mirror)
-    labels = predictor.labels
-    rows: list[dict] = []
-    for case in cases:
-        image = read_case_image(case, predictor.channels)
-        truth = read_case_labels(case, labels)
-        spacing = image.meta.spacing
-        pred = predictor.predict(image.array, spacing, image.meta.affine)["labels"]
-        for name, mask in (("none", pred), ("largest", largest_component_per_label(pred))):
-            args = (case.case_id, case.case_id, mask, truth, spacing, labels, tolerance_mm)
-            for row in case_rows(*args):
-                rows.append({**row, "postprocess": name})
+    rows = _predict_and_score(predictor, cases, tolerance_mm)
     out.mkdir(parents=True, exist_ok=True)
     write_cases(out / f"cases_{_file_part(split)}.csv", rows)
     plain = summarize_volumetric([r for r in rows if r["postprocess"] == "none"], n_boot=n_boot)
@@ -71,6 +62,48 @@ def score_volumes(
     atomic_write_json(path, {**recorded, **result})
     logger.info("%s (%s, %d cases):\n%s", split, checkpoint, len(cases), format_volumetric(plain))
     return result
+
+
+def _read_case(case: MsdCase, channels: int, labels: dict) -> tuple:
+    return read_case_image(case, channels), read_case_labels(case, labels)
+
+
+def _score_case(case: MsdCase, pred, truth, spacing, labels: dict, tolerance_mm: float) -> list:
+    """One case's rows: each structure, without and with its largest component only."""
+    rows = []
+    for name, mask in (("none", pred), ("largest", largest_component_per_label(pred))):
+        args = (case.case_id, case.case_id, mask, truth, spacing, labels, tolerance_mm)
+        rows.extend({**row, "postprocess": name} for row in case_rows(*args))
+    return rows
+
+
+def _predict_and_score(
+    predictor: VolumePredictor, cases: list[MsdCase], tolerance_mm: float
+) -> list[dict]:
+    """The rows of ``cases`` in order, each case read (one ahead) and scored (one at a time) in
+    threads while the model predicts the next: the same rows as one case after another, with
+    at most three cases' volumes in memory."""
+    labels, rows = predictor.labels, []
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="medseg-read3d") as readers,
+        ThreadPoolExecutor(1, thread_name_prefix="medseg-score3d") as scorer,
+    ):
+        ahead = readers.submit(_read_case, cases[0], predictor.channels, labels) if cases else None
+        scoring = None
+        for k, case in enumerate(cases):
+            assert ahead is not None
+            image, truth = ahead.result()
+            ahead = None
+            if k + 1 < len(cases):
+                ahead = readers.submit(_read_case, cases[k + 1], predictor.channels, labels)
+            spacing = image.meta.spacing
+            pred = predictor.predict(image.array, spacing, image.meta.affine)["labels"]
+            if scoring is not None:
+                rows.extend(scoring.result())
+            scoring = scorer.submit(_score_case, case, pred, truth, spacing, labels, tolerance_mm)
+        if scoring is not None:
+            rows.extend(scoring.result())
+    return rows
 
 
 def _file_part(split: str) -> str:

@@ -148,25 +148,33 @@ def _read(
 
 
 def _read_and_predict(
-    predictor: Predictor, samples: list, task: str, batch: int
+    predictor: Predictor, samples: list, task: str, batch: int, scorer: _PatientScorer | None = None
 ) -> tuple[_Loaded, list[np.ndarray], float]:
     """:func:`_read` and :func:`_predict` of a 2D model overlapped: each model call starts as
-    soon as its images are read (the same calls, so the same probabilities)."""
+    soon as its images are read (the same calls, so the same probabilities). With a ``scorer``
+    (segmentation) each image is dropped once predicted and the samples predicted are handed to
+    it, which drops their probabilities and truth as it scores their patients."""
     loaded = _Loaded([None] * len(samples), [None] * len(samples), samples)
     key = (predictor.channels, predictor.card.get("slice_axis", 0))
-    probs: list = []
-    seconds = 0.0
+    probs: list = [None] * len(samples)
+    done, seconds = 0, 0.0
     for idx, images, truth in _read_sources(samples, task, *key):
         for i, image, t in zip(idx, images, truth, strict=True):
             loaded.images[i], loaded.truth[i] = image, t
-        while True:
-            end = _batch_end(loaded.images, len(probs), batch)
-            if end is None:
-                break
+        while (end := _batch_end(loaded.images, done, batch)) is not None:
             t0 = time.perf_counter()
-            probs.extend(_call(predictor, loaded.images[len(probs) : end]))
+            probs[done:end] = _call(predictor, loaded.images[done:end])
             seconds += time.perf_counter() - t0
+            if scorer is not None:
+                loaded.images[done:end] = [_PREDICTED] * (end - done)
+                scorer.predicted(range(done, end), probs, loaded.truth)
+            done = end
     return loaded, probs, seconds
+
+
+#: Stands for an image the model has predicted and that was dropped (not None: that is an
+#: image not read yet, for :func:`_batch_end`).
+_PREDICTED = np.zeros((0,), np.float32)
 
 
 def _batch_end(images: list, i: int, batch: int) -> int | None:
@@ -185,7 +193,7 @@ def _batch_end(images: list, i: int, batch: int) -> int | None:
 
 
 def _call(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    return list(predictor(np.stack(images).astype(np.float32))["probabilities"])
+    return list(predictor(np.stack(images).astype(np.float32, copy=False))["probabilities"])
 
 
 def _stack_context(images: list[np.ndarray], samples: list, k: int) -> None:
@@ -210,57 +218,91 @@ def _predict(predictor: Predictor, images: list[np.ndarray], batch: int) -> list
     return out
 
 
-def _masks(
-    loaded: _Loaded,
-    probs: list[np.ndarray],
-    threshold: float,
-    min_lesion_voxels: int,
-    largest_component: bool,
+def _patient_masks(
+    probs: list[np.ndarray], threshold: float, min_lesion_voxels: int, largest_component: bool
 ) -> list[np.ndarray]:
-    """Label maps of each image, post-processed per patient volume (per slice where a
-    patient's slices differ in shape)."""
-    samples = loaded.samples
+    """Label maps of one patient's slices (in slice order), post-processed as its volume (per
+    slice where its slices differ in shape)."""
     masks = [label_maps(p, threshold) for p in probs]
     if not (min_lesion_voxels > 1 or largest_component):
         return masks
-    volumes = patient_volumes([s.group for s in samples], [s.id for s in samples])
-    for idx in volumes.values():
-        if len({masks[i].shape for i in idx}) == 1:
-            vol = postprocess(
-                np.stack([masks[i] for i in idx]),
-                min_size_voxels=min_lesion_voxels,
-                largest_component=largest_component,
-            )
-            for i, m in zip(idx, vol, strict=True):
-                masks[i] = m
-        else:  # slices of different sizes: 2D
-            for i in idx:
-                masks[i] = postprocess(
-                    masks[i], min_size_voxels=min_lesion_voxels, largest_component=largest_component
-                )
-    return masks
+    if len({m.shape for m in masks}) == 1:
+        vol = postprocess(
+            np.stack(masks), min_size_voxels=min_lesion_voxels, largest_component=largest_component
+        )
+        return list(vol)
+    return [  # slices of different sizes: 2D
+        postprocess(m, min_size_voxels=min_lesion_voxels, largest_component=largest_component)
+        for m in masks
+    ]
 
 
-def _segmentation(
-    loaded: _Loaded,
-    probs: list[np.ndarray],
-    post: tuple,
-    tolerance: float,
-    n_boot: int,
-    seed: int,
-) -> tuple[dict, list[dict], list[dict]]:
-    """Metrics, case rows and patient rows; ``post``: threshold, minimum lesion voxels and
-    largest component; ``tolerance``: NSD tolerance (px at native resolution)."""
-    samples = loaded.samples
-    masks = _masks(loaded, probs, *post)
+def _score_patient(
+    samples: list, idx: list[int], probs: list, truth: list, post: tuple, tolerance: float
+) -> tuple[list[dict], dict]:
+    """One patient's case rows (in the order of ``idx``, its slice order) and its patient row:
+    ``probs`` and ``truth`` of its slices, ``post``: threshold, minimum lesion voxels and largest
+    component; ``tolerance``: NSD tolerance (px at native resolution)."""
+    masks = _patient_masks(probs, *post)
     rows = []
-    for s, m, t in zip(samples, masks, loaded.truth, strict=True):
-        row = segmentation_row(s.id, s.group, m, t)
+    for i, m, t in zip(idx, masks, truth, strict=True):
+        row = segmentation_row(samples[i].id, samples[i].group, m, t)
         row["dice"] = round(dice_from_counts(row["tp"], row["fp"], row["fn"]), 6)
         rows.append(row)
-    ids, groups = [s.id for s in samples], [s.group for s in samples]
-    truth = [np.asarray(t) > 0 for t in loaded.truth]
-    group_rows = group_surface_rows(ids, groups, [m > 0 for m in masks], truth, tolerance)
+    ids, groups = [samples[i].id for i in idx], [samples[i].group for i in idx]
+    truth = [np.asarray(t) > 0 for t in truth]
+    (group_row,) = group_surface_rows(ids, groups, [m > 0 for m in masks], truth, tolerance)
+    return rows, group_row
+
+
+class _PatientScorer:
+    """Scores each patient (:func:`_score_patient`) in a thread as soon as its slices have all
+    been predicted, while the model goes on; its probabilities, images and truth are dropped."""
+
+    def __init__(self, samples: list, post: tuple, tolerance: float):
+        self.samples, self.post, self.tolerance = samples, post, tolerance
+        self.volumes = patient_volumes([s.group for s in samples], [s.id for s in samples])
+        self.left = {g: len(idx) for g, idx in self.volumes.items()}
+        self.rows: list = [None] * len(samples)
+        self.futures: list = []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="medseg-eval-score")
+
+    def predicted(self, indices: range, probs: list, truth: list) -> None:
+        """Samples ``indices`` have their probabilities: score the patients they complete."""
+        for i in indices:
+            g = self.samples[i].group
+            self.left[g] -= 1
+            if self.left[g]:
+                continue
+            idx = self.volumes[g]
+            args = (self.samples, idx, [probs[k] for k in idx], [truth[k] for k in idx])
+            future = self.pool.submit(_score_patient, *args, self.post, self.tolerance)
+            self.futures.append((idx, future))
+            for k in idx:
+                probs[k] = truth[k] = None
+
+    def close(self) -> None:
+        """Stop scoring (on an error): the patient being scored finishes, no other starts."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def result(self) -> tuple[list[dict], list[dict]]:
+        """The case rows in sample order and the patient rows in group order."""
+        group_rows = []
+        try:
+            for idx, future in self.futures:
+                rows, group_row = future.result()
+                group_rows.append(group_row)
+                for i, row in zip(idx, rows, strict=True):
+                    self.rows[i] = row
+        finally:
+            self.close()
+        return self.rows, sorted(group_rows, key=lambda r: r["group"])
+
+
+def _segmentation_metrics(
+    rows: list[dict], group_rows: list[dict], tolerance: float, n_boot: int, seed: int
+) -> dict:
+    """The metrics of a segmentation model from its case and patient rows."""
     counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in group_rows], np.int64)
     per_group = np.array([r["dice"] for r in group_rows])
     n = len(group_rows)
@@ -289,7 +331,7 @@ def _segmentation(
         metrics[f"{key}_ci95"] = bootstrap_interval(
             lambda m, key=key: group_surface_means(values, m)[key], n, n_boot, seed
         )
-    return metrics, rows, group_rows
+    return metrics
 
 
 def _classification(
@@ -403,11 +445,14 @@ def evaluate_model(
     scan.log_problems()
     samples = _labelled_samples(scan, data, layout, predictor)
     threshold = predictor.card.get("threshold", 0.5) if threshold is None else threshold
-    loaded, probs, seconds = _ensemble_probabilities([predictor, *members], samples, batch_size)
+    predictors = [predictor, *members]
     if task == "segmentation":
         post = (threshold, min_lesion_voxels, largest_component)
-        metrics, rows = _score_segmentation(out, loaded, probs, post, tolerance_mm, n_boot, seed)
+        metrics, rows, seconds = _score_segmentation(
+            out, predictors, samples, batch_size, post, tolerance_mm, n_boot, seed
+        )
     else:
+        loaded, probs, seconds = _ensemble_probabilities(predictors, samples, batch_size)
         metrics, rows = _score_classification(out, loaded, probs, predictor.classes, n_boot, seed)
     write_cases(out / "cases.csv", rows)
     metrics.update(
@@ -474,22 +519,40 @@ def _ensemble_probabilities(
 
 def _score_segmentation(
     out: Path,
-    loaded: _Loaded,
-    probs: list[np.ndarray],
+    predictors: list[Predictor],
+    samples: list,
+    batch: int,
     post: tuple,
     tolerance: float,
     n_boot: int,
     seed: int,
-) -> tuple[dict, list[dict]]:
-    """Metrics and cases of a segmentation model; writes ``groups.csv`` and its plot.
+) -> tuple[dict, list[dict], float]:
+    """The metrics and case rows of a segmentation model, and the seconds in the model; writes
+    ``groups.csv`` and its plot.
 
-    ``post``: threshold, minimum lesion voxels and largest component; ``tolerance``: NSD
-    tolerance in pixels.
+    One model fed whole 2D slices is streamed: reader threads ahead of the model
+    (:func:`_read_and_predict`) and each patient scored in a thread once its slices are
+    predicted (:class:`_PatientScorer`), so memory holds the images read ahead and the
+    probabilities of the patients not yet complete, not the whole folder. An ensemble or a 2.5D
+    model reads the whole folder first (:func:`_ensemble_probabilities`) and is scored by the
+    same per-patient code. ``post``: threshold, minimum lesion voxels and largest component;
+    ``tolerance``: NSD tolerance in pixels.
     """
-    metrics, rows, group_rows = _segmentation(loaded, probs, post, tolerance, n_boot, seed)
+    scorer = _PatientScorer(samples, post, tolerance)
+    try:
+        if len(predictors) == 1 and not predictors[0].context_slices:
+            _, _, seconds = _read_and_predict(predictors[0], samples, "segmentation", batch, scorer)
+        else:
+            loaded, probs, seconds = _ensemble_probabilities(predictors, samples, batch)
+            scorer.predicted(range(len(samples)), list(probs), list(loaded.truth))
+    except BaseException:
+        scorer.close()
+        raise
+    rows, group_rows = scorer.result()
+    metrics = _segmentation_metrics(rows, group_rows, tolerance, n_boot, seed)
     write_cases(out / "groups.csv", group_rows)
     plot_group_dice({1: np.array(metrics["per_group_dice"])}, out / "plots" / "group_dice.png")
-    return metrics, rows
+    return metrics, rows, seconds
 
 
 def _score_classification(

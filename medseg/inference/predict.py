@@ -168,7 +168,9 @@ def predict(
     batch = Batch.open(out, signature, overwrite)  # a finished batch needs overwrite
     cases = collect_cases(inputs, keep_identifiers=keep_identifiers)
     if _volumetric(model, opts, executor, ensemble_with):
-        return predict_volumes(model, cases, out, batch, opts.largest_component, progress)
+        return predict_volumes(
+            model, cases, out, batch, opts.largest_component, progress, queue_depth=queue_depth
+        )
     if executor == "ray":  # the same batch record: skips and records cases as locally
         return predict_on_ray(
             model, cases, out, opts, address=address, workers=ray_workers, progress=progress,
