@@ -10,13 +10,14 @@ COLORS = np.array(
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
-    """HxWxC float image -> HxWx3 uint8, contrast stretched to its 1st-99th percentile."""
+    """HxWxC float image -> HxWx3 uint8, contrast stretched to its 1st-99th percentile (taken
+    on every second row and column: 4x cheaper, the same stretch to a grey level or two)."""
     img = np.asarray(image, np.float32)
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
-    lo, hi = np.percentile(img, [1, 99])
+    lo, hi = np.percentile(img[::2, ::2], [1, 99])
     img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
     return (img[..., :3] * 255).round().astype(np.uint8)
 
