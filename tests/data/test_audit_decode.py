@@ -104,7 +104,7 @@ def test_cli_audit_min_size(dataset: Path, tmp_path: Path) -> None:
     import json
 
     problems = json.loads((tmp_path / "out" / "audit.json").read_text())["problems"]
-    assert sum("smaller than the minimum 70" in p for p in problems) == 8  # all but the two bad
+    assert sum("smaller than the minimum 70" in p for p in problems) == 7  # all but the two bad
     assert any("garbled.jpg: JPEG data is corrupt" in p for p in problems)
     proc = run_cli("data", "audit", str(dataset), "--min-size", "0", cwd=tmp_path)
     assert proc.returncode == 2 and "min_size must be >= 1" in proc.stderr

@@ -173,8 +173,8 @@ def test_ray_continues_an_interrupted_batch(ray_local, tiny_model, batch, tmp_pa
         return read(self, case)
 
     monkeypatch.setattr(CaseReader, "read", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        predict(tiny_model, inputs, out, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # one case at a time: img0 and img1 are then done
+        predict(tiny_model, inputs, out, progress=False, queue_depth=0)
     monkeypatch.setattr(CaseReader, "read", read)
     assert not (out / "predictions.csv").exists()
 
