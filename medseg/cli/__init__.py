@@ -18,7 +18,6 @@ The global options ``--debug`` and ``--quiet`` go before or after the verb.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -106,18 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _internal_error(e: Exception, debug: bool) -> int:
-    """Report an unexpected exception: a full disk is the user's (2), anything else a bug (3)."""
-    from medseg.utils import display_text, is_disk_full
+    """Report an unexpected exception: an output that cannot be written (a full disk, a
+    read-only file system, a missing permission: :func:`medseg.utils.output_error`, raised
+    outside medseg's own writers, e.g. by TensorFlow or Keras) is the user's (2), anything else
+    a bug (3)."""
+    from medseg.utils import display_text, output_error
 
     if debug:
         traceback.print_exc()
-    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        where = display_text(str(e.filename or "output"))  # outside medseg's writers
-        print(f"medseg: error: {where}: {e.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    if is_disk_full(e):  # a full disk outside medseg's own writers (TensorFlow, Keras)
-        where = getattr(e, "filename", None) or "output"
-        print(f"medseg: error: {where}: no space left on the output disk", file=sys.stderr)
+    mapped = output_error(display_text(str(getattr(e, "filename", None) or "output")), e)
+    if mapped is not None:
+        print(f"medseg: error: {mapped}", file=sys.stderr)
         return EXIT_USAGE
     hint = "" if debug else " (rerun with --debug for the traceback)"
     print(f"medseg: internal error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
