@@ -255,20 +255,28 @@ def split_acquisitions(
     if len(places) == len(headers) or len(headers) % len(places):
         return None
     for keyword in ACQUISITION_KEYWORDS:
-        values = [first_float(h.dataset.get(keyword)) for h in headers]
-        if any(v is None for v in values):
+        found = _acquisitions(keyword, [first_float(h.dataset.get(keyword)) for h in headers])
+        if found is None:
             continue
-        groups: dict[float, list[int]] = {}
-        for i, v in enumerate(values):
-            groups.setdefault(v, []).append(i)  # type: ignore[arg-type]
-        if len(groups) < 2 or any({where[i] for i in g} != places for g in groups.values()):
-            continue
-        if any(len(g) != len(places) for g in groups.values()):
-            continue
-        order = sorted(groups)
-        text = f"{keyword} {', '.join(f'{v:g}' for v in order)}"
-        return text, [[headers[i] for i in groups[v]] for v in order]
+        text, groups = found
+        if all({where[i] for i in g} == places and len(g) == len(places) for g in groups):
+            return text, [[headers[i] for i in g] for g in groups]
     return None
+
+
+def _acquisitions(keyword: str, values: list[float | None]) -> tuple[str, list[list[int]]] | None:
+    """The indices of each value of ``keyword`` (ascending) and their description
+    (``"DiffusionBValue 0, 500, 1000"``), when every item has a value and there are 2 or more
+    values, each on as many items; else None."""
+    if any(v is None for v in values):
+        return None
+    groups: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)  # type: ignore[arg-type]
+    if len(groups) < 2 or len({len(g) for g in groups.values()}) != 1:
+        return None
+    order = sorted(groups)
+    return f"{keyword} {', '.join(f'{v:g}' for v in order)}", [groups[v] for v in order]
 
 
 def frame_acquisitions(ds: Dataset, n_frames: int) -> tuple[str, list[list[int]]] | None:
@@ -290,14 +298,7 @@ def frame_acquisitions(ds: Dataset, n_frames: int) -> tuple[str, list[list[int]]
         for item in per_frame:
             inner = item.get(sequence)
             values.append(first_float(inner[0].get(keyword)) if inner else None)
-        if any(v is None for v in values):
-            continue
-        groups: dict[float, list[int]] = {}
-        for i, v in enumerate(values):
-            groups.setdefault(v, []).append(i)  # type: ignore[arg-type]
-        sizes = {len(g) for g in groups.values()}
-        if len(groups) < 2 or len(sizes) != 1:
-            continue
-        order = sorted(groups)
-        return f"{keyword} {', '.join(f'{v:g}' for v in order)}", [groups[v] for v in order]
+        found = _acquisitions(keyword, values)
+        if found is not None:
+            return found
     return None
