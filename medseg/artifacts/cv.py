@@ -33,9 +33,9 @@ from medseg.artifacts.runs import (
     has_trained,
     lock_run_folder,
     run_opened,
+    stored_config_hash,
 )
 from medseg.config import Config
-from medseg.config.loading import safe_load_bounded
 from medseg.errors import RunExistsError
 from medseg.utils import atomic_write_text, read_json
 
@@ -96,11 +96,7 @@ def open_cv_run(cfg: Config) -> Path:
             logger.info("overwriting %s", root)
             clear_folder(root)
         if config_path.exists():
-            stored = safe_load_bounded(config_path.read_text(), str(config_path))
-            stored_hash = (
-                stored.get("medseg", {}).get("config_hash") if isinstance(stored, dict) else None
-            )
-            if stored_hash != cfg.hash():
+            if stored_config_hash(config_path) != cfg.hash():
                 raise RunExistsError(
                     f"{root}: holds a cross-validation run of another config; pick another "
                     "run.name or pass --overwrite"

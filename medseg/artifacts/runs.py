@@ -285,15 +285,24 @@ def run_scope(cfg: Config, started: Callable[[Path], bool] = has_trained) -> Ite
                     path.rmdir()
 
 
+def stored_config_hash(config_path: Path) -> str | None:
+    """The config hash that a run's or CV's ``config.yaml`` records (``medseg.config_hash``);
+    None when it records none.
+
+    Raises:
+        OSError, yaml.YAMLError, ConfigError: the file cannot be read or parsed.
+    """
+    stored = safe_load_bounded(config_path.read_text(), str(config_path))
+    medseg_section = stored.get("medseg") if isinstance(stored, dict) else None
+    return medseg_section.get("config_hash") if isinstance(medseg_section, dict) else None
+
+
 def _state_from_config(run: RunDir) -> dict:
     """The state of a run killed after writing ``config.yaml`` and before ``state.json``."""
     try:
-        stored = safe_load_bounded(run.config_path.read_text(), str(run.config_path)) or {}
+        config_hash = stored_config_hash(run.config_path)
     except (OSError, ValueError, yaml.YAMLError, MedsegError):
         return {}
-    if not isinstance(stored, dict):
-        return {}
-    config_hash = (stored.get("medseg") or {}).get("config_hash")
     return {"status": "running", "config_hash": config_hash} if config_hash else {}
 
 
