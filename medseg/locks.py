@@ -31,7 +31,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from medseg.errors import MedsegError, OutputError
@@ -101,7 +100,8 @@ def _my_info() -> dict:
 class FolderLock:
     """An exclusive lock on a folder, held by this process until :meth:`release`.
 
-    Use :func:`lock_folder` (a context manager) or :meth:`acquire` and :meth:`release`.
+    Use it as a context manager (``with FolderLock(folder) as lock:``), or :meth:`acquire` and
+    :meth:`release`.
 
     Attributes:
         folder: the locked folder.
@@ -233,21 +233,6 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-@contextlib.contextmanager
-def lock_folder(folder: str | Path, what: str = "folder") -> Iterator[FolderLock]:
-    """Hold ``folder``'s lock for the ``with`` block (see :class:`FolderLock`).
-
-    Raises:
-        FolderInUseError: another live process holds the lock.
-        OutputError: the folder or the lock file cannot be created.
-    """
-    lock = FolderLock(folder, what).acquire()
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 #: The locks this process holds, by resolved folder (see :func:`hold`).

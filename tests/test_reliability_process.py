@@ -24,7 +24,7 @@ from PIL import Image
 
 from medseg import locks
 from medseg.errors import DataError, OutputError
-from medseg.locks import LOCK_NAME, FolderInUseError, FolderLock, lock_folder
+from medseg.locks import LOCK_NAME, FolderInUseError, FolderLock
 from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli
 
 TINY = as_cli_sets(TINY_UNET)
@@ -98,7 +98,7 @@ _HOLDER = (
 
 def test_a_held_folder_is_refused_naming_the_owner_and_released_without_a_trace(tmp_path):
     folder = tmp_path / "new" / "out"
-    with lock_folder(folder, "output folder") as lock:
+    with FolderLock(folder, "output folder") as lock:
         assert lock.created and (folder / LOCK_NAME).is_file()
         owner = json.loads((folder / LOCK_NAME).read_text())
         assert owner["pid"] == os.getpid() and owner["host"]
@@ -109,7 +109,7 @@ def test_a_held_folder_is_refused_naming_the_owner_and_released_without_a_trace(
     assert f"(pid {os.getpid()} on " in message and "\n" not in message
     assert not folder.exists()  # created by the lock, empty: removed with it
     (tmp_path / "kept").mkdir()
-    with lock_folder(tmp_path / "kept"):
+    with FolderLock(tmp_path / "kept"):
         (tmp_path / "kept" / "result.txt").write_text("x")
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["result.txt"]
 
@@ -138,7 +138,7 @@ def test_a_lock_of_another_process_is_honoured_until_it_dies_then_taken_over(tmp
         holder.kill()
         holder.wait(timeout=30)
     assert (folder / LOCK_NAME).is_file()  # a kill -9 leaves the file; the kernel, no lock
-    with caplog.at_level("INFO", logger="medseg.locks"), lock_folder(folder):
+    with caplog.at_level("INFO", logger="medseg.locks"), FolderLock(folder):
         assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert f"took over a stale lock of (pid {holder.pid} on" in caplog.text
 
@@ -157,7 +157,7 @@ def test_without_flock_the_file_is_the_lock_and_dead_owners_are_detected(tmp_pat
     dead.wait()
     host = socket.gethostname()
     (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": host}))
-    with lock_folder(folder) as lock:  # a dead process on this host: stale
+    with FolderLock(folder) as lock:  # a dead process on this host: stale
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
         with pytest.raises(FolderInUseError, match=rf"pid {os.getpid()} on {host}"):
             FolderLock(folder).acquire()  # alive (this process)
