@@ -493,13 +493,19 @@ def _labelled_samples(scan, data: str | Path, layout: str, predictor: Predictor)
     return samples
 
 
+def _streamable(predictors: list[Predictor]) -> bool:
+    """Whether the images can be predicted as they are read (:func:`_read_and_predict`): one
+    model fed whole slices; an ensemble or a 2.5D model needs the whole folder first."""
+    return len(predictors) == 1 and not predictors[0].context_slices
+
+
 def _ensemble_probabilities(
     predictors: list[Predictor], samples: list, batch_size: int
 ) -> tuple[_Loaded, list[np.ndarray], float]:
     """``(images read, probabilities of each image, seconds of inference)``: the mean of the
     predictors' probabilities, each predictor fed the images as it is served."""
     task = predictors[0].task
-    if len(predictors) == 1 and not predictors[0].context_slices:
+    if _streamable(predictors):
         return _read_and_predict(predictors[0], samples, task, batch_size)
     seconds = 0.0
     all_probs, reads = [], {}
@@ -540,7 +546,7 @@ def _score_segmentation(
     """
     scorer = _PatientScorer(samples, post, tolerance)
     try:
-        if len(predictors) == 1 and not predictors[0].context_slices:
+        if _streamable(predictors):
             _, _, seconds = _read_and_predict(predictors[0], samples, "segmentation", batch, scorer)
         else:
             loaded, probs, seconds = _ensemble_probabilities(predictors, samples, batch)

@@ -92,18 +92,22 @@ class _Work:
     axis: int  # the slice axis of a volume (data.slice_axis); 0 for a 2D image
 
 
+def call_model(predictor: BasePredictor, images: np.ndarray, clock: Clock) -> dict:
+    """One model call on ``images`` (:meth:`BasePredictor.model_input`), counting them and the
+    seconds in the model on ``clock``."""
+    t0 = time.perf_counter()
+    out = predictor(images)
+    clock.seconds += time.perf_counter() - t0
+    clock.slices += len(images)
+    return out
+
+
 def run_model(
     predictor: BasePredictor, images: np.ndarray, step: int, clock: Clock
 ) -> Iterator[dict]:
-    """Yield the model outputs for ``images`` (:meth:`BasePredictor.model_input`), ``step``
-    images per call, counting them and the seconds in the model on ``clock``."""
+    """Yield the model outputs for ``images``, ``step`` images per call (:func:`call_model`)."""
     for i in range(0, len(images), step):
-        batch = images[i : i + step]
-        t0 = time.perf_counter()
-        out = predictor(batch)
-        clock.seconds += time.perf_counter() - t0
-        clock.slices += len(batch)
-        yield out
+        yield call_model(predictor, images[i : i + step], clock)
 
 
 def _folder_slices(folder: Path) -> list[Path]:
@@ -264,7 +268,7 @@ def _segment(work: _Work, parts: list[np.ndarray]) -> np.ndarray:
     opts = work.opts
     n_out = int(work.predictor.card.get("num_outputs", 1))
     dtype = np.uint8 if n_out <= 256 else np.int32
-    mask = unreslice(np.concatenate(parts).astype(dtype), work.axis)
+    mask = unreslice(np.concatenate(parts).astype(dtype, copy=False), work.axis)
     if work.image.is_volume:
         return postprocess(
             mask,

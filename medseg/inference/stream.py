@@ -40,7 +40,6 @@ read by the reader with the image.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -55,6 +54,7 @@ from medseg.inference.case import (
     Options,
     PredictedReader,
     PreparedCase,
+    call_model,
     case_errors,
     output_part,
     prepare_case,
@@ -112,16 +112,16 @@ def _volume_like(case: Case) -> bool:
 class _Stream:
     """The state of one streamed batch (see the module docstring)."""
 
-    def __init__(self, predictor, cases, out, opts, batch, clock, depth, bar):
+    def __init__(self, predictor, cases, out, opts, batch, clock, depth, bar, run):
         self.predictor, self.cases, self.out, self.opts = predictor, cases, out, opts
         self.batch, self.clock, self.depth, self.bar = batch, clock, depth, bar
+        self.run_case = run
         self.rows: list[dict | None] = [batch.done.get(c.case_id) for c in cases]
         self.todo = deque(i for i, r in enumerate(self.rows) if r is None)
         self.reads: deque[tuple[int, bool, Future]] = deque()
         self.waiting: deque[_Slot] = deque()
         self.writes: dict[Future, tuple[int, bool]] = {}
         self.in_flight = self.volumes = 0
-        self.run_case = run_case
         self.reader = CaseReader()
         bar.update(len(cases) - len(self.todo))
 
@@ -130,14 +130,15 @@ class _Stream:
         while self.todo or self.reads or self.waiting or self.writes:
             self._collect(block=False)
             self._admit()
-            if self._full_batch():
-                self._model_call()
+            segments = self._segments()
+            if self._full(segments):
+                self._model_call(segments)
             elif self.reads:
                 self._take_read()  # waits for the next case in order
             elif self.todo and self.writes:
                 self._collect(block=True)  # a case written frees room for the next read
-            elif self.waiting:
-                self._model_call()  # nothing more to wait for: a shorter call
+            elif segments:
+                self._model_call(segments)  # nothing more to wait for: a shorter call
             else:
                 self._collect(block=True)
         return [r for r in self.rows if r is not None]
@@ -171,7 +172,9 @@ class _Stream:
 
     def _segments(self) -> list[tuple[_Slot, int, int]]:
         """The next model call: up to ``batch_size`` slices of the waiting cases of the first
-        one's shape, in order."""
+        one's shape, in order (none when no case waits)."""
+        if not self.waiting:
+            return []
         step = self.opts.batch_size
         segments, n = [], 0
         shape = self.waiting[0].shape
@@ -183,16 +186,14 @@ class _Stream:
             n += take
         return segments
 
-    def _full_batch(self) -> bool:
-        """Whether the waiting cases fill a model call (or a shape change ends one)."""
-        if not self.waiting:
+    def _full(self, segments: list[tuple[_Slot, int, int]]) -> bool:
+        """Whether ``segments`` fill a model call (or a shape change ends one)."""
+        if not segments:
             return False
-        segments = self._segments()
         n = sum(b - a for _, a, b in segments)
         return n == self.opts.batch_size or len(segments) < len(self.waiting)
 
-    def _model_call(self) -> None:
-        segments = self._segments()
+    def _model_call(self, segments: list[tuple[_Slot, int, int]]) -> None:
         if len(segments) == 1:
             self._call_alone(*segments[0])
             return
@@ -222,11 +223,7 @@ class _Stream:
             self._write(slot)
 
     def _predict(self, images: np.ndarray) -> dict:
-        t0 = time.perf_counter()
-        out = self.predictor(images)
-        self.clock.seconds += time.perf_counter() - t0
-        self.clock.slices += len(images)
-        return out
+        return call_model(self.predictor, images, self.clock)
 
     def _take(self, slot: _Slot, end: int, out: dict) -> None:
         """Keep a case's share of a model output; write the case when it is complete."""
@@ -302,8 +299,7 @@ def stream_cases(
             committed before it stay done; the same call continues the batch).
     """
     depth = queue_depth or default_queue_depth(opts.batch_size)
-    state = _Stream(predictor, cases, out, opts, batch, clock, depth, bar)
-    state.run_case = run
+    state = _Stream(predictor, cases, out, opts, batch, clock, depth, bar, run)
     readers = ThreadPoolExecutor(READERS, thread_name_prefix="medseg-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="medseg-write")
     try:
