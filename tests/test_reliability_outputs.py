@@ -340,19 +340,19 @@ def test_a_read_only_file_system_is_refused_before_any_work(tmpfs, tmp_path):
 
 
 def test_a_disk_that_turns_read_only_mid_batch_names_the_folder(tmpfs, tmp_path, monkeypatch):
-    from medseg.inference import predict as predict_module
+    from medseg.inference import stream
 
     for name in ("a", "b", "c"):
         png(tmp_path / f"{name}.png")
-    run_case, calls = predict_module.run_case, []
+    finish_case, calls = stream.finish_case, []
 
     def then_read_only(*a, **k):
         if calls:
             remount(tmpfs, "ro")
         calls.append(1)
-        return run_case(*a, **k)
+        return finish_case(*a, **k)
 
-    monkeypatch.setattr(predict_module, "run_case", then_read_only)
+    monkeypatch.setattr(stream, "finish_case", then_read_only)
     inputs = [tmp_path / f"{n}.png" for n in ("a", "b", "c")]
     out = tmpfs / "preds"
     with pytest.raises(OutputError) as e:
@@ -361,11 +361,11 @@ def test_a_disk_that_turns_read_only_mid_batch_names_the_folder(tmpfs, tmp_path,
     remount(tmpfs, "rw")  # writable again: the same call finishes, the first case not redone
     redone: list[str] = []
 
-    def counted(predictor, case, *a, **k):
-        redone.append(case.case_id)
-        return run_case(predictor, case, *a, **k)
+    def counted(prepared, *a, **k):
+        redone.append(prepared.case.case_id)
+        return finish_case(prepared, *a, **k)
 
-    monkeypatch.setattr(predict_module, "run_case", counted)
+    monkeypatch.setattr(stream, "finish_case", counted)
     result = predict(IntensityModel(level=100.0), inputs, out, progress=False)
     assert [r["status"] for r in result.rows] == ["ok"] * 3
     assert redone == ["b", "c"]

@@ -503,18 +503,6 @@ def finish_case(prepared: PreparedCase, out: Path, parts: list[np.ndarray]) -> d
     return row
 
 
-class PredictedReader(CaseReader):
-    """The reader the streaming engine hands :func:`run_case`: its case was already read and
-    predicted (:mod:`medseg.inference.stream`), so :func:`run_case` only post-processes and
-    writes it; every case of every executor goes through :func:`run_case`."""
-
-    def __init__(self, prepared: PreparedCase, parts: list[np.ndarray]):
-        self.prepared, self.parts = prepared, parts
-
-    def read(self, case: Case) -> Image:  # noqa: D102  (never called: run_case writes only)
-        raise AssertionError(f"{case.case_id}: already read")
-
-
 def run_case(
     predictor: BasePredictor | None,
     case: Case,
@@ -528,7 +516,7 @@ def run_case(
     Args:
         predictor: the model (None only for an ``"error"`` case, which is not predicted).
         case: the case.
-        reader: reads the case (a :class:`PredictedReader`: the case is only written).
+        reader: reads the case.
         out: the output folder of the batch.
         opts: the options, as :func:`resolve_options` left them for this model.
         clock: counts the slices and the seconds in the model.
@@ -540,8 +528,6 @@ def run_case(
     Raises:
         OutputError: the output disk is full (every case after this one would fail the same way).
     """
-    if isinstance(reader, PredictedReader):  # streamed: read and predicted already
-        return finish_case(reader.prepared, out, reader.parts)
     prepared = prepare_case(predictor, case, reader, out, opts, clock)
     parts: list[np.ndarray] = []
     if not prepared.failed:

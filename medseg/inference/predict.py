@@ -299,9 +299,7 @@ def _predict_locally(
             if queue_depth == 0 or opts.mc_samples or opts.explain:
                 rows = _one_at_a_time(predictor, cases, out, opts, batch, clock, bar)
             else:
-                rows = stream_cases(
-                    predictor, cases, out, opts, batch, clock, bar, queue_depth, run_case
-                )
+                rows = stream_cases(predictor, cases, out, opts, batch, clock, bar, queue_depth)
         except OutputError:
             check_writable(out)  # a folder that became read-only: say so
             raise

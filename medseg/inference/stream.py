@@ -11,9 +11,8 @@ Three kinds of work run at once (stdlib :mod:`concurrent.futures` thread pools):
   call may hold the end of one case and the start of the next); a shape change, or nothing more
   to wait for, sends a shorter call;
 * **one writer** thread post-processes and writes each case whose slices have all been
-  predicted (:func:`medseg.inference.case.run_case` with the case already read and predicted: its
-  hidden temporary folder renamed into place when all its files are written) and then records
-  it in the batch
+  predicted (:func:`medseg.inference.case.finish_case`: its hidden temporary folder renamed into
+  place when all its files are written) and then records it in the batch
   (:meth:`medseg.inference.batch.Batch.commit`). Cases are committed by this one thread, each
   right after its folder was renamed, so a ``kill -9`` leaves at most one case folder without
   its record (predicted again by the same command) and never a record without its folder.
@@ -41,7 +40,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +50,12 @@ from medseg.inference.batch import Batch
 from medseg.inference.case import (
     Clock,
     Options,
-    PredictedReader,
     PreparedCase,
     call_model,
     case_errors,
+    finish_case,
     output_part,
     prepare_case,
-    run_case,
 )
 from medseg.inference.cases import Case, CaseReader
 from medseg.inference.predictor import BasePredictor
@@ -112,10 +109,9 @@ def _volume_like(case: Case) -> bool:
 class _Stream:
     """The state of one streamed batch (see the module docstring)."""
 
-    def __init__(self, predictor, cases, out, opts, batch, clock, depth, bar, run):
+    def __init__(self, predictor, cases, out, opts, batch, clock, depth, bar):
         self.predictor, self.cases, self.out, self.opts = predictor, cases, out, opts
         self.batch, self.clock, self.depth, self.bar = batch, clock, depth, bar
-        self.run_case = run
         self.rows: list[dict | None] = [batch.done.get(c.case_id) for c in cases]
         self.todo = deque(i for i, r in enumerate(self.rows) if r is None)
         self.reads: deque[tuple[int, bool, Future]] = deque()
@@ -236,9 +232,7 @@ class _Stream:
     def _write(self, slot: _Slot) -> None:
         """Hand a case to the writer (the model is done with it: its input is dropped)."""
         slot.prepared.release_inputs()
-        reader = PredictedReader(slot.prepared, slot.parts)
-        args = (self.predictor, slot.prepared.case, reader, self.out, self.opts, self.clock)
-        future = self.writer.submit(_write_case, self.run_case, args, self.batch)
+        future = self.writer.submit(_write_case, slot.prepared, self.out, slot.parts, self.batch)
         self.writes[future] = (slot.index, slot.volume)
 
     def _collect(self, block: bool) -> None:
@@ -255,10 +249,9 @@ class _Stream:
             self.bar.update(1)
 
 
-def _write_case(run: Callable[..., dict], args: tuple, batch: Batch) -> dict:
-    """The writer's work on one case: its folder (``run``: :func:`run_case` with a
-    :class:`PredictedReader`), then its record."""
-    return batch.commit(run(*args))
+def _write_case(prepared: PreparedCase, out: Path, parts: list, batch: Batch) -> dict:
+    """The writer's work on one case: its folder (:func:`finish_case`), then its record."""
+    return batch.commit(finish_case(prepared, out, parts))
 
 
 def stream_cases(
@@ -270,7 +263,6 @@ def stream_cases(
     clock: Clock,
     bar,
     queue_depth: int | None = None,
-    run: Callable[..., dict] = run_case,
 ) -> list[dict]:
     """Predict ``cases`` with reading, the model and writing overlapped; their rows in case order.
 
@@ -288,8 +280,6 @@ def stream_cases(
         bar: a progress bar (``update(n)``), advanced as cases finish.
         queue_depth: the most cases in flight at once (default
             :func:`default_queue_depth`).
-        run: what writes each case (:func:`medseg.inference.case.run_case`, handed a
-            :class:`~medseg.inference.case.PredictedReader`).
 
     Returns:
         One row per case, in the order of ``cases``.
@@ -299,7 +289,7 @@ def stream_cases(
             committed before it stay done; the same call continues the batch).
     """
     depth = queue_depth or default_queue_depth(opts.batch_size)
-    state = _Stream(predictor, cases, out, opts, batch, clock, depth, bar, run)
+    state = _Stream(predictor, cases, out, opts, batch, clock, depth, bar)
     readers = ThreadPoolExecutor(READERS, thread_name_prefix="medseg-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="medseg-write")
     try:

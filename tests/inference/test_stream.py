@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-import medseg.inference.predict as predict_module
 import medseg.inference.stream as stream
 from medseg.inference.batch import BATCH_STATE
 from medseg.inference.predict import predict
@@ -151,7 +150,7 @@ def test_cases_in_flight_never_exceed_the_queue_depth(tmp_path, monkeypatch):
     for i in range(5):
         nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), np.eye(4)), folder / f"v{i}.nii")
     live, peak, volumes, peak_volumes = set(), [0], set(), [0]
-    prepare, write = stream.prepare_case, predict_module.run_case
+    prepare, write = stream.prepare_case, stream.finish_case
 
     def counted_prepare(predictor, case, *args):
         live.add(case.case_id)
@@ -160,14 +159,14 @@ def test_cases_in_flight_never_exceed_the_queue_depth(tmp_path, monkeypatch):
         peak[0], peak_volumes[0] = max(peak[0], len(live)), max(peak_volumes[0], len(volumes))
         return prepare(predictor, case, *args)
 
-    def counted_write(predictor, case, *args):  # every case is written by run_case
-        row = write(predictor, case, *args)
-        live.discard(case.case_id)
-        volumes.discard(case.case_id)
+    def counted_write(prepared, *args):  # every streamed case is written by finish_case
+        row = write(prepared, *args)
+        live.discard(prepared.case.case_id)
+        volumes.discard(prepared.case.case_id)
         return row
 
     monkeypatch.setattr(stream, "prepare_case", counted_prepare)
-    monkeypatch.setattr(predict_module, "run_case", counted_write)
+    monkeypatch.setattr(stream, "finish_case", counted_write)
     result = predict(
         IntensityModel(), [folder], tmp_path / "out", progress=False, batch_size=4, queue_depth=6
     )

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image as PILImage
 
 from medseg.errors import DataError
-from medseg.inference import predict as predict_module
+from medseg.inference import stream
 from medseg.inference.cases import case_id_base, collect_cases
 from medseg.inference.predict import predict
 from tests.conftest import run_cli
@@ -93,19 +93,19 @@ def test_cli_predict_a_wild_name_end_to_end_and_resume(tiny_unet_run, tmp_path, 
     args = ("predict", "--model", str(tiny_unet_run), str(folder), "--out", "preds")
     args += ("--no-overlays", "--no-progress")
     # The first run is stopped after its first case (as by Ctrl-C): the batch is unfinished.
-    run_case, calls = predict_module.run_case, []
+    finish_case, calls = stream.finish_case, []
 
     def interrupted(*a, **k):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return run_case(*a, **k)
+        return finish_case(*a, **k)
 
-    monkeypatch.setattr(predict_module, "run_case", interrupted)
+    monkeypatch.setattr(stream, "finish_case", interrupted)
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 130, first.stderr
     assert not (tmp_path / "preds" / "predictions.csv").exists()
-    monkeypatch.setattr(predict_module, "run_case", run_case)
+    monkeypatch.setattr(stream, "finish_case", finish_case)
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "continuing an interrupted prediction; 1 cases already done" in again.stderr
