@@ -202,6 +202,47 @@ def run_cli(*args: str, cwd: Path) -> CliRun:
     return CliRun(code, out.getvalue(), err.getvalue())
 
 
+def start_process(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """Start ``argv`` in its own session (so that :func:`kill_when` kills its whole group), its
+    output to ``log``."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = str(REPO)
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def start_cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """``python -m medseg.cli ARGS`` from ``cwd`` in a new process (:func:`start_process`)."""
+    return start_process([sys.executable, "-m", "medseg.cli", *args], cwd, log)
+
+
+def kill_when(
+    proc: subprocess.Popen, ready, what: str, timeout: float = 120.0, delay: float = 0.0
+) -> None:
+    """Poll ``ready()`` every 20 ms; SIGKILL the process group ``delay`` seconds after it is
+    true (the process must still be running then)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the command ended before {what}"
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+        time.sleep(delay)
+        assert proc.poll() is None, f"the command ended before the kill after {what}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def run_cli_subprocess(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m medseg.cli ARGS`` in a new process, as a user would (for the tests whose
     subject is the process: its entry point, its own logging set-up, signals, exit codes)."""

@@ -25,25 +25,12 @@ from PIL import Image
 from medseg import locks
 from medseg.errors import DataError, OutputError
 from medseg.locks import LOCK_NAME, FolderInUseError, FolderLock
-from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli
+from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli, start_cli
 
 TINY = as_cli_sets(TINY_UNET)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """``python -m medseg.cli ARGS`` in its own session, output to ``log``."""
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "medseg.cli", *args],
-            cwd=cwd,
-            env={**ENV, "PYTHONPATH": str(REPO)},
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 180.0) -> None:
@@ -315,7 +302,7 @@ def test_sigterm_becomes_an_interrupt_with_exit_143(tmp_path, monkeypatch):
 def test_two_trains_on_one_run_name_one_proceeds_the_other_exits_2_at_once(workdir):
     args = ["train", "-c", "configs/demo.yaml", "--name", "twice", *TINY]
     args += ["--set", "train.epochs=1"]
-    procs = [_start(args, workdir, workdir / f"twice-{i}.log") for i in range(2)]
+    procs = [start_cli(args, workdir, workdir / f"twice-{i}.log") for i in range(2)]
     started = time.time()
     ended: dict[int, float] = {}
     while len(ended) < 2 and time.time() - started < 300:
@@ -341,10 +328,10 @@ def test_two_predicts_on_one_out_one_proceeds_the_other_exits_2_at_once(tiny_une
     _pngs(tmp_path / "in", 6)
     out = tmp_path / "out"
     args = ["predict", "--model", str(tiny_unet_run), str(tmp_path / "in"), "--out", str(out)]
-    first = _start([*args, "--no-progress"], tmp_path, tmp_path / "p0.log")
+    first = start_cli([*args, "--no-progress"], tmp_path, tmp_path / "p0.log")
     _wait_for(first, lambda: (out / LOCK_NAME).is_file(), "the first predict's lock")
     t0 = time.time()
-    second = _start([*args, "--no-progress"], tmp_path, tmp_path / "p1.log")
+    second = start_cli([*args, "--no-progress"], tmp_path, tmp_path / "p1.log")
     code2 = _finish(second, timeout=60)
     refused_in = time.time() - t0
     code1 = _finish(first)
@@ -366,7 +353,7 @@ def test_sigterm_during_train_then_the_same_command_redoes_at_most_one_epoch(wor
     args += ["--set", f"train.epochs={epochs}"]
     run = workdir / "runs" / "termed"
     history = run / "logs" / "history.csv"
-    proc = _start(args, workdir, workdir / "termed.log")
+    proc = start_cli(args, workdir, workdir / "termed.log")
     _wait_for(proc, lambda: len(_history(history)) >= 2, "two epochs")
     done = len(_history(history))  # epochs logged when the signal is sent (or one more)
     proc.send_signal(signal.SIGTERM)
@@ -392,7 +379,7 @@ def test_sigterm_during_cv_then_the_same_command_redoes_at_most_one_epoch(workdi
     args += ["--set", "train.epochs=3"]
     root = workdir / "runs" / "termed-cv"
     history = root / "fold_1" / "logs" / "history.csv"
-    proc = _start(args, workdir, workdir / "termed-cv.log")
+    proc = start_cli(args, workdir, workdir / "termed-cv.log")
     _wait_for(proc, lambda: len(_history(history)) >= 1, "fold 1's first epoch")
     done = len(_history(history))  # epochs logged when the signal is sent (or one more)
     proc.send_signal(signal.SIGTERM)
@@ -424,7 +411,7 @@ def test_sigterm_during_predict_then_the_same_command_redoes_no_finished_case(
     def committed() -> list[str]:
         return sorted(p.stem for p in rows.glob("*.json")) if rows.is_dir() else []
 
-    proc = _start(args, tmp_path, tmp_path / "predict.log")
+    proc = start_cli(args, tmp_path, tmp_path / "predict.log")
     _wait_for(proc, lambda: len(committed()) >= 5, "five finished cases")
     proc.send_signal(signal.SIGTERM)
     assert _finish(proc, timeout=60) == 143

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +16,7 @@ from PIL import Image as PILImage
 import medseg.inference.stream as stream
 from medseg.inference.batch import BATCH_STATE
 from medseg.inference.predict import predict
-from tests.conftest import run_cli
+from tests.conftest import kill_when, run_cli, start_cli
 from tests.inference.test_predict import BRIGHT, IntensityModel, make_series
 
 
@@ -208,19 +203,6 @@ def test_an_interrupted_stream_keeps_what_it_committed_and_the_same_call_finishe
 # --------------------------------------------------------------------------- kill -9
 
 
-def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "medseg.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
 @pytest.mark.slow
 def test_kill_9_during_a_streaming_predict_of_many_small_files(tiny_unet_run, tmp_path):
     n = 400
@@ -238,19 +220,8 @@ def test_kill_9_during_a_streaming_predict_of_many_small_files(tiny_unet_run, tm
     def committed() -> list[str]:
         return sorted(p.stem for p in rows_dir.glob("*.json")) if rows_dir.is_dir() else []
 
-    proc = _start(args, tmp_path, tmp_path / "predict-0.log")
-    deadline = time.time() + 300
-    try:
-        while len(committed()) < 40:
-            assert proc.poll() is None, (tmp_path / "predict-0.log").read_text()[-2000:]
-            assert time.time() < deadline, "timed out waiting for 40 finished cases"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    proc = start_cli(args, tmp_path, tmp_path / "predict-0.log")
+    kill_when(proc, lambda: len(committed()) >= 40, "40 finished cases", timeout=300)
     done = committed()
     assert len(done) < n, "predict finished before it was killed"
     before = {c: (out / c / "mask.png").stat().st_mtime_ns for c in done}

@@ -5,9 +5,6 @@ on an interrupt, and ``kill -9`` then the same call finishing every case once.""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -24,7 +21,7 @@ from medseg.inference.batch import BATCH_STATE, Batch
 from medseg.inference.cases import collect_cases
 from medseg.inference.predict3d import predict_volumes
 from medseg.inference.volumetric import VolumePredictor
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_when, start_process
 
 SHAPE, SPACING = (20, 24, 16), (2.0, 1.0, 1.5)
 
@@ -202,28 +199,10 @@ def test_kill_9_during_a_streamed_3d_predict_then_the_same_call_finishes(tmp_pat
     def committed() -> list[str]:
         return sorted(p.stem for p in rows_dir.glob("*.json")) if rows_dir.is_dir() else []
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with open(tmp_path / "run.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(folder), str(out)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.time() + 120
-        while len(committed()) < 3:
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
-            assert time.time() < deadline, "timed out waiting for 3 finished cases"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    proc = start_process(
+        [sys.executable, str(script), str(folder), str(out)], REPO, tmp_path / "run.log"
+    )
+    kill_when(proc, lambda: len(committed()) >= 3, "3 finished cases")
     done = committed()
     assert len(done) < n, "the batch finished before it was killed"
     folders = {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")}

@@ -11,13 +11,9 @@ import csv
 import errno
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -40,7 +36,7 @@ from medseg.models.loading import (
 )
 from medseg.training.callbacks import AtomicBackupAndRestore, AtomicCSVLogger
 from medseg.utils import TEMP_NAME, atomic_write_text
-from tests.conftest import REPO, TINY_UNET, as_cli_sets, run_cli
+from tests.conftest import REPO, TINY_UNET, as_cli_sets, kill_when, run_cli, start_cli
 from tests.inference.test_predict import IntensityModel, write_pngs
 
 TINY = as_cli_sets(TINY_UNET)
@@ -48,42 +44,6 @@ MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """``python -m medseg.cli ARGS`` in its own process group, output to ``log``."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "medseg.cli", *args],
-            cwd=cwd,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _kill_when(
-    proc: subprocess.Popen, ready, what: str, timeout: float = 120.0, delay: float = 0.0
-) -> None:
-    """Poll ``ready()`` every 20 ms; SIGKILL the process group ``delay`` seconds after it is
-    true."""
-    deadline = time.time() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, f"the command ended before {what}"
-            assert time.time() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
-        time.sleep(delay)
-        assert proc.poll() is None, f"the command ended before the kill after {what}"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
 
 
 def _epochs(history: Path) -> list[int]:
@@ -139,9 +99,9 @@ def test_kill_9_during_train_then_the_same_command_loses_at_most_one_epoch(workd
     # second kill: 0.3 s later, during a later epoch
     for n, (kill_after, delay) in enumerate(((2, 0.0), (5, 0.3))):
         log = workdir / f"train-{n}.log"
-        proc = _start(args, workdir, log)
+        proc = start_cli(args, workdir, log)
         ready = lambda k=kill_after: len(_epochs(history)) >= k  # noqa: E731
-        _kill_when(proc, ready, f"epoch {kill_after}", delay=delay)
+        kill_when(proc, ready, f"epoch {kill_after}", delay=delay)
         logged = _epochs(history)
         assert logged == list(range(len(logged)))  # each epoch once, in order
         resume_at = _resume_point(run)
@@ -198,8 +158,8 @@ def test_kill_9_during_cv_fold_2_then_the_same_command_loses_at_most_one_epoch(w
     args += ["--set", "train.epochs=6"]
     root = workdir / "runs" / "cvkill"
     history = root / "fold_2" / "logs" / "history.csv"
-    proc = _start(args, workdir, workdir / "cv-0.log")
-    _kill_when(proc, lambda: len(_epochs(history)) >= 2, "fold 2's second epoch")
+    proc = start_cli(args, workdir, workdir / "cv-0.log")
+    kill_when(proc, lambda: len(_epochs(history)) >= 2, "fold 2's second epoch")
     fold1 = {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in (root / "fold_1").rglob("*")
@@ -252,8 +212,8 @@ def test_kill_9_during_predict_then_the_same_command_keeps_every_finished_case(t
     def committed() -> list[str]:
         return sorted(p.stem for p in rows_dir.glob("*.json")) if rows_dir.is_dir() else []
 
-    proc = _start(args, tmp_path, tmp_path / "predict-0.log")
-    _kill_when(proc, lambda: len(committed()) >= 5, "five finished cases")
+    proc = start_cli(args, tmp_path, tmp_path / "predict-0.log")
+    kill_when(proc, lambda: len(committed()) >= 5, "five finished cases")
     done = committed()
     assert len(done) < n, "predict finished before it was killed"
     before = {}
