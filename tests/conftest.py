@@ -202,6 +202,19 @@ def run_cli(*args: str, cwd: Path) -> CliRun:
     return CliRun(code, out.getvalue(), err.getvalue())
 
 
+def load_make_corpus():
+    """The bad-input corpus' generator, ``tests/data/bad/make_corpus.py`` (a script, loaded as a
+    module): its ``build``, ``write_models`` and file builders."""
+    import importlib.util
+
+    path = REPO / "tests" / "data" / "bad" / "make_corpus.py"
+    spec = importlib.util.spec_from_file_location("medseg_bad_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
 def start_process(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     """Start ``argv`` in its own session (so that :func:`kill_when` kills its whole group), its
     output to ``log``."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import importlib.util
 import os
 import re
 import tempfile
@@ -52,9 +51,8 @@ import pytest
 from medseg.config import DataConfig, load_config
 from medseg.errors import ConfigError, DataError, MedsegError, ModelError
 from medseg.io import list_image_files, read_image, read_mask
-from tests.conftest import REPO, TINY_UNET, run_cli
+from tests.conftest import TINY_UNET, load_make_corpus, run_cli
 
-MAKE_CORPUS = REPO / "tests" / "data" / "bad" / "make_corpus.py"
 #: Root reads files whatever their permissions: the unreadable cases are then emulated.
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -646,24 +644,16 @@ HANDLED: list[Handled] = [
 ]
 
 
-def _load_make_corpus():
-    spec = importlib.util.spec_from_file_location("medseg_bad_corpus", MAKE_CORPUS)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """The corpus without the model cases (no TensorFlow needed)."""
-    return _load_make_corpus().build(tmp_path_factory.mktemp("bad") / "corpus")
+    return load_make_corpus().build(tmp_path_factory.mktemp("bad") / "corpus")
 
 
 @pytest.fixture(scope="session")
 def corpus_models(corpus) -> Path:
     """The same corpus with the model cases added (builds a tiny untrained U-Net)."""
-    _load_make_corpus().write_models(corpus)
+    load_make_corpus().write_models(corpus)
     return corpus
 
 
@@ -841,7 +831,7 @@ def test_corpus_has_enough_distinct_cases() -> None:
 
 
 def test_corpus_is_deterministic(corpus, tmp_path) -> None:
-    again = _load_make_corpus().build(tmp_path / "again")
+    again = load_make_corpus().build(tmp_path / "again")
     names = sorted(
         p.relative_to(corpus)
         for p in corpus.rglob("*")

@@ -17,13 +17,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from medseg.errors import DataError
 from medseg.inference.case import case_folder, check_model_input
 from medseg.io import read_image
 from medseg.io.base import check_channels, small_image_problem, volume_count
+from tests.conftest import load_make_corpus
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -193,42 +192,8 @@ def test_duplicates_without_an_acquisition_attribute_stay_refused(tmp_path: Path
         read_image(folder)
 
 
-def _enhanced(path: Path, times: int, slices: int) -> Path:
-    """A multi-frame MR file whose frames are ``times`` time points of ``slices`` slices."""
-    base = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
-    ds = copy.deepcopy(base)
-    n = times * slices
-    ds.NumberOfFrames = n
-    ds.Rows = ds.Columns = 8
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    shared = Dataset()
-    orient, measures = Dataset(), Dataset()
-    orient.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    measures.PixelSpacing = [1.0, 1.0]
-    measures.SliceThickness = 2.0
-    shared.PlaneOrientationSequence = Sequence([orient])
-    shared.PixelMeasuresSequence = Sequence([measures])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    frames = []
-    for t in range(times):
-        for z in range(slices):
-            item, plane, content = Dataset(), Dataset(), Dataset()
-            plane.ImagePositionPatient = [0.0, 0.0, 2.0 * z]
-            content.TemporalPositionIndex = t + 1
-            item.PlanePositionSequence = Sequence([plane])
-            item.FrameContentSequence = Sequence([content])
-            frames.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
-    pixels = np.stack([np.full((8, 8), 100 * (i // slices) + i % slices) for i in range(n)])
-    ds.PixelData = pixels.astype(np.int16).tobytes()
-    ds.save_as(path)
-    return path
-
-
 def test_enhanced_multiframe_with_time_points_is_4d(tmp_path: Path) -> None:
-    path = _enhanced(tmp_path / "dce.dcm", times=3, slices=4)
+    path = load_make_corpus().enhanced_multiframe(tmp_path / "dce.dcm", times=3, slices=4)
     image = read_image(path)
     assert image.array.shape == (4, 8, 8, 3)
     assert np.allclose(image.array[2, 0, 0], [2.0, 102.0, 202.0])

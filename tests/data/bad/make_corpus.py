@@ -152,7 +152,7 @@ def _series(
     return paths
 
 
-def _enhanced(path: Path, times: int, slices: int) -> Path:
+def enhanced_multiframe(path: Path, times: int, slices: int) -> Path:
     """A multi-frame MR object: ``times`` time points of ``slices`` 8x8 slices each."""
     ds = pydicom.dcmread(_pydicom_file("MR_small.dcm"))
     ds.SeriesInstanceUID = _uid(f"{path.name}/series")
@@ -290,7 +290,7 @@ def write_files(out: Path) -> None:
     _dicom_variant(files / "dicom_zero_rows.dcm", _zero_rows)
     _dicom_variant(files / "dicom_short_pixels.dcm", _short_pixels)
     _dicom_variant(files / "dicom_palette_no_lut.dcm", _palette_without_lut)
-    _enhanced(files / "enhanced_4d.dcm", times=3, slices=4)  # 3 time points: not 1 channel
+    enhanced_multiframe(files / "enhanced_4d.dcm", times=3, slices=4)  # 3 time points
     _dicom_variant(files / "tiny.dcm", _tiny)  # valid, 3x3 pixels: predicted with a warning
 
     # plain images
