@@ -54,8 +54,7 @@ def bench_lgg(root: Path, patients: int, warmup: int, steps: int) -> dict:
     import keras
 
     from medseg.config import load_config
-    from medseg.data.augment import build_augment
-    from medseg.data.pipeline import load_data, make_dataset
+    from medseg.data.pipeline import load_data, training_dataset
     from medseg.data.scan import scan_from_config
     from medseg.models.registry import build_model
 
@@ -67,22 +66,7 @@ def bench_lgg(root: Path, patients: int, warmup: int, steps: int) -> dict:
     keep = sorted({s.group for s in samples})[:patients]
     samples = [s for s in samples if s.group in keep]
     data = load_data(samples, cfg.data, 1)
-    ds = make_dataset(
-        data,
-        task=cfg.data.task,
-        num_classes=1,
-        batch_size=cfg.train.batch_size,
-        augment=build_augment(
-            cfg.augment,
-            seed=cfg.train.seed,
-            channels_per_slice=cfg.data.channels,
-            patch_size=cfg.train.patch_size,
-        ),
-        patch_size=cfg.train.patch_size,
-        shuffle=True,
-        seed=cfg.train.seed,
-        oversample_tumour=cfg.train.oversample_tumour,
-    ).repeat()
+    ds = training_dataset(data, cfg, 1, cfg.train.batch_size).repeat()  # as `medseg train`
     model = build_model(cfg, 1)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     out = {"samples": len(samples), "patients": len(keep), "batch": cfg.train.batch_size}

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from medseg.config import DataConfig
-from medseg.data.augment import apply_augment
+from medseg.config import Config, DataConfig
+from medseg.data.augment import apply_augment, build_augment
 from medseg.data.preprocess import Preprocessing, resize_masks
 from medseg.data.samples import Sample, natural_key
 from medseg.data.volumes import reslice, stack_slices
@@ -394,3 +394,33 @@ def class_weights(targets: np.ndarray, num_classes: int) -> dict[int, float]:
     out = {int(c): 1.0 for c in range(num_classes)}
     out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
     return out
+
+
+def training_dataset(
+    data: ArrayData | LazyData,
+    cfg: Config,
+    num_classes: int,
+    batch_size: int,
+    shard: tuple[int, int] | None = None,
+) -> tf.data.Dataset:
+    """The training dataset of a 2D run as ``medseg train`` reads it: ``cfg.augment``'s
+    pipeline, shuffled with ``train.seed``, tumour oversampling for segmentation, patches of
+    ``train.patch_size`` (see :func:`make_dataset` for ``shard``)."""
+    return make_dataset(
+        data,
+        task=cfg.data.task,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        augment=build_augment(
+            cfg.augment,
+            seed=cfg.train.seed,
+            channels_per_slice=cfg.data.channels,
+            patch_size=cfg.train.patch_size,
+        ),
+        patch_size=cfg.train.patch_size,
+        shuffle=True,
+        seed=cfg.train.seed,
+        oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
+        deterministic=cfg.train.deterministic,
+        shard=shard,
+    )

@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from medseg.artifacts.runs import RunDir, create_run, load_run_model, open_run, run_scope
 from medseg.config import Config, TrainConfig, precision_policy
-from medseg.data.augment import build_augment
 from medseg.data.pipeline import (
     ArrayData,
     LazyData,
@@ -29,6 +28,7 @@ from medseg.data.pipeline import (
     make_dataset,
     prefetch_to_device,
     shard_length,
+    training_dataset,
 )
 from medseg.data.samples import ScanResult
 from medseg.data.scan import scan_from_config
@@ -276,21 +276,12 @@ def _fit_datasets(
         "num_classes": prep.n_out,
         "batch_size": cfg.train.batch_size * workers,
     }
-    train_ds = make_dataset(
+    train_ds = training_dataset(
         prep.data["train"],
-        augment=build_augment(
-            cfg.augment,
-            seed=cfg.train.seed,
-            channels_per_slice=cfg.data.channels,
-            patch_size=cfg.train.patch_size,
-        ),
-        patch_size=cfg.train.patch_size,
-        shuffle=True,
-        seed=cfg.train.seed,
-        oversample_tumour=cfg.train.oversample_tumour if cfg.data.task == "segmentation" else 0,
-        deterministic=cfg.train.deterministic,
+        cfg,
+        prep.n_out,
+        common["batch_size"],
         shard=(workers, placement.worker_index) if placement.multiworker else None,
-        **common,
     )
     val_ds = make_dataset(prep.data["val"], **common)
     if placement.multiworker:
