@@ -47,7 +47,7 @@ from medseg.inference.volumetric import VolumePredictor, structure_volumes_ml
 from medseg.io import Image
 from medseg.io.base import check_channels, small_image_problem
 from medseg.io.writers import write_tables
-from medseg.utils import check_writable
+from medseg.utils import check_writable, display_text
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _read_volume(predictor: VolumePredictor, case: Case, reader: CaseReader) -> 
     check_channels(image, predictor.channels, predictor.channel_names, source=case.source)
     problem = small_image_problem(image, source=case.source, volume=True)
     if problem:
-        logger.warning("%s", problem)
+        logger.warning("%s", display_text(problem))
     if image.meta.spacing is None:
         raise DataError(f"{case.source}: the volume has no voxel spacing; a 3D model needs it")
     return image
@@ -129,30 +129,6 @@ def _new_row(case: Case) -> dict:
         row.update(case.identifiers)
     row["input_type"] = "dicom_series" if case.kind == "series" else "volume"
     return row
-
-
-def run_volume_case(
-    predictor: VolumePredictor, case: Case, reader: CaseReader, out: Path, largest: bool
-) -> tuple[dict, int, float]:
-    """Read, predict and write one case; its row, the slices predicted and the seconds in the
-    model (0 on failure).
-
-    Raises:
-        OutputError: the output disk is full.
-    """
-    row = _new_row(case)
-    if case.kind == "error":
-        row.update(status="error", error=case.error)
-        logger.error("%s", case.error)
-        return row, 0, 0.0
-    slices, seconds = 0, 0.0
-    with case_folder(case, out, row) as tmp_dir:
-        image = _read_volume(predictor, case, reader)
-        labels, took = _predict_labels(predictor, image)
-        written = _write_volume(predictor, case, image, labels, tmp_dir, largest)
-        row.update(written)
-        slices, seconds = int(labels.shape[0]), took
-    return row, slices, seconds
 
 
 @dataclass
@@ -215,17 +191,27 @@ class _Tally:
     seconds: float = 0.0
 
 
+def _predict_job(predictor: VolumePredictor, item: _Volume, out: Path, tally: _Tally) -> None:
+    """The model's work on one read case: its label map (a failure is its row)."""
+    if not item.ok:
+        return
+    assert item.image is not None
+    with case_errors(item.case, out, item.row):
+        item.labels, seconds = _predict_labels(predictor, item.image)
+        tally.slices += int(item.labels.shape[0])
+        tally.seconds += seconds
+
+
 def _one_at_a_time(predictor, cases, out, batch, largest, bar) -> _Tally:
-    """Read, predict, write and commit each case before the next."""
+    """Read, predict, write and commit each case before the next (the stream's steps, in
+    turn)."""
     reader, tally = CaseReader(), _Tally([])
     for case in cases:
         row = batch.done.get(case.case_id)
         if row is None:
-            t0 = time.perf_counter()
-            row, slices, seconds = run_volume_case(predictor, case, reader, out, largest)
-            tally.slices, tally.seconds = tally.slices + slices, tally.seconds + seconds
-            logger.info("%s: %s (%.2f s)", case.case_id, row["status"], time.perf_counter() - t0)
-            row = batch.commit(row)
+            item = _read_job(predictor, case, reader, out)
+            _predict_job(predictor, item, out, tally)
+            row = _write_job(predictor, item, out, largest, batch)
         tally.rows.append(row)
         bar.update(1)
     return tally
@@ -258,12 +244,7 @@ def _streamed(predictor, cases, out, batch, largest, bar) -> _Tally:
             ahead = None
             if k + 1 < len(todo):  # one volume read ahead
                 ahead = readers.submit(_read_job, predictor, cases[todo[k + 1]], reader, out)
-            if item.ok:
-                assert item.image is not None
-                with case_errors(item.case, out, item.row):
-                    item.labels, seconds = _predict_labels(predictor, item.image)
-                    tally.slices += int(item.labels.shape[0])
-                    tally.seconds += seconds
+            _predict_job(predictor, item, out, tally)
             collect()  # one volume being written
             writing = (index, writer.submit(_write_job, predictor, item, out, largest, batch))
         collect()

@@ -159,13 +159,14 @@ class VolumeModule(tf.Module):
         if plan.normalization not in NORMALIZATIONS:
             raise ConfigError(f"plan.normalization: must be one of {NORMALIZATIONS}")
         self.plan = plan
+        flips = mirror_flips(mirror)
         self.options = {
             "patch_size": [int(p) for p in plan.patch_size],
             "overlap": float(overlap),
             "sw_batch": int(sw_batch),
             "gaussian": bool(gaussian),
-            "mirror": len(mirror_flips(mirror)) > 1,
-            "mirror_axes": [a - 1 for a in mirror_flips(mirror)[-1]],
+            "mirror": len(flips) > 1,
+            "mirror_axes": [a - 1 for a in flips[-1]],  # the last flip flips every axis
             "sigma_scale": SIGMA_SCALE,
         }
         spec = [
